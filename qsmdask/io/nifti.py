@@ -1,0 +1,132 @@
+"""NIfTI and JSON sidecar IO with atomic writes and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["InputError", "atomic_write_bytes", "atomic_write_json", "save_nifti", "load_nifti",
+           "read_json"]
+
+
+class InputError(ValueError):
+    """A problem with an input file; the message names the file and the fault."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+                                     + "\n").encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_nifti(path, data: np.ndarray, affine, *, sidecar: dict | None = None,
+               header: nib.Nifti1Header | None = None) -> Path:
+    """Save ``data`` as NIfTI-1 atomically; write ``sidecar`` as JSON beside it if given."""
+    path = Path(path)
+    data = np.asarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=float), header=header)
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if path.name.endswith(".nii.gz"):
+        payload = nib.Nifti1Image.to_bytes(img)
+        import gzip
+        payload = gzip.compress(payload, compresslevel=4, mtime=0)
+    else:
+        payload = img.to_bytes()
+    atomic_write_bytes(path, payload)
+    if sidecar is not None:
+        atomic_write_json(_sidecar_path(path), sidecar)
+    return path
+
+
+def _sidecar_path(path: Path) -> Path:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(path, f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(path, "JSON sidecar must be an object")
+    return obj
+
+
+def load_nifti(path, *, ndim: int | tuple[int, ...] = 3, dtype=np.float32):
+    """Load a NIfTI image fully; returns ``(data, affine, header)``.
+
+    Raises :class:`InputError` naming the file for a missing, truncated or corrupt
+    file, a wrong number of dimensions, or non-finite values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=dtype)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read NIfTI ({type(e).__name__}: {e})") from None
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if data.ndim == 4 and data.shape[3] == 1 and 3 in allowed and 4 not in allowed:
+        data = data[..., 0]
+    if data.ndim not in allowed:
+        raise InputError(path, f"expected a {'/'.join(map(str, allowed))}-D image, got {data.ndim}-D "
+                               f"shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        n = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(path, f"contains {n} NaN/inf voxels")
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "has no valid affine (qform/sform)")
+    return data, np.asarray(affine, dtype=float), img.header
