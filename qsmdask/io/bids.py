@@ -1,0 +1,358 @@
+"""BIDS input: discover multi-echo GRE subject-sessions, read and validate them.
+
+Layout understood (BIDS 1.9 ``MEGRE``)::
+
+    sub-<label>[/ses-<label>]/anat/sub-<label>[_ses-<label>][_acq-<l>][_run-<n>]_echo-<n>_part-<mag|phase>_MEGRE.nii[.gz]
+    sub-<label>[/ses-<label>]/anat/sub-<label>[_ses-<label>]..._T1w.nii[.gz]   (optional)
+
+Every fault raises :class:`qsmdask.io.nifti.InputError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .nifti import InputError, load_nifti, read_json
+
+__all__ = [
+    "Echo", "SubjectSession", "parse_bids_name", "validate_label", "find_subject_sessions",
+    "load_megre", "MEGREData", "read_participants", "read_sessions", "PARTICIPANT_COLUMNS",
+    "CLINICAL_COLUMNS", "phase_to_radians",
+]
+
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_ENTITY = re.compile(r"^(?P<key>[a-z]+)-(?P<value>[A-Za-z0-9]+)$")
+_NIFTI_EXT = (".nii.gz", ".nii")
+
+PARTICIPANT_COLUMNS = ("participant_id", "group")
+CLINICAL_COLUMNS = ("age", "hdrs", "relapse_count", "episode_weeks", "disease_weeks", "crp", "il6",
+                    "tnfa", "il1b", "medication")
+
+
+def validate_label(label: str, *, what: str = "participant label") -> str:
+    """Return a BIDS label without its prefix; reject path separators, '..' and non-alphanumerics."""
+    if not isinstance(label, str):
+        raise ValueError(f"{what} must be a string, got {type(label).__name__}")
+    raw = label
+    for prefix in ("sub-", "ses-"):
+        if label.startswith(prefix):
+            label = label[len(prefix):]
+    if not _LABEL.match(label):
+        raise ValueError(f"invalid {what} {raw!r}: BIDS labels are letters and digits only "
+                         "(no path separators, '..', '_' or '-')")
+    return label
+
+
+def parse_bids_name(path) -> tuple[dict[str, str], str, str]:
+    """Split a BIDS file name into (entities, suffix, extension).
+
+    >>> parse_bids_name("sub-01_ses-pre_echo-2_part-phase_MEGRE.nii.gz")[0]["echo"]
+    '2'
+    """
+    name = Path(path).name
+    ext = next((e for e in _NIFTI_EXT + (".json", ".tsv") if name.endswith(e)), None)
+    if ext is None:
+        raise InputError(path, "not a BIDS file name: unknown extension")
+    stem = name[: -len(ext)]
+    parts = stem.split("_")
+    if len(parts) < 2:
+        raise InputError(path, "not a BIDS file name: expected entities and a suffix")
+    suffix = parts[-1]
+    if not re.match(r"^[A-Za-z0-9]+$", suffix):
+        raise InputError(path, f"not a BIDS file name: bad suffix {suffix!r}")
+    entities: dict[str, str] = {}
+    for p in parts[:-1]:
+        m = _ENTITY.match(p)
+        if not m:
+            raise InputError(path, f"not a BIDS file name: cannot parse entity {p!r}")
+        if m["key"] in entities:
+            raise InputError(path, f"not a BIDS file name: entity {m['key']!r} repeated")
+        entities[m["key"]] = m["value"]
+    if "sub" not in entities or parts[0].split("-")[0] != "sub":
+        raise InputError(path, "not a BIDS file name: must start with sub-<label>")
+    return entities, suffix, ext
+
+
+@dataclass(frozen=True)
+class Echo:
+    number: int
+    magnitude: Path
+    phase: Path
+    echo_time_s: float
+    b0_tesla: float
+
+
+@dataclass(frozen=True)
+class SubjectSession:
+    """One subject-session with its multi-echo GRE files (sorted by echo number)."""
+
+    subject: str
+    session: str  # "" when the dataset has no session level
+    echoes: tuple[Echo, ...]
+    t1w: Path | None = None
+    extra_entities: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def participant_id(self) -> str:
+        return f"sub-{self.subject}"
+
+    @property
+    def session_id(self) -> str:
+        return f"ses-{self.session}" if self.session else ""
+
+    @property
+    def key(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+    def input_files(self) -> list[Path]:
+        files = []
+        for e in self.echoes:
+            files += [e.magnitude, e.phase, _sidecar(e.magnitude), _sidecar(e.phase)]
+        if self.t1w is not None:
+            files.append(self.t1w)
+        return [f for f in files if f.exists()]
+
+    def checksum(self) -> str:
+        """SHA-256 over the input files' names and bytes (the resume key's input part)."""
+        h = hashlib.sha256()
+        for f in self.input_files():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    name = path.name
+    for e in _NIFTI_EXT:
+        if name.endswith(e):
+            return path.with_name(name[: -len(e)] + ".json")
+    return path.with_suffix(".json")
+
+
+def _sidecar_metadata(nifti: Path, bids_dir: Path) -> dict:
+    """Sidecar JSON with BIDS inheritance: top-level ``*_MEGRE.json`` values, then the file's own."""
+    meta: dict = {}
+    top = sorted(bids_dir.glob("*MEGRE.json"))
+    for t in top:
+        meta.update(read_json(t))
+    own = _sidecar(nifti)
+    if own.exists():
+        meta.update(read_json(own))
+    return meta
+
+
+def _float_field(meta: dict, key: str, path: Path, *, lo: float, hi: float, unit: str) -> float:
+    if key not in meta:
+        raise InputError(path, f"sidecar lacks {key} (in {unit})")
+    try:
+        v = float(meta[key])
+    except (TypeError, ValueError):
+        raise InputError(path, f"sidecar {key} is not a number: {meta[key]!r}") from None
+    if not math.isfinite(v) or not (lo <= v <= hi):
+        raise InputError(path, f"sidecar {key}={v} outside the plausible range [{lo}, {hi}] {unit}")
+    return v
+
+
+def find_subject_sessions(bids_dir, participant_labels=None) -> list[SubjectSession]:
+    """Discover every subject-session with multi-echo GRE data.
+
+    Raises InputError for a folder that is not a BIDS dataset, for files whose names do not
+    parse, for echoes missing a magnitude or phase partner or a sidecar field.
+    """
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise InputError(bids_dir, "BIDS folder not found")
+    if not (bids_dir / "dataset_description.json").exists():
+        raise InputError(bids_dir / "dataset_description.json",
+                         "missing: not a BIDS dataset (dataset_description.json is required)")
+    wanted = None
+    if participant_labels:
+        wanted = {validate_label(p) for p in participant_labels}
+    found: dict[tuple, dict] = {}
+    t1ws: dict[tuple, Path] = {}
+    for sub_dir in sorted(bids_dir.glob("sub-*")):
+        if not sub_dir.is_dir():
+            continue
+        sub = validate_label(sub_dir.name, what=f"subject folder {sub_dir}")
+        if wanted is not None and sub not in wanted:
+            continue
+        for f in sorted(sub_dir.rglob("*")):
+            if not f.is_file() or not f.name.endswith(_NIFTI_EXT) or "/anat/" not in f.as_posix():
+                continue
+            ents, suffix, _ = parse_bids_name(f)
+            if ents["sub"] != sub:
+                raise InputError(f, f"subject entity sub-{ents['sub']} does not match its folder {sub_dir.name}")
+            ses = ents.get("ses", "")
+            extra = tuple(sorted((k, v) for k, v in ents.items() if k in ("acq", "run")))
+            if suffix == "T1w":
+                t1ws.setdefault((sub, ses), f)
+                continue
+            if suffix != "MEGRE":
+                continue
+            if "echo" not in ents or "part" not in ents:
+                raise InputError(f, "MEGRE file needs echo-<n> and part-<mag|phase> entities")
+            if ents["part"] not in ("mag", "phase"):
+                raise InputError(f, f"part-{ents['part']} not understood (expected mag or phase)")
+            key = (sub, ses, extra)
+            found.setdefault(key, {}).setdefault(int(ents["echo"]), {})[ents["part"]] = f
+    if wanted is not None:
+        missing = wanted - {k[0] for k in found}
+        if missing:
+            raise InputError(bids_dir, "no MEGRE data for participant label(s) " + ", ".join(sorted(missing)))
+    out = []
+    for (sub, ses, extra), echoes in sorted(found.items()):
+        ech = []
+        for n in sorted(echoes):
+            parts = echoes[n]
+            for need in ("mag", "phase"):
+                if need not in parts:
+                    other = next(iter(parts.values()))
+                    raise InputError(other, f"echo {n} has no part-{need} partner")
+            meta = _sidecar_metadata(parts["phase"], bids_dir)
+            meta_m = _sidecar_metadata(parts["mag"], bids_dir)
+            meta = {**meta_m, **meta}
+            side = _sidecar(parts["phase"]) if _sidecar(parts["phase"]).exists() else parts["phase"]
+            te = _float_field(meta, "EchoTime", side, lo=1e-4, hi=0.2, unit="s")
+            b0 = _float_field(meta, "MagneticFieldStrength", side, lo=0.1, hi=20.0, unit="T")
+            ech.append(Echo(n, parts["mag"], parts["phase"], te, b0))
+        tes = [e.echo_time_s for e in ech]
+        if len(set(tes)) != len(tes):
+            raise InputError(ech[0].phase.parent, f"echoes of {sub} {ses} share an EchoTime: {tes}")
+        if len({e.b0_tesla for e in ech}) != 1:
+            raise InputError(ech[0].phase.parent, "echoes disagree on MagneticFieldStrength")
+        out.append(SubjectSession(sub, ses, tuple(ech), t1ws.get((sub, ses)), extra))
+    return out
+
+
+@dataclass
+class MEGREData:
+    magnitude: np.ndarray  # (x, y, z, echo) float32
+    phase_rad: np.ndarray  # (x, y, z, echo) float32
+    echo_times_s: np.ndarray
+    b0_tesla: float
+    affine: np.ndarray
+    notes: list[str]
+
+
+def phase_to_radians(phase: np.ndarray, path) -> tuple[np.ndarray, str | None]:
+    """Return phase in radians, rescaling vendor integer ranges; reject anything else.
+
+    Radians: values within [-pi, pi] (a little slack). Vendor ranges: integer-valued images
+    spanning e.g. [-4096, 4095] or [0, 4095] are mapped linearly onto [-pi, pi).
+    """
+    lo, hi = float(phase.min()), float(phase.max())
+    tol = 1e-3
+    if lo >= -math.pi - tol and hi <= math.pi + tol:
+        return phase.astype(np.float32, copy=False), None
+    integer_valued = np.allclose(phase, np.round(phase), atol=1e-3)
+    span = hi - lo
+    if integer_valued and span >= 255:
+        # smallest power-of-two range that contains the data (12-bit Siemens: 4096 levels)
+        levels = 2 ** int(math.ceil(math.log2(span + 1)))
+        base = 0.0 if lo >= 0 else -levels / 2
+        if lo < 0 and hi < levels / 2:
+            base = -levels / 2
+        rad = (phase.astype(np.float64) - base) / levels * 2 * math.pi - math.pi
+        note = (f"phase rescaled from vendor integer range [{base:g}, {base + levels - 1:g}] "
+                f"({levels} levels) to radians")
+        return rad.astype(np.float32), note
+    raise InputError(path, f"phase values span [{lo:g}, {hi:g}]: neither radians [-pi, pi] "
+                           "nor a vendor integer range")
+
+
+def load_megre(ss: SubjectSession) -> MEGREData:
+    """Read and validate all echoes of a subject-session."""
+    mags, phases, notes = [], [], []
+    affine = shape = None
+    ref = None
+    for e in ss.echoes:
+        m, a_m, _ = load_nifti(e.magnitude, ndim=3)
+        p, a_p, _ = load_nifti(e.phase, ndim=3)
+        for path, arr, aff in ((e.magnitude, m, a_m), (e.phase, p, a_p)):
+            if shape is None:
+                shape, affine, ref = arr.shape, aff, path
+            elif arr.shape != shape:
+                raise InputError(path, f"shape {arr.shape} differs from {ref.name} {shape}")
+            elif not np.allclose(aff, affine, atol=1e-3):
+                raise InputError(path, f"affine differs from {ref.name}")
+        if np.any(m < 0):
+            m = np.abs(m)
+            notes.append(f"{e.magnitude.name}: negative magnitude values replaced by absolute values")
+        if not np.any(m):
+            raise InputError(e.magnitude, "magnitude image is all zero")
+        p, note = phase_to_radians(p, e.phase)
+        if note:
+            notes.append(f"{e.phase.name}: {note}")
+        mags.append(m)
+        phases.append(p)
+    if min(shape) < 8:
+        raise InputError(ref, f"image shape {shape} too small for QSM (need >= 8 voxels per axis)")
+    return MEGREData(np.stack(mags, -1).astype(np.float32), np.stack(phases, -1).astype(np.float32),
+                     np.array([e.echo_time_s for e in ss.echoes]), ss.echoes[0].b0_tesla, affine, notes)
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a", ""])
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise InputError(path, f"cannot parse TSV ({e})") from None
+    return df
+
+
+def read_participants(bids_dir, *, required=PARTICIPANT_COLUMNS) -> pd.DataFrame:
+    """Read and validate ``participants.tsv``; numeric clinical columns become floats."""
+    path = Path(bids_dir) / "participants.tsv"
+    df = _read_tsv(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(path, f"missing column(s) {', '.join(missing)}")
+    ids = df["participant_id"]
+    if ids.isna().any():
+        raise InputError(path, "empty participant_id")
+    bad = [i for i in ids if not re.match(r"^sub-[A-Za-z0-9]+$", str(i))]
+    if bad:
+        raise InputError(path, f"participant_id must look like sub-<label>: {bad[:3]}")
+    dup = ids[ids.duplicated()].tolist()
+    if dup:
+        raise InputError(path, f"duplicate participant_id {sorted(set(dup))}")
+    for c in CLINICAL_COLUMNS:
+        if c in df.columns:
+            num = pd.to_numeric(df[c], errors="coerce")
+            bad_rows = df[c].notna() & num.isna()
+            if bad_rows.any():
+                first = df.loc[bad_rows, c].iloc[0]
+                raise InputError(path, f"column {c!r} has non-numeric value {first!r} "
+                                       f"(row of {df.loc[bad_rows, 'participant_id'].iloc[0]})")
+            df[c] = num.astype(float)
+    return df
+
+
+def read_sessions(bids_dir) -> pd.DataFrame:
+    """Concatenate every ``sub-*/sub-*_sessions.tsv`` with a participant_id column."""
+    rows = []
+    for f in sorted(Path(bids_dir).glob("sub-*/sub-*_sessions.tsv")):
+        df = _read_tsv(f)
+        if "session_id" not in df.columns:
+            raise InputError(f, "missing column session_id")
+        df.insert(0, "participant_id", f.name.split("_")[0])
+        for c in df.columns:
+            if c in CLINICAL_COLUMNS:
+                num = pd.to_numeric(df[c], errors="coerce")
+                if (df[c].notna() & num.isna()).any():
+                    raise InputError(f, f"column {c!r} has non-numeric values")
+                df[c] = num.astype(float)
+        rows.append(df)
+    if not rows:
+        return pd.DataFrame(columns=["participant_id", "session_id"])
+    return pd.concat(rows, ignore_index=True)
