@@ -1,0 +1,204 @@
+"""The group-analysis design: which analyses to run and with which options.
+
+A :class:`GroupDesign` is a frozen dataclass that is read from a JSON or YAML design file
+with :meth:`GroupDesign.from_file` (safe parsing only: ``json.loads`` or
+``yaml.safe_load``; nothing is evaluated). Example (YAML)::
+
+    tests: [group_wilcoxon, hemisphere_wilcoxon, mixed_model]
+    covariates: [age, sex, medication]
+    correction: fdr_bh
+    alpha: 0.05
+    markers: [crp, il6]
+    mediation_paths: [[crp, hdrs]]
+    combat: true
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._common import CORRECTIONS, validate_alpha, validate_choice
+
+__all__ = ["GroupDesign", "ALL_TESTS"]
+
+#: Every analysis :func:`qsmdask.stats.run_group_analysis` knows, in run order.
+ALL_TESTS = (
+    "group_wilcoxon",          # patients vs controls, Mann-Whitney U per ROI
+    "group_ols",               # covariate-adjusted group comparison (OLS)
+    "hemisphere_wilcoxon",     # L vs R signed-rank per ROI
+    "paired_ttest",            # pre vs post paired t per ROI
+    "clinical_correlation",    # Pearson + Spearman with clinical variables (patients)
+    "partial_correlation",     # inflammation markers, covariate-adjusted
+    "sex_interaction",         # value ~ marker * sex + covariates
+    "sex_stratified_correlation",
+    "mediation",               # marker -> ROI -> symptom
+    "mixed_model",             # longitudinal LMM, subject random intercept
+)
+
+
+def _tuple(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return (v,)
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class GroupDesign:
+    """Options of the cohort group analysis.
+
+    Attributes
+    ----------
+    tests : tuple of str
+        Analyses to run (subset of :data:`ALL_TESTS`); each runs only when the data allow
+        (e.g. longitudinal analyses need two sessions).
+    value : str
+        ROI value column (``"mean_ppm"``).
+    level : {"group", "label"}
+        ROI level.
+    measures : tuple of str or None
+        Measures (modalities) to analyse; None: all present.
+    atlas : str or None
+        Atlas to analyse; None: all (names qualified when several).
+    groups : (str, str)
+        Group labels (group 1, group 2) in ``participants.group``.
+    covariates : tuple of str
+        Participant columns adjusted for in the regression analyses (``sex`` is coded
+        M=0, F=1; other non-numeric columns are treated as categorical).
+    correction : {"bonferroni", "holm", "fdr_bh", "none"}
+        Multiple-comparison correction; family = all ROI x hemisphere rows of one test,
+        measure, session (and clinical variable / marker / term where applicable).
+    alpha : float
+        Significance level (used by summaries and power).
+    clinical_variables : tuple of str
+        Symptom/course variables correlated with ROI values.
+    clinical_group : str or None
+        Group in which clinical correlations and inflammation analyses run (None: all).
+    markers : tuple of str
+        Inflammation markers.
+    mediation_paths : tuple of (x, y)
+        Mediation paths ``x -> ROI value -> y`` (every ROI is tried as mediator).
+    combat : bool
+        Harmonise sites with ComBat before the analyses (needs >= 2 sites).
+    site_covariate : bool
+        Add ``site`` to the regression covariates instead (exclusive with ``combat``).
+    session_order : (str, str) or None
+        Baseline and follow-up session ids for paired tests (None: the two sessions ordered
+        by ``acq_time`` in sessions.tsv, else by name).
+    ci_method : {"bootstrap", "analytic"}
+        CI of the rank-biserial effect size.
+    n_boot : int
+        Bootstrap resamples (effect-size and mediation CIs).
+    seed : int
+        Random seed for bootstraps.
+    """
+
+    tests: tuple = ALL_TESTS
+    value: str = "mean_ppm"
+    level: str = "group"
+    measures: tuple | None = None
+    atlas: str | None = None
+    groups: tuple = ("patient", "control")
+    covariates: tuple = ("age", "sex", "medication")
+    correction: str = "bonferroni"
+    alpha: float = 0.05
+    clinical_variables: tuple = ("hdrs", "relapse_count", "episode_weeks", "disease_weeks")
+    clinical_group: str | None = "patient"
+    markers: tuple = ("crp", "il6", "tnfa", "il1b")
+    mediation_paths: tuple = (("crp", "hdrs"), ("il6", "hdrs"), ("tnfa", "hdrs"),
+                              ("il1b", "hdrs"))
+    combat: bool = False
+    site_covariate: bool = False
+    session_order: tuple | None = None
+    ci_method: str = "bootstrap"
+    n_boot: int = 2000
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
+        for k in ("tests", "groups", "covariates", "clinical_variables", "markers"):
+            set_(k, _tuple(getattr(self, k)))
+        set_("measures", _tuple(self.measures))
+        set_("session_order", _tuple(self.session_order))
+        paths = []
+        for p in self.mediation_paths or ():
+            p = _tuple(p)
+            if len(p) != 2 or not all(isinstance(s, str) for s in p):
+                raise ValueError(f"mediation_paths entries must be [x, y] name pairs, got {p!r}")
+            paths.append(p)
+        set_("mediation_paths", tuple(paths))
+        for t in self.tests:
+            validate_choice("tests", t, ALL_TESTS)
+        validate_choice("level", self.level, ("group", "label"))
+        validate_choice("correction", self.correction, CORRECTIONS)
+        validate_choice("ci_method", self.ci_method, ("bootstrap", "analytic"))
+        set_("alpha", validate_alpha(self.alpha))
+        if len(self.groups) != 2 or self.groups[0] == self.groups[1]:
+            raise ValueError(f"groups must be two distinct labels, got {self.groups!r}")
+        if self.session_order is not None and len(self.session_order) != 2:
+            raise ValueError(f"session_order must be two session ids, got {self.session_order!r}")
+        if not isinstance(self.combat, bool) or not isinstance(self.site_covariate, bool):
+            raise ValueError("combat and site_covariate must be true/false")
+        if self.combat and self.site_covariate:
+            raise ValueError("combat and site_covariate are exclusive: choose one")
+        if int(self.n_boot) < 100:
+            raise ValueError(f"n_boot must be >= 100, got {self.n_boot!r}")
+        set_("n_boot", int(self.n_boot))
+        set_("seed", int(self.seed))
+        if not isinstance(self.value, str) or not self.value:
+            raise ValueError(f"value must be a column name, got {self.value!r}")
+
+    # -- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain dict (lists instead of tuples) suitable for JSON/YAML."""
+        def conv(v):
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            return v
+        return {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GroupDesign":
+        """Build from a mapping; unknown keys raise ValueError naming them."""
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ValueError(f"design must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown design key(s) {unknown}; allowed: {sorted(names)}")
+        if d.get("tests") in ("all", ["all"]):
+            d = {**d, "tests": ALL_TESTS}
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path) -> "GroupDesign":
+        """Read a design from ``.json`` or ``.yaml``/``.yml`` (safe parsing only)."""
+        path = Path(path)
+        text = path.read_text()
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as exc:  # pragma: no cover - PyYAML is normally present
+                raise ValueError(f"{path}: YAML design needs PyYAML; use JSON instead") from exc
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+        elif suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+        else:
+            raise ValueError(f"{path}: design file must end in .json, .yaml or .yml")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
