@@ -1,0 +1,146 @@
+"""ROI statistics: erosion against scipy, exact statistics on constructed volumes, helpers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from qsmdask.roi import (ROI_COLUMNS, erode_labels, hemisphere_average, reference_normalise,
+                         roi_statistics, sphere_offsets)
+
+
+def _ellipsoid(radius_mm, vs):
+    n = np.floor(radius_mm / np.asarray(vs) + 1e-9).astype(int)
+    g = np.meshgrid(*[np.arange(-k, k + 1) * v for k, v in zip(n, vs)], indexing="ij")
+    return sum(x**2 for x in g) <= radius_mm**2 * (1 + 1e-9)
+
+
+def test_sphere_offsets():
+    assert len(sphere_offsets(1.0, (1, 1, 1))) == 6
+    assert len(sphere_offsets(0.5, (1, 1, 1))) == 0
+    # 1 mm radius with 0.5 mm in-plane voxels and 2 mm slices: no offsets along z
+    off = sphere_offsets(1.0, (0.5, 0.5, 2.0))
+    assert (off[:, 2] == 0).all() and len(off) == 12
+    with pytest.raises(ValueError, match="voxel_size_mm"):
+        sphere_offsets(1.0, (1, 0, 1))
+
+
+@pytest.mark.parametrize("vs,r", [((1, 1, 1), 1.0), ((0.8, 0.8, 1.6), 1.7), ((1, 1, 1), 2.0)])
+def test_erode_labels_matches_scipy_per_label(vs, r):
+    rng = np.random.default_rng(1)
+    seeds = ndimage.gaussian_filter(rng.normal(size=(30, 28, 26)), 3)
+    lab = np.digitize(seeds, np.quantile(seeds, [0.2, 0.45, 0.7, 0.9])).astype(np.int32)
+    before = lab.copy()
+    out = erode_labels(lab, voxel_size_mm=vs, radius_mm=r)
+    np.testing.assert_array_equal(lab, before)  # input untouched
+    st = _ellipsoid(r, vs)
+    expect = np.zeros_like(lab)
+    for v in range(1, lab.max() + 1):
+        expect[ndimage.binary_erosion(lab == v, structure=st, border_value=0)] = v
+    np.testing.assert_array_equal(out, expect)
+    assert (out > 0).sum() < (lab > 0).sum()
+
+
+def _two_cubes():
+    """Label 1 (left putamen) and 2 (right putamen) 8^3 cubes, label 3 a 2-voxel sliver."""
+    lab = np.zeros((24, 12, 12), np.int16)
+    lab[2:10, 2:10, 2:10] = 1
+    lab[14:22, 2:10, 2:10] = 2
+    lab[11, 5, 5:7] = 3
+    rng = np.random.default_rng(0)
+    vals = rng.normal(0.1, 0.02, lab.shape).astype(np.float32)
+    vals[lab == 2] += 0.05
+    table = pd.DataFrame({"index": [1, 2, 3, 4], "name": ["Pu_L", "Pu_R", "tiny", "absent"],
+                          "roi": ["putamen", "putamen", "", "thalamus"],
+                          "hemisphere": ["L", "R", "", "L"]})
+    return lab, vals, table
+
+
+def test_roi_statistics_exact_values():
+    lab, vals, table = _two_cubes()
+    df = roi_statistics(vals, lab, table, voxel_size_mm=(1, 1, 1), erode_mm=1.0,
+                        min_voxels=10, atlas_name="toy")
+    assert list(df.columns) == ROI_COLUMNS
+    core1 = vals[3:9, 3:9, 3:9].astype(np.float64).ravel()  # 6-neighbourhood erosion of the cube
+    r = df[(df.level == "label") & (df.label == 1)].iloc[0]
+    assert r.n_voxels == 216 and r.atlas == "toy" and r["name"] == "Pu_L"
+    assert r.mean_ppm == pytest.approx(core1.mean(), rel=1e-12)
+    assert r.median_ppm == pytest.approx(np.median(core1), rel=1e-12)
+    assert r.std_ppm == pytest.approx(core1.std(ddof=1), rel=1e-12)
+    q = np.percentile(core1, [25, 75])
+    assert r.iqr_ppm == pytest.approx(q[1] - q[0], rel=1e-12)
+    # sliver erodes away, absent label has 0 voxels: rows kept with NaN statistics
+    for lbl in (3, 4):
+        rr = df[(df.level == "label") & (df.label == lbl)].iloc[0]
+        assert rr.n_voxels == 0 and np.isnan(rr.mean_ppm)
+    g = df[df.level == "group"].set_index(["roi", "hemisphere"])
+    assert set(g.index) == {("putamen", "L"), ("putamen", "R"), ("putamen", "B"),
+                            ("thalamus", "L"), ("thalamus", "B")}
+    assert (g["label"] == -1).all()
+    both = np.concatenate([core1, vals[15:21, 3:9, 3:9].astype(np.float64).ravel()])
+    assert g.loc[("putamen", "B"), "n_voxels"] == 432
+    assert g.loc[("putamen", "B"), "median_ppm"] == pytest.approx(np.median(both), rel=1e-12)
+    assert g.loc[("putamen", "R"), "mean_ppm"] - g.loc[("putamen", "L"), "mean_ppm"] == \
+        pytest.approx(0.05, abs=0.01)
+    assert np.isnan(g.loc[("thalamus", "B"), "mean_ppm"])
+
+
+def test_roi_statistics_anisotropic_mask_nan_and_no_erosion():
+    lab, vals, table = _two_cubes()
+    vals2 = vals.copy()
+    vals2[5, 5, 5] = np.nan
+    mask = np.ones(lab.shape, bool)
+    mask[:, :, :4] = False  # cuts the cubes: erosion also works from the mask edge
+    df = roi_statistics(vals2, lab, table, voxel_size_mm=(1, 1, 1), erode_mm=1.0, mask=mask)
+    r = df[(df.level == "label") & (df.label == 1)].iloc[0]
+    assert r.n_voxels == 6 * 6 * 4 - 1  # z 5..8 survive, one NaN voxel dropped
+    # 2 mm slices: a 1 mm radius erodes in-plane only
+    df2 = roi_statistics(vals, lab, table, voxel_size_mm=(1, 1, 2), erode_mm=1.0)
+    assert df2[(df2.level == "label") & (df2.label == 1)].n_voxels.iloc[0] == 6 * 6 * 8
+    df0 = roi_statistics(vals, lab, table, voxel_size_mm=(1, 1, 1), erode_mm=0, min_voxels=1)
+    assert df0[(df0.level == "label") & (df0.label == 3)].n_voxels.iloc[0] == 2
+    assert np.isfinite(df0[(df0.level == "label") & (df0.label == 3)].mean_ppm.iloc[0])
+
+
+def test_roi_statistics_validation():
+    lab, vals, table = _two_cubes()
+    with pytest.raises(ValueError, match="labels shape"):
+        roi_statistics(vals, lab[:-1], table, voxel_size_mm=(1, 1, 1))
+    with pytest.raises(ValueError, match="integer dtype"):
+        roi_statistics(vals, lab.astype(float), table, voxel_size_mm=(1, 1, 1))
+    with pytest.raises(ValueError, match="erode_mm"):
+        roi_statistics(vals, lab, table, voxel_size_mm=(1, 1, 1), erode_mm=-1)
+    with pytest.raises(ValueError, match="label_table is missing"):
+        roi_statistics(vals, lab, table.drop(columns="roi"), voxel_size_mm=(1, 1, 1))
+
+
+def _table_for(subject, left, right, ref):
+    rows = [("aal", "putamen", "L", "group", -1, "putamen", 100, left + 0.01, left, 0.01, 0.02),
+            ("aal", "putamen", "R", "group", -1, "putamen", 100, right + 0.01, right, 0.01, 0.02),
+            ("aal", "putamen", "B", "group", -1, "putamen", 200, 0, (left + right) / 2, 0.01, 0.02),
+            ("aal", "csf", "B", "group", -1, "csf", 50, ref, ref, 0.01, 0.02)]
+    df = pd.DataFrame(rows, columns=ROI_COLUMNS)
+    df["participant_id"] = subject
+    return df
+
+
+def test_hemisphere_average_and_reference():
+    both = pd.concat([_table_for("sub-01", 0.06, 0.08, 0.01),
+                      _table_for("sub-02", 0.10, np.nan, -0.02)], ignore_index=True)
+    avg = hemisphere_average(both).set_index(["participant_id", "roi"])
+    assert avg.loc[("sub-01", "putamen"), "median_ppm"] == pytest.approx(0.07)
+    assert np.isnan(avg.loc[("sub-02", "putamen"), "median_ppm"])
+    assert avg.loc[("sub-02", "putamen"), "n_hemispheres"] == 1
+    lenient = hemisphere_average(both, require_both=False).set_index(["participant_id", "roi"])
+    assert lenient.loc[("sub-02", "putamen"), "median_ppm"] == pytest.approx(0.10)
+    norm = reference_normalise(both, reference_roi="csf")
+    n = norm.set_index(["participant_id", "roi", "hemisphere"])
+    assert n.loc[("sub-01", "putamen", "L"), "median_ppm"] == pytest.approx(0.05)
+    assert n.loc[("sub-02", "putamen", "L"), "median_ppm"] == pytest.approx(0.12)
+    assert n.loc[("sub-02", "putamen", "L"), "mean_ppm"] == pytest.approx(0.13)
+    assert n.loc[("sub-01", "csf", "B"), "median_ppm"] == pytest.approx(0.0)
+    assert both.loc[0, "median_ppm"] == pytest.approx(0.06)  # input not mutated
+    with pytest.raises(ValueError, match="reference_roi"):
+        reference_normalise(both, reference_roi="nowhere")
+    with pytest.raises(ValueError, match="statistic"):
+        hemisphere_average(both, statistic="max")
