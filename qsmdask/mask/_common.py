@@ -1,0 +1,62 @@
+"""Shared input checks and morphology for the brain-mask methods."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def check_volume(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 4 and a.shape[3] >= 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be a 3-D (x, y, z) array, got shape {a.shape}")
+    a = a.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(a)):
+        a = np.where(np.isfinite(a), a, 0).astype(np.float32)
+    return a
+
+
+def check_voxel_size(voxel_size_mm) -> np.ndarray:
+    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
+    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
+    return vs
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a boolean mask (empty stays empty)."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return labels == int(np.argmax(counts))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes in 3-D and then slice by slice along every axis."""
+    m = ndimage.binary_fill_holes(mask)
+    for axis in range(3):
+        m = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(m, axis, 0)], axis=0)
+        m = np.moveaxis(m, 0, axis)
+    return m
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (maximises the between-class variance)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0 or v.max() <= v.min():
+        return float(v.max()) if v.size else 0.0
+    hist, edges = np.histogram(v, bins=bins)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mt = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w0 / w0[-1] - m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = 0
+    return float(edges[int(np.argmax(between)) + 1])
