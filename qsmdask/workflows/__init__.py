@@ -1,0 +1,1 @@
+"""Per-subject pipelines built from the library: load -> compute -> save. No Prefect here."""

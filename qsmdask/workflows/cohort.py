@@ -1,0 +1,85 @@
+"""Cohort bookkeeping shared by the flows and the CLI (no Prefect): plan, failures, summaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import PipelineConfig
+from ..io.bids import SubjectSession, find_subject_sessions, read_participants, read_sessions
+from ..io.derivatives import DerivativesWriter
+from ..io.tables import read_parquet_folder, write_parquet
+from .participant import is_up_to_date, resume_key
+
+__all__ = ["CohortPlan", "plan_participants", "write_failures", "summarise", "load_group_inputs"]
+
+FAILURE_COLUMNS = ["participant_id", "session_id", "stage", "file", "error_type", "message"]
+
+
+@dataclass
+class CohortPlan:
+    todo: list[tuple[SubjectSession, str]] = field(default_factory=list)  # (subject-session, resume key)
+    skipped: list[SubjectSession] = field(default_factory=list)
+
+
+def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_labels=None, *,
+                      force: bool = False) -> CohortPlan:
+    """Split the cohort into subject-sessions to (re)compute and ones already up to date."""
+    plan = CohortPlan()
+    for ss in find_subject_sessions(bids_dir, participant_labels):
+        key = resume_key(ss, config)
+        if not force and is_up_to_date(ss, output_dir, config, key):
+            plan.skipped.append(ss)
+        else:
+            plan.todo.append((ss, key))
+    return plan
+
+
+def write_failures(output_dir, rows: list[dict], *, attempted: list[SubjectSession]) -> Path:
+    """Update ``OUTPUT_DIR/failures.parquet``: drop attempted subject-sessions, add this run's failures."""
+    path = Path(output_dir) / "failures.parquet"
+    old = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=FAILURE_COLUMNS)
+    tried = {(s.participant_id, s.session_id) for s in attempted}
+    if len(old):
+        keep = [(p, s) not in tried for p, s in zip(old["participant_id"], old["session_id"])]
+        old = old[keep]
+    new = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+    df = pd.concat([old, new], ignore_index=True) if len(old) else new
+    return write_parquet(df.astype(str), path)
+
+
+def summarise(done: list[dict], skipped: list[SubjectSession], failed: list[dict],
+              participants: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Counts of done / skipped / failed subject-sessions per site and session."""
+    rows = ([{"participant_id": d["participant_id"], "session_id": d["session_id"], "status": "done"}
+             for d in done]
+            + [{"participant_id": s.participant_id, "session_id": s.session_id, "status": "skipped"}
+               for s in skipped]
+            + [{"participant_id": f["participant_id"], "session_id": f["session_id"], "status": "failed"}
+               for f in failed])
+    df = pd.DataFrame(rows, columns=["participant_id", "session_id", "status"])
+    if participants is not None and "site" in participants.columns:
+        df = df.merge(participants[["participant_id", "site"]], on="participant_id", how="left")
+    else:
+        df["site"] = ""
+    df["site"] = df["site"].fillna("").astype(str)
+    out = (df.groupby(["site", "session_id", "status"]).size().unstack("status", fill_value=0)
+           .reindex(columns=["done", "skipped", "failed"], fill_value=0).reset_index())
+    return out
+
+
+def load_group_inputs(bids_dir, output_dir):
+    """ROI table (all subject-sessions), participants and sessions for the group level."""
+    roi_dir = Path(output_dir) / "roi"
+    roi = read_parquet_folder(roi_dir)
+    if roi.empty:
+        raise FileNotFoundError(f"{roi_dir}: no ROI tables; run the participant level first")
+    return roi, read_participants(bids_dir), read_sessions(bids_dir)
+
+
+def writer_for(output_dir, bids_dir, config: PipelineConfig) -> DerivativesWriter:
+    w = DerivativesWriter(output_dir)
+    w.write_dataset_description(source_dataset=bids_dir)
+    return w

@@ -1,0 +1,277 @@
+"""One subject-session end to end, in stages that pass volumes through a zarr store.
+
+Stages (each a plain function of serialisable arguments, so an orchestrator can run each
+as a task on any worker):
+
+1. :func:`ingest` -- read and validate the BIDS MEGRE (and T1w) files, write them to zarr;
+2. :func:`reconstruct` -- mask, unwrapping, background removal, dipole inversion -> chi in zarr;
+3. :func:`standardise_and_measure` -- registration to the template, atlas labels to native
+   space, ROI statistics, chi in template space (and smoothed) -> zarr;
+4. :func:`write_outputs` -- BIDS derivatives, ROI Parquet and the manifest via the one writer.
+
+Any failure is raised as :class:`StageError` carrying the stage and the file involved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..config import PipelineConfig
+from ..io import zarrstore
+from ..io.bids import SubjectSession, load_megre
+from ..io.derivatives import DerivativesWriter
+from ..io.nifti import InputError, load_nifti
+from ..kernels import b0_direction_from_affine, voxel_size_from_affine
+
+__all__ = ["StageError", "ingest", "reconstruct", "standardise_and_measure", "write_outputs",
+           "process_subject_session", "resume_key", "is_up_to_date", "failure_row"]
+
+
+class StageError(RuntimeError):
+    """A subject-session failed in ``stage``; ``file`` names the input involved when known."""
+
+    def __init__(self, key: str, stage: str, error: BaseException):
+        self.key, self.stage = key, stage
+        self.file = getattr(error, "path", "")
+        self.error_type = type(error).__name__
+        self.message = str(error)
+        self.trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        super().__init__(f"{key}: {stage} failed: {self.error_type}: {self.message}")
+
+    def __reduce__(self):  # picklable across Dask workers
+        return (_rebuild_stage_error, (self.key, self.stage, self.file, self.error_type,
+                                       self.message, self.trace))
+
+
+def _rebuild_stage_error(key, stage, file, error_type, message, trace):
+    e = StageError.__new__(StageError)
+    e.key, e.stage, e.file, e.error_type, e.message, e.trace = key, stage, file, error_type, message, trace
+    RuntimeError.__init__(e, f"{key}: {stage} failed: {error_type}: {message}")
+    return e
+
+
+def failure_row(ss: SubjectSession, err: BaseException) -> dict:
+    """A row of the failures table for a subject-session that raised ``err``."""
+    if isinstance(err, StageError):
+        stage, file, etype, msg = err.stage, err.file, err.error_type, err.message
+    else:
+        stage, file, etype, msg = "orchestration", getattr(err, "path", ""), type(err).__name__, str(err)
+    return {"participant_id": ss.participant_id, "session_id": ss.session_id, "stage": stage,
+            "file": str(file), "error_type": etype, "message": msg[:2000]}
+
+
+class _stage:
+    def __init__(self, key, name):
+        self.key, self.name = key, name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if ev is not None and not isinstance(ev, (StageError, KeyboardInterrupt, SystemExit)):
+            raise StageError(self.key, self.name, ev) from ev
+        return False
+
+
+def resume_key(ss: SubjectSession, config: PipelineConfig) -> str:
+    """Input checksum + configuration fingerprint + pipeline version."""
+    h = hashlib.sha256()
+    h.update(ss.checksum().encode())
+    h.update(config.fingerprint().encode())
+    h.update(__version__.encode())
+    return h.hexdigest()
+
+
+def is_up_to_date(ss: SubjectSession, output_dir, config: PipelineConfig, key: str | None = None) -> bool:
+    """True when this subject-session's outputs exist, are intact and match the resume key."""
+    writer = DerivativesWriter(output_dir)
+    manifest = writer.read_manifest(ss.subject, ss.session)
+    if not manifest or manifest.get("status") != "done":
+        return False
+    key = key or resume_key(ss, config)
+    return manifest.get("resume_key") == key and writer.manifest_intact(manifest)
+
+
+# --------------------------------------------------------------------------------------------
+def ingest(ss: SubjectSession, paths: dict) -> dict:
+    """Read, validate and copy the inputs into the subject-session's zarr group.
+
+    ``paths`` comes from :func:`work_paths` (zarr group URL, transform folder, ROI temp file).
+    """
+    work_url = paths["work_url"]
+    with _stage(ss.key, "ingest"):
+        data = load_megre(ss)
+        zarrstore.write_volume(work_url, "magnitude", data.magnitude, data.affine)
+        zarrstore.write_volume(work_url, "phase_rad", data.phase_rad, data.affine)
+        t1w = False
+        if ss.t1w is not None:
+            t1, t1_aff, _ = load_nifti(ss.t1w, ndim=3)
+            zarrstore.write_volume(work_url, "t1w", t1, t1_aff)
+            t1w = True
+        return {"key": ss.key, "work_url": work_url, "shape": list(data.magnitude.shape),
+                "affine": data.affine.tolist(), "echo_times_s": data.echo_times_s.tolist(),
+                "b0_tesla": float(data.b0_tesla), "notes": data.notes, "has_t1w": t1w,
+                "transform_dir": paths["transform_dir"], "roi_tmp": paths["roi_tmp"]}
+
+
+def reconstruct(meta: dict, config: PipelineConfig) -> dict:
+    """QSM reconstruction of the ingested volumes; writes chi, masks and fields to zarr."""
+    from ..chain import reconstruct as run_chain
+
+    with _stage(meta["key"], "reconstruct"):
+        url = meta["work_url"]
+        mag, affine = zarrstore.read_volume(url, "magnitude", dtype=np.float32)
+        phase, _ = zarrstore.read_volume(url, "phase_rad", dtype=np.float32)
+        t0 = time.perf_counter()
+        res = run_chain(mag, phase, np.asarray(meta["echo_times_s"]), voxel_size_from_affine(affine),
+                        b0_dir=b0_direction_from_affine(affine), b0_tesla=meta["b0_tesla"],
+                        config=config.chain_config())
+        seconds = time.perf_counter() - t0
+        for name in ("chi_ppm", "mask", "local_field_ppm", "field_ppm"):
+            zarrstore.write_volume(url, name, getattr(res, name), affine)
+        qc = {k: float(v) for k, v in (res.qc or {}).items()}
+        qc["recon_seconds"] = seconds
+        return {**meta, "qc": qc, "b0_dir": b0_direction_from_affine(affine).tolist()}
+
+
+def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
+    """Register to the template, bring atlas labels to native space, extract ROI statistics."""
+    from ..atlas import load_atlas, load_template
+    from ..registration import smooth_fwhm, standardise
+    from ..roi import roi_statistics
+
+    with _stage(meta["key"], "standardise"):
+        url = meta["work_url"]
+        chi, affine = zarrstore.read_volume(url, "chi_ppm", dtype=np.float32)
+        mask = zarrstore.read_volume(url, "mask")[0].astype(bool)
+        mag = zarrstore.read_volume(url, "magnitude", dtype=np.float32)[0][..., 0]
+        tpl, tpl_aff = load_template(resolution_mm=config.template_resolution_mm)
+        t1 = t1_aff = None
+        if meta.get("has_t1w"):
+            t1, t1_aff = zarrstore.read_volume(url, "t1w", dtype=np.float32)
+        sn = standardise(mag, affine, t1w=t1, t1w_affine=t1_aff, template=tpl, template_affine=tpl_aff,
+                         method=config.registration)
+        chi_tpl, _ = sn.to_template(chi, interpolation="linear")
+        mask_tpl, _ = sn.to_template(mask.astype(np.float32), interpolation="linear")
+        zarrstore.write_volume(url, "chi_template_ppm", chi_tpl, tpl_aff)
+        zarrstore.write_volume(url, "mask_template", mask_tpl > 0.5, tpl_aff)
+        if config.smoothing_fwhm_mm > 0:
+            sm = smooth_fwhm(chi_tpl, voxel_size_from_affine(tpl_aff), config.smoothing_fwhm_mm,
+                             mask=mask_tpl > 0.5)
+            zarrstore.write_volume(url, "chi_template_smooth_ppm", sm, tpl_aff)
+        transform_dir = Path(meta["transform_dir"])
+        transform_files = [str(p) for p in sn.save(transform_dir)]
+
+    with _stage(meta["key"], "roi"):
+        atlas = load_atlas(config.atlas, labels_tsv=config.atlas_labels_tsv,
+                           groups_tsv=config.atlas_groups_tsv)
+        labels = sn.labels_to_native(atlas.labels, atlas.affine, chi.shape, affine)
+        zarrstore.write_volume(url, "atlas_native", labels.astype(np.int32), affine)
+        roi = roi_statistics(chi, labels, atlas.table, voxel_size_mm=voxel_size_from_affine(affine),
+                             erode_mm=config.erode_mm, min_voxels=config.min_voxels, mask=mask,
+                             atlas_name=atlas.name)
+        roi_path = Path(meta["roi_tmp"])
+        roi_path.parent.mkdir(parents=True, exist_ok=True)
+        roi.to_parquet(roi_path, index=False)
+        return {**meta, "roi_tmp": str(roi_path), "transform_files": transform_files,
+                "template_affine": np.asarray(tpl_aff).tolist()}
+
+
+def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineConfig, *,
+                  resume: str | None = None) -> dict:
+    """Write every derivative of the subject-session with the one writer, then its manifest."""
+    with _stage(ss.key, "write"):
+        cfg = config.to_dict()
+        writer = DerivativesWriter(output_dir)
+        url = meta["work_url"]
+        affine = np.asarray(meta["affine"])
+        sources = [str(e.phase) for e in ss.echoes]
+        chain_meta = {"Method": "qsmdask chain", "Chain": cfg["chain"],
+                      "EchoTimes": meta["echo_times_s"], "MagneticFieldStrength": meta["b0_tesla"],
+                      "B0DirectionVoxel": meta["b0_dir"], "Notes": meta.get("notes", [])}
+        files = []
+        chi, _ = zarrstore.read_volume(url, "chi_ppm", dtype=np.float32)
+        files.append(writer.save_image(ss.subject, ss.session, "Chimap", chi, affine, sources=sources,
+                                       sidecar={**chain_meta, "Units": "ppm"}))
+        mask, _ = zarrstore.read_volume(url, "mask")
+        files.append(writer.save_image(ss.subject, ss.session, "mask", mask.astype(np.uint8), affine,
+                                       desc="brain", sources=sources,
+                                       sidecar={**chain_meta, "Type": "Brain"}))
+        for name, desc in (("local_field_ppm", "local"), ("field_ppm", "total")):
+            arr, _ = zarrstore.read_volume(url, name, dtype=np.float32)
+            files.append(writer.save_image(ss.subject, ss.session, "fieldmap", arr, affine, desc=desc,
+                                           sources=sources, sidecar={**chain_meta, "Units": "ppm"}))
+        tpl_aff = np.asarray(meta["template_affine"])
+        space = "MNI152NLin2009aSym"
+        reg_meta = {"Registration": config.registration, "Template": "MNI152 (nilearn package data)",
+                    "TemplateResolution_mm": config.template_resolution_mm,
+                    "Transforms": [Path(p).name for p in meta.get("transform_files", [])]}
+        arr, _ = zarrstore.read_volume(url, "chi_template_ppm", dtype=np.float32)
+        files.append(writer.save_image(ss.subject, ss.session, "Chimap", arr, tpl_aff, space=space,
+                                       sidecar={**reg_meta, "Units": "ppm"}))
+        if zarrstore.has_volume(url, "chi_template_smooth_ppm"):
+            arr, _ = zarrstore.read_volume(url, "chi_template_smooth_ppm", dtype=np.float32)
+            files.append(writer.save_image(ss.subject, ss.session, "Chimap", arr, tpl_aff, space=space,
+                                           desc="smooth", sidecar={**reg_meta, "Units": "ppm",
+                                           "SmoothingFWHM_mm": config.smoothing_fwhm_mm}))
+        arr, _ = zarrstore.read_volume(url, "mask_template")
+        files.append(writer.save_image(ss.subject, ss.session, "mask", arr.astype(np.uint8), tpl_aff,
+                                       space=space, desc="brain", sidecar=reg_meta))
+        labels, _ = zarrstore.read_volume(url, "atlas_native")
+        files.append(writer.save_image(ss.subject, ss.session, "dseg", labels.astype(np.int16), affine,
+                                       desc=_atlas_desc(config.atlas),
+                                       sidecar={"Atlas": config.atlas, **reg_meta}))
+        files += [Path(p) for p in meta.get("transform_files", [])]
+
+        roi = pd.read_parquet(meta["roi_tmp"])
+        roi.insert(0, "session_id", ss.session_id)
+        roi.insert(0, "participant_id", ss.participant_id)
+        if "measure" not in roi.columns:
+            roi.insert(2, "measure", "chi")
+        for k, v in meta.get("qc", {}).items():
+            roi[f"qc_{k}"] = v
+        files.append(writer.save_roi_table(ss.subject, ss.session, roi))
+        Path(meta["roi_tmp"]).unlink(missing_ok=True)
+        manifest = writer.write_manifest(ss.subject, ss.session, files, config=cfg,
+                                         status={"status": "done", "resume_key": resume or "",
+                                                 "qc": meta.get("qc", {})})
+        return {"participant_id": ss.participant_id, "session_id": ss.session_id,
+                "manifest": str(manifest), "n_files": len(files), "qc": meta.get("qc", {})}
+
+
+def _atlas_desc(atlas: str) -> str:
+    name = Path(atlas).name.split(".")[0]
+    return "".join(ch for ch in name if ch.isalnum()) or "atlas"
+
+
+def work_paths(ss: SubjectSession, output_dir, work_root: str | None = None) -> dict:
+    """Where a subject-session's intermediate zarr group, transforms and ROI table live.
+
+    ``work_root`` may be any fsspec URL for the zarr volumes (``file://``, ``memory://``,
+    ``s3://``); by default ``OUTPUT_DIR/work``.
+    """
+    root = Path(output_dir)
+    zroot = (work_root.rstrip("/") if work_root else str(root / "work"))
+    return {"work_url": f"{zroot}/{ss.key}.zarr",
+            "transform_dir": str(root / f"sub-{ss.subject}" / (f"ses-{ss.session}" if ss.session else "")
+                                 / "xfm"),
+            "roi_tmp": str(root / "work" / f"{ss.key}_roi.parquet")}
+
+
+def process_subject_session(ss: SubjectSession, output_dir, config: PipelineConfig, *,
+                            work_root: str | None = None) -> dict:
+    """Run all stages for one subject-session in this process (library use and tests)."""
+    key = resume_key(ss, config)
+    meta = ingest(ss, work_paths(ss, output_dir, work_root))
+    meta = reconstruct(meta, config)
+    meta = standardise_and_measure(meta, config)
+    return write_outputs(ss, meta, output_dir, config, resume=key)
