@@ -1,0 +1,421 @@
+"""Freedman-Lane permutation inference for a GLM t contrast, batched as matrix products.
+
+Model ``Y = X b + e`` with contrast ``c``. The design is re-partitioned into
+the effect of interest ``a = X (X'X)^-1 c`` and nuisance ``Z = X N`` with
+``N`` a basis of the null space of ``c'`` (Beckmann partitioning, Winkler et
+al. 2014, appendix A). Freedman-Lane permutes the residuals of the reduced
+model ``R = (I - H_Z) Y``; the t statistic of the permuted data ``P R`` on the
+full model is
+
+    t = g_1 / sqrt((||R||^2 - sum_k g_k^2) / (n - p)),   g = U' P R,
+
+where ``U`` is an orthonormal basis of ``span(X)`` whose first column is
+``a / ||a||`` (``||P R|| = ||R||`` for permutations and sign flips). For a
+batch of B permutations the rows ``(P' U)'`` are stacked and one product
+``(B p x n) @ (n x V)`` gives every t map of the batch.
+
+Each batch of permutations is generated from ``numpy.random.default_rng((seed,
+batch_index))`` so a run is reproducible and identical however the batches are
+distributed (see :mod:`qsmdask.perm.distributed`).
+
+References
+----------
+Freedman D, Lane D (1983). A nonstochastic interpretation of reported
+significance levels. J Bus Econ Stat 1:292-298.
+Winkler AM et al. (2014). Permutation inference for the general linear model.
+NeuroImage 92:381-397.
+Nichols TE, Holmes AP (2002). Nonparametric permutation tests for functional
+neuroimaging. Hum Brain Mapp 15:1-25.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import linalg, stats
+
+from qsmdask.perm.cluster import (cluster_statistics, cluster_table, cluster_threshold_t,
+                                  connectivity_structure, max_cluster_statistics)
+from qsmdask.perm.glm import Design, t_to_z
+from qsmdask.perm.tfce import tfce_values
+
+__all__ = [
+    "PermutationOptions",
+    "PreparedModel",
+    "PermutationResult",
+    "prepare_model",
+    "random_permutations",
+    "batch_t",
+    "null_batch",
+    "combine_batches",
+    "finalize",
+    "permutation_test",
+    "batch_sizes",
+]
+
+INFERENCES = ("voxel", "cluster", "tfce")
+
+
+@dataclass(frozen=True)
+class PermutationOptions:
+    """Inference options (validated).
+
+    n_perm : number of random permutations (sign flips) in the null distribution.
+    seed : int seed; batch ``i`` uses ``default_rng((seed, i))``.
+    batch_size : permutations per matrix product (memory ~ batch_size * p * n_voxels * 4 bytes).
+    two_sided : test both signs (max |t|) or positive effects only.
+    inference : subset of ("voxel", "cluster", "tfce").
+    cluster_p : cluster-forming p (converted to t with the model dof; split over tails when two-sided).
+    min_cluster_voxels : clusters smaller than this are ignored (observed and null).
+    connectivity : 6, 18 or 26.
+    tfce_E, tfce_H, tfce_dh : TFCE parameters (dh "auto" = max/100).
+    """
+
+    n_perm: int = 5000
+    seed: int = 0
+    batch_size: int = 32
+    two_sided: bool = True
+    inference: tuple = ("voxel",)
+    cluster_p: float = 0.005
+    min_cluster_voxels: int = 10
+    connectivity: int = 6
+    tfce_E: float = 0.5
+    tfce_H: float = 2.0
+    tfce_dh: object = "auto"
+
+    def __post_init__(self):
+        if int(self.n_perm) != self.n_perm or self.n_perm < 1:
+            raise ValueError(f"n_perm must be a positive integer, got {self.n_perm!r}")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        inf = (self.inference,) if isinstance(self.inference, str) else tuple(self.inference)
+        bad = [i for i in inf if i not in INFERENCES]
+        if bad or not inf:
+            raise ValueError(f"inference must be a non-empty subset of {INFERENCES}, got {self.inference!r}")
+        object.__setattr__(self, "inference", inf)
+        if not 0.0 < self.cluster_p < 1.0:
+            raise ValueError(f"cluster_p must be in (0, 1), got {self.cluster_p!r}")
+        if int(self.min_cluster_voxels) != self.min_cluster_voxels or self.min_cluster_voxels < 1:
+            raise ValueError(f"min_cluster_voxels must be an integer >= 1, got {self.min_cluster_voxels!r}")
+        connectivity_structure(self.connectivity)
+        if not self.tfce_E > 0 or not self.tfce_H > 0:
+            raise ValueError("tfce_E and tfce_H must be > 0")
+        if isinstance(self.tfce_dh, str):
+            if self.tfce_dh != "auto":
+                raise ValueError(f"tfce_dh must be 'auto' or a positive float, got {self.tfce_dh!r}")
+        elif not float(self.tfce_dh) > 0:
+            raise ValueError(f"tfce_dh must be 'auto' or a positive float, got {self.tfce_dh!r}")
+
+
+@dataclass
+class PreparedModel:
+    """Everything a permutation batch needs (picklable, shipped once to Dask workers)."""
+
+    residuals: np.ndarray   # (n, V) float32, reduced-model residuals R
+    basis: np.ndarray       # (n, p) float32, orthonormal basis U of span(X), U[:,0] = a/|a|
+    ss: np.ndarray          # (V,) float32, ||R||^2 per voxel
+    dof: int
+    design: Design
+    coords: np.ndarray      # (V, 3) int voxel coordinates of the masked voxels
+    t_obs: np.ndarray       # (V,) float32 observed t (same arithmetic as the permutations)
+    cluster_t: float        # cluster-forming threshold in t
+
+
+def _as_data(data, design: Design):
+    y = np.asarray(data)
+    if y.ndim != 2 or y.shape[0] != design.n_subjects:
+        raise ValueError(f"data must have shape ({design.n_subjects}, n_voxels), got {y.shape}")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("data must be finite (mask out NaN voxels)")
+    return y
+
+
+def _mask_coords(mask, n_voxels):
+    m = np.asarray(mask)
+    if m.ndim != 3 or m.dtype != bool:
+        raise ValueError("mask must be a 3-D bool array")
+    if int(m.sum()) != n_voxels:
+        raise ValueError(f"mask has {int(m.sum())} voxels but data has {n_voxels} columns")
+    return np.argwhere(m).astype(np.int32)
+
+
+def _nuisance_and_basis(design: Design):
+    x, c = design.matrix, design.contrast
+    q = np.linalg.pinv(x.T @ x)
+    a = x @ q @ c
+    a = a / np.linalg.norm(a)
+    if x.shape[1] > 1:
+        z = x @ linalg.null_space(c[None, :])
+        zo = linalg.orth(z)
+        zo = zo - np.outer(a, a @ zo)  # exactly orthogonal to a (it is in theory)
+        zo, _ = np.linalg.qr(zo)
+    else:
+        z = np.zeros((x.shape[0], 0))
+        zo = z
+    basis = np.column_stack([a, zo])
+    return z, basis
+
+
+def prepare_model(data, design: Design, *, mask, options: PermutationOptions) -> PreparedModel:
+    """Residualise the data on the nuisance model and precompute the observed t map.
+
+    Parameters
+    ----------
+    data : (n_subjects, n_voxels) array (masked voxels, e.g. ``maps[:, mask]``)
+    design : Design
+    mask : 3-D bool array with ``n_voxels`` True voxels (their order = C order of ``argwhere``)
+    options : PermutationOptions
+    """
+    y = _as_data(data, design)
+    coords = _mask_coords(mask, y.shape[1])
+    z, basis = _nuisance_and_basis(design)
+    y64 = np.asarray(y, dtype=np.float64)
+    if z.shape[1]:
+        zq = linalg.orth(z)
+        r = y64 - zq @ (zq.T @ y64)
+    else:
+        r = y64.copy()
+    # per-voxel scaling keeps float32 well conditioned; t is scale invariant
+    scale = np.sqrt(np.einsum("ij,ij->j", r, r))
+    scale[scale == 0] = 1.0
+    r32 = (r / scale).astype(np.float32)
+    ss = np.einsum("ij,ij->j", r32, r32, dtype=np.float64).astype(np.float32)
+    prepared = PreparedModel(residuals=np.ascontiguousarray(r32), basis=basis.astype(np.float32),
+                             ss=ss, dof=design.dof, design=design, coords=coords,
+                             t_obs=np.zeros(0, np.float32),
+                             cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
+                                                           two_sided=options.two_sided))
+    ident = np.arange(design.n_subjects)[None, :]
+    prepared.t_obs = batch_t(prepared, ident if not design.sign_flip else np.ones_like(ident, np.float32))[0]
+    return prepared
+
+
+def random_permutations(design: Design, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random permutations (int (n, n_subjects)) or sign flips (float32 +-1) for the design.
+
+    Permutations respect the exchangeability blocks: within-block shuffles,
+    or (``whole_block``) shuffles of whole blocks keeping the order inside
+    blocks. Sign flips are per subject, or per block when ``whole_block``.
+    """
+    ns = design.n_subjects
+    blocks = design.blocks
+    if design.sign_flip:
+        if blocks is not None and design.whole_block:
+            nb = blocks.max() + 1
+            return (rng.integers(0, 2, size=(n, nb)) * 2 - 1).astype(np.float32)[:, blocks]
+        return (rng.integers(0, 2, size=(n, ns)) * 2 - 1).astype(np.float32)
+    base = np.tile(np.arange(ns), (n, 1))
+    if blocks is None:
+        return rng.permuted(base, axis=1)
+    out = base.copy()
+    if design.whole_block:
+        nb = blocks.max() + 1
+        members = np.stack([np.flatnonzero(blocks == b) for b in range(nb)])  # (nb, size)
+        order = rng.permuted(np.tile(np.arange(nb), (n, 1)), axis=1)     # (n, nb)
+        out[:, members.ravel()] = members[order].reshape(n, -1)
+        return out
+    for b in range(blocks.max() + 1):
+        idx = np.flatnonzero(blocks == b)
+        out[:, idx] = idx[rng.permuted(np.tile(np.arange(idx.size), (n, 1)), axis=1)]
+    return out
+
+
+def batch_t(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
+    """t maps (B, V) float32 for a batch of permutations (int) or sign flips (float).
+
+    ``perms[b]`` is the row order applied to the design basis (equivalently,
+    the inverse permutation of the residuals), or the signs of the residuals.
+    """
+    u = prepared.basis
+    p = u.shape[1]
+    if np.issubdtype(perms.dtype, np.floating):
+        rows = u[None, :, :] * perms[:, :, None]
+    else:
+        rows = u[perms]                              # (B, n, p)
+    s = np.ascontiguousarray(rows.transpose(0, 2, 1).reshape(-1, u.shape[0]))
+    g = (s @ prepared.residuals).reshape(perms.shape[0], p, -1)   # (B, p, V)
+    num = g[:, 0, :].copy()
+    np.square(g, out=g)
+    sse = prepared.ss[None, :] - g.sum(axis=1)
+    np.maximum(sse, np.float32(1e-12) * prepared.ss[None, :] + np.float32(1e-30), out=sse)
+    sse *= np.float32(1.0 / prepared.dof)
+    np.sqrt(sse, out=sse)
+    num /= sse
+    return num
+
+
+def batch_sizes(n_perm: int, batch_size: int) -> list[int]:
+    """Sizes of the batches covering ``n_perm`` permutations."""
+    full, rest = divmod(int(n_perm), int(batch_size))
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index: int,
+               n_in_batch: int) -> dict:
+    """Null statistics of one deterministic batch of permutations.
+
+    Returns a dict with ``max_t`` (B,), ``count_unc`` (V,) int32 counts of
+    permuted statistics at least as extreme as the observed one per voxel,
+    and, as requested, ``max_size``, ``max_mass``, ``max_tfce`` (B,).
+    """
+    rng = np.random.default_rng((int(options.seed), int(batch_index)))
+    perms = random_permutations(prepared.design, n_in_batch, rng)
+    t = batch_t(prepared, perms)
+    stat = np.abs(t) if options.two_sided else t
+    obs = np.abs(prepared.t_obs) if options.two_sided else prepared.t_obs
+    out = {"max_t": stat.max(axis=1).astype(np.float64),
+           "count_unc": (stat >= obs[None, :]).sum(axis=0, dtype=np.int32)}
+    del stat
+    structure = connectivity_structure(options.connectivity)
+    if "cluster" in options.inference:
+        sz = np.zeros(n_in_batch)
+        ms = np.zeros(n_in_batch)
+        for b in range(n_in_batch):
+            sz[b], ms[b] = max_cluster_statistics(
+                t[b], prepared.coords, threshold=prepared.cluster_t, two_sided=options.two_sided,
+                structure=structure, min_size=options.min_cluster_voxels)
+        out["max_size"], out["max_mass"] = sz, ms
+    if "tfce" in options.inference:
+        mt = np.zeros(n_in_batch)
+        for b in range(n_in_batch):
+            tf = tfce_values(t[b], prepared.coords, structure=structure, two_sided=options.two_sided,
+                             E=options.tfce_E, H=options.tfce_H, dh=options.tfce_dh)
+            mt[b] = np.abs(tf).max()
+        out["max_tfce"] = mt
+    return out
+
+
+def combine_batches(results: list[dict]) -> dict:
+    """Concatenate null maxima (in batch order) and sum the uncorrected counts."""
+    out = {"count_unc": np.sum([r["count_unc"] for r in results], axis=0, dtype=np.int64)}
+    for key in ("max_t", "max_size", "max_mass", "max_tfce"):
+        if key in results[0]:
+            out[key] = np.concatenate([r[key] for r in results])
+    return out
+
+
+def _fwe_p(observed, null):
+    """(1 + #{null >= observed}) / (1 + n_null), vectorised."""
+    srt = np.sort(np.asarray(null, dtype=np.float64))
+    n_ge = srt.size - np.searchsorted(srt, np.asarray(observed, dtype=np.float64), side="left")
+    return (1.0 + n_ge) / (1.0 + srt.size)
+
+
+@dataclass
+class PermutationResult:
+    """Outputs as masked vectors (n_voxels,) plus the mask to put them back in 3-D.
+
+    ``logp_*`` are -log10 p. ``cluster_labels`` numbers clusters 1..K by
+    decreasing size; ``clusters`` is the cluster table (pandas). Null
+    distributions are kept in ``null`` (``max_t``, ``max_size``, ...).
+    """
+
+    mask: np.ndarray
+    t: np.ndarray
+    z: np.ndarray
+    dof: int
+    logp_unc: np.ndarray
+    logp_unc_param: np.ndarray
+    logp_fwe_t: np.ndarray
+    null: dict
+    options: PermutationOptions
+    cluster_t: float
+    cluster_labels: np.ndarray | None = None
+    logp_fwe_size: np.ndarray | None = None
+    logp_fwe_mass: np.ndarray | None = None
+    clusters: object = None
+    tfce: np.ndarray | None = None
+    logp_fwe_tfce: np.ndarray | None = None
+    extras: dict = field(default_factory=dict)
+
+    def to_volume(self, name: str, fill=0.0) -> np.ndarray:
+        """3-D array of one output (e.g. ``"t"``, ``"logp_fwe_t"``, ``"cluster_labels"``)."""
+        v = getattr(self, name)
+        if v is None:
+            raise ValueError(f"output {name!r} was not computed")
+        vol = np.full(self.mask.shape, fill, dtype=np.asarray(v).dtype)
+        vol[self.mask] = v
+        return vol
+
+
+def finalize(prepared: PreparedModel, options: PermutationOptions, null: dict, *, mask, affine=None,
+             atlas=None, atlas_names=None) -> PermutationResult:
+    """Observed-statistic maps, p-value maps and the cluster table from the combined null.
+
+    Parameters
+    ----------
+    affine : (4, 4) voxel -> MNI mm (for the cluster table; identity if None)
+    atlas : 3-D int array on the mask's grid (optional), atlas_names : mapping label -> name
+    """
+    t = prepared.t_obs.astype(np.float64)
+    n = null["max_t"].size
+    stat = np.abs(t) if options.two_sided else t
+    dof = prepared.dof
+    p_unc_param = (2.0 * stats.t.sf(np.abs(t), dof)) if options.two_sided else stats.t.sf(t, dof)
+    res = PermutationResult(
+        mask=np.asarray(mask, dtype=bool), t=t, z=t_to_z(t, dof), dof=dof,
+        logp_unc=-np.log10((1.0 + null["count_unc"]) / (1.0 + n)),
+        logp_unc_param=-np.log10(np.clip(p_unc_param, 1e-300, 1.0)),
+        logp_fwe_t=-np.log10(_fwe_p(stat, null["max_t"])),
+        null=null, options=options, cluster_t=prepared.cluster_t)
+    structure = connectivity_structure(options.connectivity)
+    if "cluster" in options.inference:
+        labels, sizes, masses, signs = cluster_statistics(
+            t, prepared.coords, threshold=prepared.cluster_t, two_sided=options.two_sided,
+            structure=structure, min_size=options.min_cluster_voxels)
+        p_size = _fwe_p(sizes, null["max_size"])
+        p_mass = _fwe_p(masses, null["max_mass"])
+        res.cluster_labels = labels
+        lp_size = np.concatenate([[0.0], -np.log10(p_size)])
+        lp_mass = np.concatenate([[0.0], -np.log10(p_mass)])
+        res.logp_fwe_size = lp_size[labels]
+        res.logp_fwe_mass = lp_mass[labels]
+        atlas_vec = None
+        if atlas is not None:
+            atlas = np.asarray(atlas)
+            if atlas.shape != res.mask.shape:
+                raise ValueError(f"atlas must have the mask's shape {res.mask.shape}, got {atlas.shape}")
+            atlas_vec = atlas[res.mask].astype(np.int64)
+        res.clusters = cluster_table(labels, t, prepared.coords,
+                                     affine=np.eye(4) if affine is None else affine,
+                                     sizes=sizes, signs=signs, masses=masses, p_size=p_size,
+                                     p_mass=p_mass, atlas_labels=atlas_vec, atlas_names=atlas_names)
+    if "tfce" in options.inference:
+        tf = tfce_values(t, prepared.coords, structure=structure, two_sided=options.two_sided,
+                         E=options.tfce_E, H=options.tfce_H, dh=options.tfce_dh)
+        res.tfce = tf
+        res.logp_fwe_tfce = -np.log10(_fwe_p(np.abs(tf) if options.two_sided else tf, null["max_tfce"]))
+    return res
+
+
+def permutation_test(data, design: Design, *, mask, n_perm: int = 5000, seed: int = 0,
+                     two_sided: bool = True, inference=("voxel",), cluster_p: float = 0.005,
+                     min_cluster_voxels: int = 10, connectivity: int = 6, tfce_E: float = 0.5,
+                     tfce_H: float = 2.0, tfce_dh="auto", batch_size: int = 32, affine=None,
+                     atlas=None, atlas_names=None) -> PermutationResult:
+    """Voxel-wise permutation test of a GLM contrast (Freedman-Lane), in-process.
+
+    Parameters
+    ----------
+    data : (n_subjects, n_voxels) float array, the masked maps (``maps[:, mask]``)
+    design : :class:`qsmdask.perm.glm.Design`
+    mask : 3-D bool array, ``mask.sum() == n_voxels``
+    n_perm, seed, two_sided, inference, cluster_p, min_cluster_voxels, connectivity,
+    tfce_E, tfce_H, tfce_dh, batch_size : see :class:`PermutationOptions`
+    affine : voxel -> MNI mm affine for the cluster table
+    atlas, atlas_names : atlas label volume on the mask grid and label names (optional)
+
+    Returns
+    -------
+    PermutationResult
+    """
+    options = PermutationOptions(n_perm=n_perm, seed=seed, batch_size=batch_size, two_sided=two_sided,
+                                 inference=inference, cluster_p=cluster_p,
+                                 min_cluster_voxels=min_cluster_voxels, connectivity=connectivity,
+                                 tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh)
+    prepared = prepare_model(data, design, mask=mask, options=options)
+    results = [null_batch(prepared, options, i, b)
+               for i, b in enumerate(batch_sizes(options.n_perm, options.batch_size))]
+    return finalize(prepared, options, combine_batches(results), mask=mask, affine=affine,
+                    atlas=atlas, atlas_names=atlas_names)
