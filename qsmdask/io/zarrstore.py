@@ -19,7 +19,12 @@ __all__ = ["write_volume", "read_volume", "read_affine", "open_group", "has_volu
 
 
 def open_group(url: str, mode: str = "a") -> zarr.Group:
-    return zarr.open_group(str(url), mode=mode)
+    """Open (or create) the zarr group at a path or fsspec URL; ``file://`` maps to a local path."""
+    url = str(url)
+    if url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+        url = unquote(urlparse(url).path)
+    return zarr.open_group(url, mode=mode)
 
 
 def _chunks(shape, chunk_edge: int):

@@ -1,0 +1,53 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_megre_subject(root: Path, sub: str, ses: str = "", *, n_echoes=2, shape=(12, 12, 10),
+                        affine=None, seed=0, phase_scale=1.0, sidecar_extra=None):
+    """A tiny but valid MEGRE subject-session (random data) for IO tests."""
+    from qsmdask.io.nifti import save_nifti
+    rng = np.random.default_rng(seed)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0]) if affine is None else affine
+    anat = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+    stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+    paths = []
+    for e in range(1, n_echoes + 1):
+        meta = {"EchoTime": 0.005 * e, "MagneticFieldStrength": 3.0, "EchoNumber": e}
+        meta.update(sidecar_extra or {})
+        mag = rng.uniform(10, 100, shape).astype(np.float32)
+        ph = (rng.uniform(-np.pi, np.pi, shape) * phase_scale).astype(np.float32)
+        paths.append(save_nifti(anat / f"{stem}_echo-{e}_part-mag_MEGRE.nii.gz", mag, affine, sidecar=meta))
+        paths.append(save_nifti(anat / f"{stem}_echo-{e}_part-phase_MEGRE.nii.gz", ph, affine, sidecar=meta))
+    return paths
+
+
+@pytest.fixture
+def tiny_bids(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    (root / "participants.tsv").write_text("participant_id\tgroup\tage\nsub-01\tpatient\t30\nsub-02\tcontrol\t31\n")
+    write_megre_subject(root, "01", "pre", seed=1)
+    write_megre_subject(root, "02", "pre", seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test server for the whole session (costs ~8 s once)."""
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
