@@ -21,7 +21,7 @@ __all__ = ["ChainConfig", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_
 
 MASK_METHODS = ("threshold",)
 UNWRAP_METHODS = ("laplacian",)
-BGREMOVE_METHODS = ("sharp",)
+BGREMOVE_METHODS = ("vsharp", "sharp")
 INVERSION_METHODS = ("tkd",)
 
 
@@ -40,8 +40,9 @@ class ChainConfig:
     unwrap_method : "laplacian" (Schofield & Zhu 2003).
     laplacian_form : "sincos" or "gradient" (see :func:`qsmdask.unwrap.wrapped_laplacian`).
     fit_offset : fit a phase offset (intercept) in the multi-echo fit.
-    bgremove_method : "sharp".
-    sharp_radius_mm : SMV radius (mm) of SHARP; the reference study used up to 6 mm.
+    bgremove_method : "vsharp" (variable radius, keeps the brain edge) or "sharp".
+    sharp_radius_mm : SMV radius (mm) of SHARP, and the largest radius of V-SHARP
+        (radii from the voxel size up to it); the reference study used up to 6 mm.
     sharp_threshold : truncation level of the SHARP deconvolution.
     inversion_method : "tkd".
     tkd_threshold : truncation level of |D| for TKD.
@@ -58,7 +59,7 @@ class ChainConfig:
     unwrap_method: str = "laplacian"
     laplacian_form: str = "sincos"
     fit_offset: bool = True
-    bgremove_method: str = "sharp"
+    bgremove_method: str = "vsharp"
     sharp_radius_mm: float = 6.0
     sharp_threshold: float = 0.05
     inversion_method: str = "tkd"
@@ -174,7 +175,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     References
     ----------
     Schofield & Zhu, Opt Lett 2003 (unwrapping); Schweser et al., NeuroImage 2011
-    (SHARP); Shmueli et al., MRM 2009 (TKD).
+    (SHARP); Wu et al., MRM 2012 (V-SHARP); Shmueli et al., MRM 2009 (TKD).
     """
     if not isinstance(config, ChainConfig):
         raise ValueError(f"config must be a ChainConfig, got {type(config).__name__}")
@@ -231,8 +232,12 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
 
     # 4. background removal
     t3 = time.perf_counter()
-    local, eroded = bgremove.sharp(field_ppm, brain, vs, radius_mm=cfg.sharp_radius_mm,
-                                   threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
+    if cfg.bgremove_method == "sharp":
+        local, eroded = bgremove.sharp(field_ppm, brain, vs, radius_mm=cfg.sharp_radius_mm,
+                                       threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
+    else:
+        local, eroded = bgremove.vsharp(field_ppm, brain, vs, max_radius_mm=cfg.sharp_radius_mm,
+                                        threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
     timings["time_bgremove_s"] = time.perf_counter() - t3
 
     # 5. dipole inversion

@@ -45,7 +45,7 @@ def forward_field(chi_ppm, voxel_size_mm, b0_dir, pad=16):
 
 def make_phantom(shape=(64, 64, 64), voxel_size_mm=(1.0, 1.0, 1.0), *, b0_dir=(0.25, 0.2, 0.947),
                  echo_times_s=(0.004, 0.008, 0.012, 0.016), b0_tesla=3.0, snr=None,
-                 source_chi_ppm=9.4, brain_scale=1.0, brain_axes_mm=None, rotation_deg=0.0,
+                 source_chi_ppm=9.4, source_gap_mm=6.0, brain_scale=1.0, brain_axes_mm=None, rotation_deg=0.0,
                  seed=0):
     """Simulate a phantom; returns a dict of arrays and parameters (see module docstring).
 
@@ -87,8 +87,12 @@ def make_phantom(shape=(64, 64, 64), voxel_size_mm=(1.0, 1.0, 1.0), *, b0_dir=(0
     chi[vein] = 0.3
     mag[vein] = 0.5
     # strong external source (air-like sinus) below-front of the brain, outside it
-    src_c = np.array([0.0, 0.55 * brain_axes[1], -brain_axes[2] - 4.0 * vs.max()])
-    src = _ellipsoid(coords, src_c, np.array([6.0, 5.0, 3.0]) * vs.max() / 1.0) & ~skull_inner
+    # (front-below, on the diagonal of the y-z plane, ``source_gap_mm`` outside the brain)
+    u = np.array([0.0, 1.0, -1.0]) / np.sqrt(2.0)
+    r_edge = 1.0 / np.sqrt(np.sum((u / brain_axes) ** 2))
+    src_axes = np.array([6.0, 4.0, 4.0]) * s.mean()
+    src_c = u * (r_edge + source_gap_mm + src_axes[1])
+    src = _ellipsoid(coords, src_c, src_axes) & ~skull_inner
     chi[src] = source_chi_ppm
     mag[src] = 0.0
     chi_brain = np.where(brain, chi, 0.0)
