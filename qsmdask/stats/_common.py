@@ -29,6 +29,7 @@ import pandas as pd
 from statsmodels.stats.multitest import multipletests
 
 __all__ = ["TIDY_COLUMNS", "CORRECTIONS", "adjust_pvalues", "apply_correction", "tidy_frame",
+           "encode_columns", "order_sessions", "attach_variables", "subset_group", "fisher_ci",
            "validate_choice", "long_table", "merge_participants"]
 
 TIDY_COLUMNS = ["test", "measure", "roi", "hemisphere", "session_id", "n", "n1", "n2",
@@ -197,3 +198,110 @@ def merge_participants(long: pd.DataFrame, participants: pd.DataFrame, columns) 
     if part["participant_id"].duplicated().any():
         raise ValueError("participants has duplicate participant_id rows")
     return long.merge(part, on="participant_id", how="inner", validate="many_to_one")
+
+
+def encode_columns(df: pd.DataFrame, columns) -> pd.DataFrame:
+    """Numeric model columns for ``columns`` of ``df`` (no intercept).
+
+    Numeric columns are used as they are. ``sex`` is coded ``sex[F]`` (F=1, M=0). Other
+    non-numeric columns become indicator columns ``name[level]`` for every sorted level but
+    the first (treatment coding). Constant columns are dropped (they cannot be estimated).
+    """
+    parts = []
+    for c in columns:
+        if c not in df.columns:
+            raise ValueError(f"covariate {c!r} is not a column of participants")
+        s = df[c]
+        if c == "sex" and not pd.api.types.is_numeric_dtype(s):
+            levels = set(s.dropna().astype(str).str.upper())
+            if not levels <= {"M", "F"}:
+                raise ValueError(f"sex must be coded 'M'/'F', got levels {sorted(levels)}")
+            parts.append(pd.DataFrame({"sex[F]": (s.astype(str).str.upper() == "F")
+                                       .astype(float).where(s.notna())}, index=df.index))
+        elif pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            parts.append(pd.DataFrame({c: s.astype(float)}, index=df.index))
+        else:
+            levels = sorted(s.dropna().astype(str).unique())
+            cols = {f"{c}[{lv}]": (s.astype(str) == lv).astype(float).where(s.notna())
+                    for lv in levels[1:]}
+            parts.append(pd.DataFrame(cols, index=df.index))
+    if not parts:
+        return pd.DataFrame(index=df.index)
+    out = pd.concat(parts, axis=1)
+    const = [c for c in out.columns if out[c].dropna().nunique() <= 1]
+    return out.drop(columns=const)
+
+
+def order_sessions(session_ids, sessions: pd.DataFrame | None = None,
+                   session_order=None) -> list[str]:
+    """Chronological order of session ids.
+
+    ``session_order`` (explicit) wins; else the median ``acq_time`` per session in
+    ``sessions``; else "pre"/"baseline" first and "post"/"follow" last; else by name.
+    """
+    ids = [s for s in dict.fromkeys(session_ids) if s != ""]
+    if session_order is not None:
+        order = [s for s in session_order if s in ids]
+        return order
+    if sessions is not None and "acq_time" in sessions.columns and len(sessions):
+        t = pd.to_datetime(sessions["acq_time"], errors="coerce")
+        med = t.groupby(sessions["session_id"].astype(str)).median()
+        if all(s in med.index and pd.notna(med[s]) for s in ids):
+            return sorted(ids, key=lambda s: (med[s], s))
+
+    def rank(s):
+        low = s.lower()
+        if any(k in low for k in ("pre", "base", "bl")):
+            return 0
+        if any(k in low for k in ("post", "follow", "fu")):
+            return 2
+        return 1
+    return sorted(ids, key=lambda s: (rank(s), s))
+
+
+def attach_variables(df: pd.DataFrame, participants: pd.DataFrame,
+                     sessions: pd.DataFrame | None, columns) -> pd.DataFrame:
+    """Attach participant columns; session-level values from ``sessions`` override them.
+
+    A column present in ``sessions`` (e.g. ``hdrs`` per session) is taken per
+    (participant_id, session_id) where available, and from participants otherwise.
+    """
+    columns = list(dict.fromkeys(c for c in columns if c != "participant_id"))
+    from_part = [c for c in columns if c in participants.columns]
+    out = merge_participants(df, participants, from_part)
+    if sessions is not None and len(sessions):
+        ses_cols = [c for c in columns if c in sessions.columns and c != "session_id"]
+        if ses_cols:
+            s = sessions[["participant_id", "session_id"] + ses_cols].copy()
+            s["session_id"] = s["session_id"].fillna("").astype(str)
+            s = s.drop_duplicates(["participant_id", "session_id"])
+            s = s.rename(columns={c: f"__ses_{c}" for c in ses_cols})
+            out = out.merge(s, on=["participant_id", "session_id"], how="left")
+            for c in ses_cols:
+                sc = pd.to_numeric(out.pop(f"__ses_{c}"), errors="coerce")
+                out[c] = sc.where(sc.notna(), out[c]) if c in out.columns else sc
+    missing = [c for c in columns if c not in out.columns]
+    if missing:
+        raise ValueError(f"variable(s) {missing} not found in participants or sessions")
+    return out
+
+
+def subset_group(df: pd.DataFrame, group, group_column: str = "group") -> pd.DataFrame:
+    """Rows whose ``group_column`` equals ``group`` (None: all rows)."""
+    if group is None:
+        return df
+    if group_column not in df.columns:
+        raise ValueError(f"group={group!r} needs a {group_column!r} column in participants")
+    return df[df[group_column] == group]
+
+
+def fisher_ci(r: float, n_eff: float, *, se_scale: float = 1.0, confidence: float = 0.95):
+    """Fisher-z confidence interval of a correlation; ``n_eff - 3`` is the z variance
+    denominator (``se = se_scale / sqrt(n_eff - 3)``)."""
+    from scipy import stats
+    if not np.isfinite(r) or n_eff <= 3:
+        return (np.nan, np.nan)
+    z = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15))
+    se = se_scale / np.sqrt(n_eff - 3)
+    q = stats.norm.ppf(0.5 + confidence / 2)
+    return (float(np.tanh(z - q * se)), float(np.tanh(z + q * se)))
