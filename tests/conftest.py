@@ -46,8 +46,23 @@ def tiny_bids(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """One Prefect test server for the whole session (costs ~8 s once)."""
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_api(tmp_path_factory):
+    """One real Prefect server (with its scheduler service) for the whole test session.
+
+    Started like the CLI does, so Dask worker processes reach it through PREFECT_API_URL.
+    """
+    from qsmdask.orchestration.server import _free_port, ensure_prefect_api
+
+    saved = os.environ.pop("PREFECT_API_URL", None)
+    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "2"
+    api = ensure_prefect_api(port=_free_port(), home=tmp_path_factory.mktemp("prefect"), timeout_s=240)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api.url}):
+            yield api
+    finally:
+        api.stop()
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
