@@ -1,0 +1,61 @@
+"""References of the methods qsmdask implements or uses (one list for the report and docs).
+
+Keys are short names used by :func:`qsmdask.report.html.methods_paragraph`; values are
+full citations (authors, year, title, journal, volume:pages).
+"""
+
+from __future__ import annotations
+
+__all__ = ["REFERENCES"]
+
+REFERENCES: dict[str, str] = {
+    "otsu1979": "Otsu N (1979). A threshold selection method from gray-level histograms. "
+                "IEEE Trans Syst Man Cybern 9(1):62-66.",
+    "schofield2003": "Schofield MA, Zhu Y (2003). Fast phase unwrapping algorithm for "
+                     "interferometric applications. Opt Lett 28(14):1194-1196.",
+    "schweser2011": "Schweser F, Deistung A, Lehr BW, Reichenbach JR (2011). Quantitative imaging "
+                    "of intrinsic magnetic tissue properties using MRI signal phase: an approach to "
+                    "in vivo brain iron metabolism? NeuroImage 54(4):2789-2807.",
+    "wu2012": "Wu B, Li W, Guidon A, Liu C (2012). Whole brain susceptibility mapping using "
+              "compressed sensing. Magn Reson Med 67(1):137-147.",
+    "shmueli2009": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH (2009). "
+                   "Magnetic susceptibility mapping of brain tissue in vivo using MRI phase data. "
+                   "Magn Reson Med 62(6):1510-1522.",
+    "tang2013": "Tang J, Liu S, Neelavalli J, Cheng YCN, Buch S, Haacke EM (2013). Improving "
+                "susceptibility mapping using a threshold-based K-space/image domain iterative "
+                "reconstruction approach. Magn Reson Med 69(5):1396-1407.",
+    "fonov2011": "Fonov V, Evans AC, Botteron K, Almli CR, McKinstry RC, Collins DL (2011). "
+                 "Unbiased average age-appropriate atlases for pediatric studies. "
+                 "NeuroImage 54(1):313-327.",
+    "avants2008": "Avants BB, Epstein CL, Grossman M, Gee JC (2008). Symmetric diffeomorphic image "
+                  "registration with cross-correlation: evaluating automated labeling of elderly "
+                  "and neurodegenerative brain. Med Image Anal 12(1):26-41.",
+    "tzouriomazoyer2002": "Tzourio-Mazoyer N, Landeau B, Papathanassiou D, Crivello F, Etard O, "
+                          "Delcroix N, Mazoyer B, Joliot M (2002). Automated anatomical labeling of "
+                          "activations in SPM using a macroscopic anatomical parcellation of the MNI "
+                          "MRI single-subject brain. NeuroImage 15(1):273-289.",
+    "fan2016": "Fan L, Li H, Zhuo J, et al. (2016). The Human Brainnetome Atlas: a new brain atlas "
+               "based on connectional architecture. Cereb Cortex 26(8):3508-3526.",
+    "mannwhitney1947": "Mann HB, Whitney DR (1947). On a test of whether one of two random "
+                       "variables is stochastically larger than the other. Ann Math Stat 18:50-60.",
+    "kerby2014": "Kerby DS (2014). The simple difference formula: an approach to teaching "
+                 "nonparametric correlation. Compr Psychol 3:11.IT.3.1.",
+    "holm1979": "Holm S (1979). A simple sequentially rejective multiple test procedure. "
+                "Scand J Stat 6(2):65-70.",
+    "benjamini1995": "Benjamini Y, Hochberg Y (1995). Controlling the false discovery rate: a "
+                     "practical and powerful approach to multiple testing. J R Stat Soc B "
+                     "57(1):289-300.",
+    "johnson2007": "Johnson WE, Li C, Rabinovic A (2007). Adjusting batch effects in microarray "
+                   "expression data using empirical Bayes methods. Biostatistics 8(1):118-127.",
+    "nichols2002": "Nichols TE, Holmes AP (2002). Nonparametric permutation tests for functional "
+                   "neuroimaging: a primer with examples. Hum Brain Mapp 15(1):1-25.",
+    "freedman1983": "Freedman D, Lane D (1983). A nonstochastic interpretation of reported "
+                    "significance levels. J Bus Econ Stat 1(4):292-298.",
+    "winkler2014": "Winkler AM, Ridgway GR, Webster MA, Smith SM, Nichols TE (2014). Permutation "
+                   "inference for the general linear model. NeuroImage 92:381-397.",
+    "smith2009": "Smith SM, Nichols TE (2009). Threshold-free cluster enhancement: addressing "
+                 "problems of smoothing, threshold dependence and localisation in cluster "
+                 "inference. NeuroImage 44(1):83-98.",
+    "hallgren1958": "Hallgren B, Sourander P (1958). The effect of age on the non-haemin iron in "
+                    "the human brain. J Neurochem 3(1):41-51.",
+}

@@ -1,0 +1,234 @@
+"""Reports: the QC figure (PNG) and the self-contained cohort HTML report."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qsmdask.report import build_cohort_report, qc_figure, qc_numbers
+from qsmdask.report.html import methods_paragraph
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAILED_MESSAGE = "phase image sub-099_ses-pre_echo-2_part-phase_MEGRE.nii.gz has 3 echoes, magnitude 4"
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == PNG_MAGIC
+    assert png[12:16] == b"IHDR"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+# ---------------------------------------------------------------------------------- QC figure
+def _phantom(shape=(40, 36, 20), voxel_size_mm=(1.0, 1.0, 2.5)):
+    """Ellipsoidal 'brain' with a paramagnetic 'pallidum' and its dipole field."""
+    from qsmdask.kernels import dipole_kernel
+    vs = np.asarray(voxel_size_mm)
+    grid = np.stack(np.meshgrid(*[(np.arange(n) - n / 2 + 0.5) * v for n, v in zip(shape, vs)],
+                                indexing="ij"), axis=-1)
+    brain = ((grid / np.array([17.0, 15.0, 22.0])) ** 2).sum(-1) <= 1.0
+    blob = ((grid - np.array([5.0, 0.0, 0.0])) ** 2).sum(-1) <= 16.0
+    chi = np.where(blob, 0.15, 0.0).astype(np.float32) * brain
+    field = np.real(np.fft.ifftn(dipole_kernel(shape, vs) * np.fft.fftn(chi))).astype(np.float32)
+    labels = np.zeros(shape, np.int16)
+    labels[blob] = 3
+    labels[brain & (grid[..., 0] < -8)] = 7
+    mag = np.where(brain, 100.0, 5.0).astype(np.float32)
+    return mag, brain, field + 0.05 * brain, field * brain, chi, labels, vs
+
+
+def test_qc_figure_is_a_png_with_sensible_size():
+    mag, brain, total, local, chi, labels, vs = _phantom()
+    png = qc_figure(mag, brain, total, local, chi, voxel_size_mm=vs, labels=labels,
+                    title="sub-01 ses-pre")
+    w, h = _png_size(png)
+    assert (w, h) == (900, 1150)  # 9 x 11.5 in at 100 dpi
+    assert 20_000 < len(png) < 2_000_000
+    from matplotlib.image import imread
+    img = imread(io.BytesIO(png))
+    # the figure is not blank: the red mask outline and coloured field maps are drawn
+    assert img[..., :3].std() > 0.1
+    red = (img[..., 0] > 0.8) & (img[..., 1] < 0.3) & (img[..., 2] < 0.3)
+    assert red.sum() > 50
+
+
+def test_qc_figure_validates_inputs_and_accepts_4d_magnitude():
+    mag, brain, total, local, chi, labels, vs = _phantom(shape=(24, 24, 12))
+    png = qc_figure(np.stack([mag, mag], -1), brain, total, local, chi, voxel_size_mm=vs)
+    assert png[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="chi_ppm"):
+        qc_figure(mag, brain, total, local, chi[:-1], voxel_size_mm=vs)
+    with pytest.raises(ValueError, match="voxel_size_mm"):
+        qc_figure(mag, brain, total, local, chi, voxel_size_mm=(1, 1))
+    # empty mask still draws (slices through the volume centre)
+    assert qc_figure(mag, np.zeros_like(brain), total, local, chi, voxel_size_mm=vs)[:8] == PNG_MAGIC
+
+
+def test_qc_numbers_against_construction():
+    shape, vs = (20, 20, 10), (1.0, 1.5, 2.0)
+    mask = np.zeros(shape, bool)
+    mask[5:15, 4:12, 2:8] = True            # 10 x 8 x 6 voxels
+    chi = np.zeros(shape, np.float32)
+    chi[5:15, 4:12, 2:3] = 0.5             # one of six planes outside the window
+    labels = np.zeros(shape, np.int32)
+    labels[0:10, 4:12, 2:8] = 1            # half inside the mask
+    labels[10:15, 4:12, 2:8] = 2
+    q = qc_numbers(mask, chi, voxel_size_mm=vs, labels=labels)
+    assert q["mask_extent_x_mm"] == 10.0 and q["mask_extent_y_mm"] == 12.0
+    assert q["mask_extent_z_mm"] == 12.0
+    assert q["chi_outside_window_fraction"] == pytest.approx(1 / 6)
+    assert (q["mask_centroid_x"], q["mask_centroid_y"], q["mask_centroid_z"]) == (10.0, 8.0, 5.0)
+    assert q["atlas_in_mask_fraction"] == pytest.approx(10 / 15)
+    assert q["atlas_labels_present"] == 2.0
+
+
+# ------------------------------------------------------------------------------- cohort report
+def _synthetic_output(tmp_path: Path, *, with_perm: bool = False) -> tuple[Path, Path]:
+    from qsmdask.io.derivatives import DerivativesWriter
+    from qsmdask.io.tables import write_parquet
+    from qsmdask.stats import GroupDesign, run_group_analysis
+    from qsmdask.stats.correlation import clinical_correlation
+    from qsmdask.stats.simulate import simulate_roi_cohort
+
+    roi, participants, sessions = simulate_roi_cohort(
+        n_patients=8, n_controls=8, rois={"putamen": 0.05, "caudate": 0.06, "pallidum": 0.15},
+        hemispheres=("L", "R", "B"), sessions=("ses-pre", "ses-post"),
+        group_effect_ppm={"putamen": 0.04}, sd_ppm=0.01, n_sites=2, seed=3)
+    bids, out = tmp_path / "bids", tmp_path / "derivatives"
+    bids.mkdir()
+    participants.to_csv(bids / "participants.tsv", sep="\t", index=False)
+    for pid, s in sessions.groupby("participant_id"):
+        (bids / pid).mkdir()
+        s.drop(columns="participant_id").to_csv(bids / pid / f"{pid}_sessions.tsv", sep="\t",
+                                                index=False)
+    roi["qc_mask_volume_ml"] = 1200.0
+    roi["qc_fit_residual_rad"] = 0.05
+    for (pid, ses), t in roi.groupby(["participant_id", "session_id"]):
+        t = t.copy()
+        t["qc_mask_volume_ml"] = 1200.0 + 10 * (int(pid[-3:]) % 5)
+        if pid == "sub-004" and ses == "ses-post":
+            t["qc_mask_volume_ml"] = 300.0  # a QC outlier
+        write_parquet(t, out / "roi" / f"{pid}_{ses}_roi.parquet")
+    tables = run_group_analysis(roi, participants, sessions,
+                                design=GroupDesign(tests=("group_wilcoxon",), n_boot=200))
+    tables["clinical_correlation"] = clinical_correlation(roi, participants, sessions)
+    for name, df in tables.items():
+        write_parquet(df, out / "group" / f"{name}.parquet")
+    failures = pd.DataFrame([{"participant_id": "sub-099", "session_id": "ses-pre",
+                              "stage": "ingest", "file": "sub-099/ses-pre/anat/x.nii.gz",
+                              "error_type": "InputError", "message": FAILED_MESSAGE}])
+    write_parquet(failures, out / "failures.parquet")
+    DerivativesWriter(out).write_run_config(
+        {"level": "participant", "bids_dir": str(bids),
+         "config": {"chain": {"bgremove_method": "sharp", "tkd_threshold": 0.2},
+                    "registration": "syn", "atlas": "aal"}})
+    if with_perm:
+        from qsmdask.io.nifti import save_nifti
+        shape = (16, 18, 14)
+        t = np.zeros(shape, np.float32)
+        t[2:14, 2:16, 2:12] = 0.5
+        t[5:9, 6:10, 5:8] = 6.0
+        logp = np.where(t > 5, 2.5, 0.1).astype(np.float32)
+        aff = np.diag([2.0, 2.0, 2.0, 1.0])
+        save_nifti(out / "group" / "perm_t.nii.gz", t, aff)
+        save_nifti(out / "group" / "perm_logp_fwe_t.nii.gz", logp, aff)
+        write_parquet(pd.DataFrame([{"cluster": 1, "sign": 1, "size_voxels": 48, "size_mm3": 384.0,
+                                     "peak_stat": 6.0, "peak_x_mm": 10.0, "peak_y_mm": 14.0,
+                                     "peak_z_mm": 12.0, "peak_label": "Putamen_L",
+                                     "p_fwe_size": 0.004, "p_fwe_mass": 0.002}]),
+                      out / "group" / "perm_clusters.parquet")
+    return out, bids
+
+
+def _assert_self_contained(text: str):
+    low = text.lower()
+    for bad in ('src="http', "src='http", 'href="http', "href='http", "@import", "<script",
+                "url(", "<link"):
+        assert bad not in low, bad
+
+
+def test_report_builds_with_sections_and_failures(tmp_path):
+    out, bids = _synthetic_output(tmp_path, with_perm=True)
+    path = build_cohort_report(out, bids)
+    assert path == out / "report.html"
+    text = path.read_text()
+    _assert_self_contained(text)
+    for sid in ("findings", "cohort", "group", "course", "voxelwise", "postmortem", "failures",
+                "qc", "methods", "versions"):
+        assert f'<section id="{sid}">' in text
+    assert "could not be built" not in text
+    # figures are inline PNG
+    imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(imgs) >= 6
+    # the planted putamen effect is reported as a finding, the null ROIs are not
+    findings = text.split('<section id="findings">')[1].split("</section>")[0]
+    assert "putamen" in findings and "pallidum" not in findings
+    # the failed subject and its reason
+    assert "sub-099" in text and FAILED_MESSAGE in text
+    # the QC outlier is flagged
+    qc = text.split('<section id="qc">')[1].split("</section>")[0]
+    assert "sub-004" in qc
+    # cohort counts: 16 participants x 2 sessions, two sites
+    cohort = text.split('<section id="cohort">')[1].split("</section>")[0]
+    assert "<b>32</b> from <b>16</b>" in cohort and "site2" in cohort
+    # methods generated from the recorded configuration, with references
+    methods = text.split('<section id="methods">')[1].split("</section>")[0]
+    assert "SHARP" in methods and "V-SHARP" not in methods and "threshold 0.2" in methods
+    assert "symmetric diffeomorphic (SyN)" in methods and "Tzourio-Mazoyer" in methods
+    assert "Shmueli" in methods and "Nichols" in methods  # voxel-wise results present
+    # the cluster table
+    assert "Putamen_L" in text
+    for pkg in ("numpy", "scipy", "nibabel", "dask", "prefect"):
+        assert f"<td>{pkg}</td>" in text
+
+
+def test_report_survives_missing_inputs(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    text = build_cohort_report(out).read_text()
+    _assert_self_contained(text)
+    assert "could not be built" not in text
+    assert "No ROI tables" in text
+    assert "No voxel-wise permutation results" in text
+    assert "No failures table" in text
+    assert "defaults shown" in text
+
+
+def test_methods_paragraph_follows_configuration():
+    text, cited = methods_paragraph({"chain": {}, "atlas": "/data/BN_Atlas_274_noCb_uint16.nii.gz"})
+    assert "V-SHARP" in text and "Brainnetome" in text
+    assert cited[:3] == ["otsu1979", "schofield2003", "wu2012"]
+    numbers = [int(n) for n in re.findall(r"\[(\d+)", text)]
+    assert numbers == sorted(numbers)  # references numbered in order of first citation
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium")
+                                        else None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    out, bids = _synthetic_output(tmp_path, with_perm=True)
+    path = build_cohort_report(out, bids)
+    shot = tmp_path / "shot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+           "--v=0", f"--screenshot={shot}", "--window-size=1280,2000", path.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert shot.exists(), log[-2000:]
+    w, h = _png_size(shot.read_bytes())
+    assert (w, h) == (1280, 2000)
+    assert "Uncaught" not in log and "ERROR:CONSOLE" not in log
+    from matplotlib.image import imread
+    img = imread(str(shot))
+    assert img[..., :3].std() > 0.05  # not a blank page
