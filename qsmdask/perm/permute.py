@@ -38,7 +38,7 @@ from scipy import linalg, stats
 from qsmdask.perm.cluster import (cluster_statistics, cluster_table, cluster_threshold_t,
                                   connectivity_structure, max_cluster_statistics)
 from qsmdask.perm.glm import Design, t_to_z
-from qsmdask.perm.tfce import tfce_values
+from qsmdask.perm.tfce import neighbour_pairs, tfce_values
 
 __all__ = [
     "PermutationOptions",
@@ -120,6 +120,7 @@ class PreparedModel:
     coords: np.ndarray      # (V, 3) int voxel coordinates of the masked voxels
     t_obs: np.ndarray       # (V,) float32 observed t (same arithmetic as the permutations)
     cluster_t: float        # cluster-forming threshold in t
+    pairs: np.ndarray | None = None  # neighbour pairs for TFCE (None unless TFCE requested)
 
 
 def _as_data(data, design: Design):
@@ -135,6 +136,8 @@ def _mask_coords(mask, n_voxels):
     m = np.asarray(mask)
     if m.ndim != 3 or m.dtype != bool:
         raise ValueError("mask must be a 3-D bool array")
+    if n_voxels < 1:
+        raise ValueError("mask/data must hold at least one voxel")
     if int(m.sum()) != n_voxels:
         raise ValueError(f"mask has {int(m.sum())} voxels but data has {n_voxels} columns")
     return np.argwhere(m).astype(np.int32)
@@ -186,6 +189,8 @@ def prepare_model(data, design: Design, *, mask, options: PermutationOptions) ->
                              t_obs=np.zeros(0, np.float32),
                              cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
                                                            two_sided=options.two_sided))
+    if "tfce" in options.inference:
+        prepared.pairs = neighbour_pairs(coords, connectivity_structure(options.connectivity))
     ident = np.arange(design.n_subjects)[None, :]
     prepared.t_obs = batch_t(prepared, ident if not design.sign_flip else np.ones_like(ident, np.float32))[0]
     return prepared
@@ -236,8 +241,7 @@ def batch_t(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
     s = np.ascontiguousarray(rows.transpose(0, 2, 1).reshape(-1, u.shape[0]))
     g = (s @ prepared.residuals).reshape(perms.shape[0], p, -1)   # (B, p, V)
     num = g[:, 0, :].copy()
-    np.square(g, out=g)
-    sse = prepared.ss[None, :] - g.sum(axis=1)
+    sse = prepared.ss[None, :] - np.einsum("bpv,bpv->bv", g, g)
     np.maximum(sse, np.float32(1e-12) * prepared.ss[None, :] + np.float32(1e-30), out=sse)
     sse *= np.float32(1.0 / prepared.dof)
     np.sqrt(sse, out=sse)
@@ -280,7 +284,8 @@ def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index
         mt = np.zeros(n_in_batch)
         for b in range(n_in_batch):
             tf = tfce_values(t[b], prepared.coords, structure=structure, two_sided=options.two_sided,
-                             E=options.tfce_E, H=options.tfce_H, dh=options.tfce_dh)
+                             E=options.tfce_E, H=options.tfce_H, dh=options.tfce_dh,
+                             pairs=prepared.pairs)
             mt[b] = np.abs(tf).max()
         out["max_tfce"] = mt
     return out
@@ -383,7 +388,8 @@ def finalize(prepared: PreparedModel, options: PermutationOptions, null: dict, *
                                      p_mass=p_mass, atlas_labels=atlas_vec, atlas_names=atlas_names)
     if "tfce" in options.inference:
         tf = tfce_values(t, prepared.coords, structure=structure, two_sided=options.two_sided,
-                         E=options.tfce_E, H=options.tfce_H, dh=options.tfce_dh)
+                         E=options.tfce_E, H=options.tfce_H, dh=options.tfce_dh,
+                         pairs=prepared.pairs)
         res.tfce = tf
         res.logp_fwe_tfce = -np.log10(_fwe_p(np.abs(tf) if options.two_sided else tf, null["max_tfce"]))
     return res

@@ -1,0 +1,155 @@
+"""GLM designs, exchangeability and the batched Freedman-Lane t statistics."""
+
+import numpy as np
+import pytest
+from nilearn.mass_univariate import permuted_ols
+from scipy import stats
+
+from qsmdask.perm import (Design, correlation_design, glm_t, one_sample_design, paired_design, t_to_z,
+                          two_group_design)
+from qsmdask.perm.permute import PermutationOptions, batch_t, prepare_model, random_permutations
+
+
+def _cohort(n=41, v=300, seed=0):
+    rng = np.random.default_rng(seed)
+    group = np.r_[np.zeros(n // 2), np.ones(n - n // 2)]
+    age = rng.normal(60, 8, n)
+    sex = rng.integers(0, 2, n)
+    med = rng.integers(0, 2, n)
+    y = rng.normal(size=(n, v)) + 0.03 * age[:, None] + 0.4 * group[:, None] * (np.arange(v) < 30)
+    return y, group, age, sex, med
+
+
+def _mask(v):
+    m = np.zeros(v, bool)
+    m[:] = True
+    return m.reshape(v, 1, 1)
+
+
+def test_two_group_t_matches_nilearn():
+    y, group, age, sex, med = _cohort()
+    d = two_group_design(group, covariates={"age": age, "sex": sex, "medication": med})
+    t, dof = glm_t(y, d)
+    ref = permuted_ols(group[:, None], y, np.column_stack([age, sex, med]), n_perm=0, output_type="dict")
+    np.testing.assert_allclose(t, ref["t"][0], rtol=1e-10, atol=1e-10)
+    assert dof == 41 - 5
+
+
+def test_correlation_and_one_sample_t_match_nilearn():
+    y, group, age, sex, med = _cohort(n=30, seed=1)
+    score = np.random.default_rng(2).normal(size=30)
+    d = correlation_design(score, covariates={"age": age})
+    t, _ = glm_t(y, d)
+    ref = permuted_ols(score[:, None], y, age[:, None], n_perm=0, output_type="dict")
+    np.testing.assert_allclose(t, ref["t"][0], rtol=1e-10, atol=1e-10)
+    t1, dof1 = glm_t(y, one_sample_design(30))
+    ref1 = permuted_ols(np.ones((30, 1)), y, n_perm=0, output_type="dict")
+    np.testing.assert_allclose(t1, ref1["t"][0], rtol=1e-10, atol=1e-10)
+    # analytic one-sample t
+    np.testing.assert_allclose(t1, stats.ttest_1samp(y, 0.0).statistic, rtol=1e-10)
+    assert dof1 == 29
+
+
+def test_paired_design_is_one_sample_on_differences():
+    rng = np.random.default_rng(3)
+    pre, post = rng.normal(size=(12, 20)), rng.normal(size=(12, 20)) + 0.5
+    t, _ = glm_t(post - pre, paired_design(12))
+    np.testing.assert_allclose(t, stats.ttest_rel(post, pre).statistic, rtol=1e-10)
+    assert paired_design(12).sign_flip
+
+
+def test_categorical_site_is_dummy_coded():
+    site = np.array(["a", "b", "c"] * 5)
+    d = two_group_design(np.r_[np.zeros(7), np.ones(8)], covariates={"site": site})
+    assert d.matrix.shape == (15, 4) and d.names == ("intercept", "group", "site[b]", "site[c]")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"matrix": np.ones((5, 2)), "contrast": [0, 1]}, "full column rank"),
+        ({"matrix": np.eye(3), "contrast": [1, 0, 0]}, "more subjects"),
+        ({"matrix": np.c_[np.ones(6), np.arange(6)], "contrast": [1]}, "contrast must have 2"),
+        ({"matrix": np.c_[np.ones(6), np.arange(6)], "contrast": [0, 0]}, "all zeros"),
+        ({"matrix": np.c_[np.ones(6), np.arange(6)], "contrast": [0, 1], "whole_block": True}, "needs blocks"),
+        ({"matrix": np.c_[np.ones(6), np.arange(6)], "contrast": [0, 1], "blocks": [0, 0, 0, 1, 1, 2],
+          "whole_block": True}, "equal size"),
+    ],
+)
+def test_design_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Design(**kwargs)
+
+
+def test_builder_validation():
+    with pytest.raises(ValueError, match="exactly 2"):
+        two_group_design([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="covariates\\['age'\\]"):
+        two_group_design([0, 1] * 3, covariates={"age": [1, 2, 3]})
+    with pytest.raises(ValueError, match="n_perm"):
+        PermutationOptions(n_perm=0)
+    with pytest.raises(ValueError, match="connectivity"):
+        PermutationOptions(connectivity=8)
+    with pytest.raises(ValueError, match="inference"):
+        PermutationOptions(inference=("voxel", "peaks"))
+    with pytest.raises(ValueError, match="tfce_dh"):
+        PermutationOptions(tfce_dh="fine")
+
+
+def test_exchangeability_blocks():
+    rng = np.random.default_rng(0)
+    x = np.c_[np.ones(12), rng.normal(size=12)]
+    blocks = np.repeat([0, 1, 2], 4)
+    within = random_permutations(Design(x, [0, 1], blocks=blocks), 200, rng)
+    assert np.all(blocks[within] == blocks[None, :])          # stays inside its block
+    assert np.any(within != np.arange(12))
+    whole = random_permutations(Design(x, [0, 1], blocks=blocks, whole_block=True), 200, rng)
+    for p in whole:
+        moved = p.reshape(3, 4)
+        # each block receives one whole block, order inside kept
+        assert all(np.array_equal(r, np.arange(4) + 4 * (r[0] // 4)) for r in moved)
+    assert len({tuple(p) for p in whole}) == 6                # all 3! block orders appear
+    flips = random_permutations(Design(np.ones((12, 1)), [1], sign_flip=True, blocks=blocks,
+                                       whole_block=True), 100, rng)
+    assert np.all(flips.reshape(100, 3, 4).std(axis=2) == 0)  # one sign per block
+    assert set(np.unique(flips)) == {-1.0, 1.0}
+
+
+def test_freedman_lane_batch_matches_refit():
+    """t of each permuted batch == OLS refit of Y* = P R_z + Z g_z (Freedman & Lane 1983)."""
+    y, group, age, sex, med = _cohort(n=20, v=50, seed=4)
+    d = two_group_design(group, covariates={"age": age, "sex": sex})
+    opts = PermutationOptions(n_perm=8)
+    prep = prepare_model(y, d, mask=_mask(50), options=opts)
+    np.testing.assert_allclose(prep.t_obs, glm_t(y, d)[0], rtol=2e-4, atol=2e-4)
+    perms = random_permutations(d, 8, np.random.default_rng(5))
+    t_batch = batch_t(prep, perms)
+    z = d.matrix[:, [0, 2, 3]]                      # nuisance: intercept, age, sex
+    fit = np.linalg.lstsq(z, y, rcond=None)[0]
+    r = y - z @ fit
+    for b, perm in enumerate(perms):
+        # the batch applies perm to the design rows == inverse permutation of the residuals
+        inv = np.argsort(perm)
+        t_ref, _ = glm_t(r[inv] + z @ fit, d)
+        np.testing.assert_allclose(t_batch[b], t_ref, rtol=2e-4, atol=2e-4)
+
+
+def test_sign_flip_batch_matches_refit():
+    rng = np.random.default_rng(6)
+    y = rng.normal(size=(15, 40)) + 0.3
+    d = one_sample_design(15)
+    prep = prepare_model(y, d, mask=_mask(40), options=PermutationOptions(n_perm=4))
+    flips = random_permutations(d, 4, rng)
+    tb = batch_t(prep, flips)
+    for b in range(4):
+        np.testing.assert_allclose(tb[b], stats.ttest_1samp(flips[b][:, None] * y, 0).statistic,
+                                   rtol=2e-4, atol=2e-4)
+
+
+def test_t_to_z():
+    t = np.array([-3.0, -1.0, 0.0, 0.5, 2.5, 40.0])
+    z = t_to_z(t, 20)
+    np.testing.assert_allclose(z[:5], stats.norm.isf(stats.t.sf(t[:5], 20)), rtol=1e-8, atol=1e-12)
+    assert np.isfinite(z[5]) and z[5] > 8
+    with pytest.raises(ValueError, match="dof"):
+        t_to_z(t, 0)
