@@ -144,3 +144,58 @@ def test_hemisphere_average_and_reference():
         reference_normalise(both, reference_roi="nowhere")
     with pytest.raises(ValueError, match="statistic"):
         hemisphere_average(both, statistic="max")
+
+
+def test_smooth_gaussian_fwhm_and_mask():
+    from qsmdask.roi import smooth_gaussian
+
+    delta = np.zeros((41, 41, 21), np.float32)
+    delta[20, 20, 10] = 1.0
+    vs = (1.0, 1.0, 2.0)
+    out = smooth_gaussian(delta, voxel_size_mm=vs, fwhm_mm=3.0)
+    assert out.sum() == pytest.approx(1.0, rel=1e-4)
+    sigma_mm = 3.0 / (2 * np.sqrt(2 * np.log(2)))
+    for axis, v in enumerate(vs):
+        prof = out.sum(axis=tuple(a for a in range(3) if a != axis))
+        x = (np.arange(prof.size) - prof.size // 2) * v
+        var = (prof * x**2).sum() / prof.sum()
+        assert np.sqrt(var) == pytest.approx(sigma_mm, rel=0.1 if v == 2.0 else 0.02)
+    # mask-aware: a constant inside the mask stays constant up to the edge
+    const = np.full((30, 30, 30), 0.1, np.float32)
+    mask = np.zeros(const.shape, bool)
+    mask[5:25, 5:25, 5:25] = True
+    sm = smooth_gaussian(const * mask, voxel_size_mm=(1, 1, 1), fwhm_mm=3.0, mask=mask)
+    np.testing.assert_allclose(sm[mask], 0.1, rtol=1e-5)
+    assert (sm[~mask] == 0).all()
+    plain = smooth_gaussian(const * mask, voxel_size_mm=(1, 1, 1), fwhm_mm=3.0)
+    assert plain[5, 15, 15] < 0.07  # without the mask the edge is dimmed
+    with pytest.raises(ValueError, match="fwhm_mm"):
+        smooth_gaussian(const, voxel_size_mm=(1, 1, 1), fwhm_mm=0)
+
+
+def test_postmortem_iron_validation_recovers_linear_relation():
+    from qsmdask.atlas import load_iron_reference
+    from qsmdask.roi import postmortem_iron_validation
+
+    ref = load_iron_reference()
+    assert ref.loc[ref["region"] == "globus_pallidus", "iron_mg_per_100g"].iloc[0] == 21.30
+    assert ref.loc[ref["region"] == "putamen", "iron_mg_per_100g"].iloc[0] == 13.32
+    rows = []
+    rng = np.random.default_rng(4)
+    mapped = ref[ref["roi"].isin(["pallidum", "putamen", "caudate", "thalamus", "frontal",
+                                  "temporal", "occipital", "parietal", "cerebellum"])]
+    for sub, grp in (("sub-01", "control"), ("sub-02", "control"), ("sub-03", "patient")):
+        for r in mapped.itertuples():
+            chi = -0.02 + 0.01 * r.iron_mg_per_100g + rng.normal(0, 0.001)
+            if grp == "patient":
+                chi += 0.5  # must be excluded by `participants`
+            rows.append(("aal", r.roi, "B", "group", -1, r.roi, 100, chi, chi, 0.01, 0.01, sub))
+    table = pd.DataFrame(rows, columns=[*ROI_COLUMNS, "participant_id"])
+    res = postmortem_iron_validation(table, participants=["sub-01", "sub-02"])
+    assert res["n"] == 9
+    assert res["slope"] == pytest.approx(0.01, rel=0.05)
+    assert res["intercept"] == pytest.approx(-0.02, abs=0.005)
+    assert res["r"] > 0.99 and res["p"] < 1e-6
+    assert (res["table"]["n_subjects"] == 2).all()
+    few = postmortem_iron_validation(table[table["roi"].isin(["putamen", "caudate"])])
+    assert few["n"] == 2 and np.isnan(few["r"])

@@ -26,7 +26,7 @@ import pandas as pd
 from qsmdask.atlas.groups import ROI_GROUPS, aal_group, brainnetome_group
 from qsmdask.io.nifti import InputError
 
-__all__ = ["Atlas", "ROI_GROUPS", "load_atlas", "load_template", "load_template_mask",
+__all__ = ["Atlas", "ROI_GROUPS", "load_atlas", "load_iron_reference", "load_template", "load_template_mask",
            "group_table_path", "aal_group", "brainnetome_group", "BRAINNETOME_NAME"]
 
 BRAINNETOME_NAME = "brainnetome274"
@@ -218,3 +218,23 @@ def load_template_mask(resolution_mm: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Brain mask of the MNI152 template (bool array, affine); see ``load_template``."""
     img = _nilearn_image("mask", resolution_mm)
     return np.asarray(img.get_fdata()) > 0.5, np.asarray(img.affine, dtype=np.float64)
+
+
+def load_iron_reference() -> pd.DataFrame:
+    """Post-mortem non-haem iron of the adult brain (Hallgren & Sourander 1958).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``region``, ``roi`` (matching qsmdask ROI group, or ``""``),
+        ``iron_mg_per_100g`` (mg per 100 g fresh weight). See
+        ``qsmdask/data/hallgren_sourander_1958_iron.md`` for the source and caveats.
+
+    References
+    ----------
+    Hallgren B., Sourander P. The effect of age on the non-haemin iron in the human
+    brain. J Neurochem 1958;3:41-51.
+    """
+    path = Path(str(resources.files("qsmdask.data").joinpath("hallgren_sourander_1958_iron.tsv")))
+    return pd.read_csv(path, sep="\t", keep_default_na=False,
+                       dtype={"region": str, "roi": str, "iron_mg_per_100g": float})
