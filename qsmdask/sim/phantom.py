@@ -615,7 +615,7 @@ def compose_tissue_maps(model: HeadModel, values: dict, *, b0_tesla: float = 3.0
     -------
     dict of float32 model-grid arrays ``chi_ppm`` (ppm relative to water, air +9.4),
     ``r2star`` (1/s), ``m0`` (GRE signal at TE=0) and ``t1w`` (T1-weighted signal).
-    Partial volumes come from the GM/WM fractions; nuclei take their region values.
+    Partial volumes come from the GM/WM fractions; nuclei take uniform region values.
     """
     tissue, aal = model.tissue, model.aal
     brain = tissue == TISSUE["brain"]
@@ -627,18 +627,19 @@ def compose_tissue_maps(model: HeadModel, values: dict, *, b0_tesla: float = 3.0
         return (gm * prop["gm"] + wm * prop["wm"] + csf * prop["csf"]).astype(np.float32)
 
     chi, r2, m0, t1 = mix(chi_v), mix(r2_v), mix(BASE_M0), mix(T1W_SIGNAL)
-    # nuclei: region value on the tissue fraction, CSF on the rest
+    # nuclei: uniform region values (the AAL labels define them; partial volume with the
+    # neighbours comes from the interpolation into the acquisition grid)
     lut = np.zeros(256, dtype=np.int16) - 1
     names = list(REGION_LABELS)
     for k, name in enumerate(names):
         lut[list(REGION_LABELS[name])] = k
     reg = lut[aal]
     sel = (reg >= 0) & brain
-    f = (gm + wm)[sel]
     k = reg[sel]
     for arr, prop in ((chi, chi_v), (r2, r2_v), (t1, T1W_SIGNAL)):
         vals = np.array([prop[n] for n in names], dtype=np.float32)
-        arr[sel] = f * vals[k] + (1 - f) * prop["csf"]
+        arr[sel] = vals[k]
+    m0[sel] = BASE_M0["gm"]
     # non-brain classes
     cls_prop = {TISSUE["air"]: "air", TISSUE["cavity"]: "air", TISSUE["soft_tissue"]: "soft_tissue",
                 TISSUE["bone"]: "bone", TISSUE["csf"]: "csf"}

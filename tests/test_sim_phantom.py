@@ -1,0 +1,166 @@
+"""Numerics of the head phantom and the GRE forward model (qsmdask.sim.phantom)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from qsmdask.kernels import b0_direction_from_affine, dipole_kernel
+from qsmdask.sim import phantom as P
+
+VS = (4.0, 4.0, 4.0)
+
+
+def _session(seed=3, effect_ppm=0.0, regions=(), **kw):
+    rng = np.random.default_rng([seed, 1])
+    values = P.sample_tissue_values(rng, age_years=45.0, effect_ppm=effect_ppm,
+                                    effect_regions=regions)
+    pose = P.random_pose(rng, max_rotation_deg=12.0, shape=P.random_shape(rng))
+    return P.simulate_session(values=values, pose=pose, rng=np.random.default_rng([seed, 2]),
+                              voxel_size_mm=VS, **kw)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return _session()
+
+
+def test_dipole_field_is_ifft_of_kernel_times_fft():
+    rng = np.random.default_rng(0)
+    # odd fast sizes: no padding and no Nyquist plane (whose sign is ambiguous for oblique b0)
+    chi = ndi.gaussian_filter(rng.normal(size=(25, 27, 15)), 2).astype(np.float32)
+    b0 = np.array([0.2, -0.3, 1.0])
+    vs = (1.0, 1.5, 2.0)
+    got = P.dipole_field(chi, vs, b0_dir=b0, pad_mm=0.0)
+    want = np.real(np.fft.ifftn(dipole_kernel(chi.shape, vs, b0, dtype=np.float64)
+                                * np.fft.fftn(chi)))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_dipole_field_matches_analytic_sphere_oblique():
+    # a radially symmetric (smooth-edged) sphere: outside, the field is that of a point
+    # dipole of moment M = sum(chi) * voxel volume.  Smooth edges avoid the Nyquist ringing
+    # of the continuous k-space kernel for oblique b0 at sharp edges.
+    n, a = 64, 6.0
+    idx = np.indices((n, n, n), dtype=float) - n / 2
+    r = np.sqrt((idx ** 2).sum(0))
+    chi = (0.5 * (1 - np.tanh(r - a))).astype(np.float32)
+    b0 = np.array([0.4, 0.1, 1.0])
+    b0 /= np.linalg.norm(b0)
+    field = P.dipole_field(chi, (1.0, 1.0, 1.0), b0_dir=b0, pad_mm=48.0)
+    cos = np.tensordot(b0, idx, axes=1) / np.maximum(r, 1e-9)
+    analytic = chi.sum() * (3 * cos ** 2 - 1) / (4 * np.pi * np.maximum(r, 1e-9) ** 3)
+    shell = (r > 2.0 * a) & (r < 3.5 * a)
+    err = np.abs(field - analytic)[shell]
+    assert np.percentile(err, 95) < 0.01 * np.abs(analytic[shell]).max()
+    # Lorentz-corrected: the field inside a uniform sphere is ~0
+    assert np.abs(field[r < a - 3]).max() < 0.01
+
+
+def test_wrap_phase_half_open_interval():
+    x = np.array([np.pi, -np.pi, 3 * np.pi, 0.1, -7.0, np.nextafter(np.pi, 0)])
+    w = P.wrap_phase(x)
+    assert w.dtype == np.float32
+    assert np.all(w >= -np.pi) and np.all(w < np.pi)
+    np.testing.assert_allclose(np.angle(np.exp(1j * (w - x))), 0, atol=1e-6)
+
+
+def test_b0_is_oblique_and_matches_affine(sim):
+    b = b0_direction_from_affine(sim.affine)
+    np.testing.assert_allclose(sim.b0_dir, b, atol=1e-12)
+    tilt = np.degrees(np.arccos(abs(b[2])))
+    assert tilt > 1.0, "a rotated head must give an oblique B0 in voxel coordinates"
+    # the slab follows the head: B0 in voxel axes is R^T z of the slab rotation
+    q = sim.affine[:3, :3] / np.asarray(VS)
+    np.testing.assert_allclose(b, q.T @ [0, 0, 1], atol=1e-9)
+
+
+def test_phase_wrapped_and_consistent_with_true_field(sim):
+    assert sim.phase_rad.dtype == np.float32
+    assert sim.phase_rad.min() >= -np.pi and sim.phase_rad.max() < np.pi
+    w = 2 * np.pi * P.GAMMA_HZ_PER_T * sim.b0_tesla * 1e-6
+    brain = sim.brain
+    for e, te in enumerate(sim.echo_times_s):
+        true = w * te * sim.field_ppm + sim.phase_offset_rad
+        np.testing.assert_allclose(true, sim.true_phase_rad[..., e], atol=1e-3)
+        resid = np.angle(np.exp(1j * (sim.phase_rad[..., e] - true)))[brain]
+        # noise-only residual: SD ~ sigma / magnitude
+        expected = sim.info["noise_sigma"] / np.median(sim.magnitude[..., e][brain])
+        assert np.std(resid) < 2.0 * expected
+        assert abs(np.mean(resid)) < 0.01
+    # later echoes wrap: the true phase spans more than 2 pi over the head
+    assert np.ptp(sim.true_phase_rad[..., -1][sim.tissue > 0]) > 2 * np.pi
+
+
+def test_background_field_strong_outside_brain_and_local_field_weak(sim):
+    near = ndi.binary_dilation(sim.brain, iterations=3) & ~sim.brain & (sim.tissue > 0)
+    bg = np.abs(sim.field_ppm[near])
+    local = np.abs(sim.local_field_ppm[sim.brain])
+    assert np.percentile(bg, 95) > 5 * np.percentile(local, 95)
+    assert np.percentile(local, 99) < 0.2
+    # total - local inside the brain is the (harmonic) background: smooth and larger
+    background = (sim.field_ppm - sim.local_field_ppm)[sim.brain]
+    assert np.std(background) > np.std(local[local > 0])
+
+
+def test_local_field_is_dipole_of_brain_chi(sim):
+    chi = np.where(sim.brain, sim.chi_ppm, 0).astype(np.float32)
+    lf = P.dipole_field(chi, VS, b0_dir=sim.b0_dir, pad_mm=40.0)
+    np.testing.assert_allclose(sim.local_field_ppm[sim.brain], lf[sim.brain], atol=1e-6)
+
+
+def test_tissue_values_plausible_and_in_truth(sim):
+    v = sim.values["chi_ppm"]
+    assert v["pallidum"] > v["putamen"] > v["caudate"] > v["gm"] > 0 > v["wm"]
+    assert v["bone"] < -1 and v["air"] == pytest.approx(9.4)
+    # the truth map carries the region values in the interior of each nucleus
+    for region, labels in P.REGION_LABELS.items():
+        core = ndi.binary_erosion(np.isin(sim.dseg, labels))
+        if core.sum() >= 3:
+            np.testing.assert_allclose(np.median(sim.chi_ppm[core]), v[region], atol=0.01)
+    assert np.all(sim.dseg[~sim.brain] == 0)
+    # magnitude: air dark, brain bright, R2* decay over echoes
+    air = sim.tissue == P.TISSUE["air"]
+    m = sim.magnitude
+    assert np.median(m[..., 0][air]) < 0.1 * np.median(m[..., 0][sim.brain])
+    assert np.median(m[..., 0][sim.brain]) > np.median(m[..., -1][sim.brain])
+    # T1w: WM brighter than GM-dominated cortex, CSF dark
+    assert sim.t1w is not None and sim.t1w_affine is not None
+
+
+def test_planted_effect_raises_truth_by_effect(sim):
+    eff = 0.03
+    pat = _session(effect_ppm=eff, regions=("putamen",))
+    assert pat.values["chi_ppm"]["putamen"] - sim.values["chi_ppm"]["putamen"] == \
+        pytest.approx(eff, abs=1e-9)
+    put = np.isin(sim.dseg, P.REGION_LABELS["putamen"])
+    np.testing.assert_array_equal(put, np.isin(pat.dseg, P.REGION_LABELS["putamen"]))
+    diff = pat.chi_ppm[put].mean() - sim.chi_ppm[put].mean()
+    assert diff == pytest.approx(eff, rel=0.2)
+    cau = np.isin(sim.dseg, P.REGION_LABELS["caudate"])
+    assert abs(pat.chi_ppm[cau].mean() - sim.chi_ppm[cau].mean()) < 0.1 * eff
+
+
+def test_deterministic_by_seed(sim):
+    again = _session()
+    for name in ("magnitude", "phase_rad", "chi_ppm", "affine", "t1w"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(sim, name))
+    other = _session(seed=4)
+    assert not np.allclose(other.affine, sim.affine)
+
+
+def test_validation_names_parameter():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="effect_regions"):
+        P.sample_tissue_values(rng, age_years=40, effect_regions=("amygdala",))
+    values = P.sample_tissue_values(rng, age_years=40)
+    pose = P.random_pose(rng)
+    with pytest.raises(ValueError, match="voxel_size_mm"):
+        P.simulate_session(values=values, pose=pose, rng=rng, voxel_size_mm=(2, 2))
+    with pytest.raises(ValueError, match="echo_times_s"):
+        P.simulate_session(values=values, pose=pose, rng=rng, echo_times_s=(0.02, 0.01))
+    with pytest.raises(ValueError, match="max_rotation_deg"):
+        P.random_pose(rng, max_rotation_deg=-1)
+    with pytest.raises(ValueError, match="resolution_mm"):
+        P.load_head_model(3)
