@@ -63,22 +63,24 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
         && rm -rf /var/lib/apt/lists/* /var/cache/apt/*; \
     fi \
     && groupadd --system --gid 10001 qsmdask \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp/home \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp \
                --no-create-home --shell /usr/sbin/nologin qsmdask
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/qsmdask /opt/qsmdask
 
-# Everything that must be writable lives under /tmp, so the root filesystem can be mounted
-# read-only (Kubernetes: readOnlyRootFilesystem + an emptyDir on /tmp).
+# Everything that must be writable lives directly under /tmp (which exists even when a fresh
+# tmpfs/emptyDir is mounted there; Prefect does not create missing parents of its home), so
+# the root filesystem can be mounted read-only (Kubernetes: readOnlyRootFilesystem + an
+# emptyDir on /tmp).
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
-    HOME=/tmp/home \
-    XDG_CACHE_HOME=/tmp/home/.cache \
-    XDG_CONFIG_HOME=/tmp/home/.config \
-    MPLCONFIGDIR=/tmp/home/.config/matplotlib \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    XDG_CONFIG_HOME=/tmp/.config \
+    MPLCONFIGDIR=/tmp/.matplotlib \
     MPLBACKEND=Agg \
-    PREFECT_HOME=/tmp/home/.prefect \
+    PREFECT_HOME=/tmp/.prefect \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DASK_TEMPORARY_DIRECTORY=/tmp/dask \
     PYTHONDONTWRITEBYTECODE=1 \
