@@ -32,8 +32,8 @@ from qsmdask import __version__
 from qsmdask.io.nifti import atomic_write_bytes, atomic_write_json, save_nifti
 from qsmdask.sim import phantom
 
-__all__ = ["CohortInfo", "CohortPlan", "plan_cohort", "simulate_session_files", "simulate_cohort",
-           "session_names"]
+__all__ = ["CohortInfo", "CohortPlan", "plan_cohort", "simulate_session_files",
+           "simulate_subject_files", "simulate_cohort", "session_names"]
 
 _DEFAULT_FOV = (224.0, 224.0, 160.0)
 _SESSION_NAMES = ("pre", "post")
@@ -278,12 +278,41 @@ def _int16_header():
     return h
 
 
+def _model_resolutions(cfg) -> set:
+    res = {1 if min(cfg["voxel_size_mm"]) < 1.5 else 2}
+    if cfg["t1w"]:
+        tvs = cfg["t1w_voxel_size_mm"] or [min(cfg["voxel_size_mm"])]
+        res.add(1 if min(tvs) < 1.5 else 2)
+    return res
+
+
+def simulate_subject_files(out_dir, plan: CohortPlan, participant_id: str) -> pd.DataFrame:
+    """Simulate and write all sessions of one participant (tissue maps built once).
+
+    Returns the participant's rows of the tissue table.
+    """
+    ids = list(plan.participants["participant_id"])
+    if participant_id not in ids:
+        raise ValueError(f"participant_id {participant_id!r} is not in the plan")
+    values, _ = _subject_values(plan, ids.index(participant_id))
+    maps = {res: phantom.compose_tissue_maps(phantom.load_head_model(res), values,
+                                             b0_tesla=plan.config["b0_tesla"])
+            for res in _model_resolutions(plan.config)}
+    sessions = session_names(plan.config["n_sessions"]) or [""]
+    return pd.concat([simulate_session_files(out_dir, plan, participant_id, ses,
+                                             tissue_maps=maps) for ses in sessions],
+                     ignore_index=True)
+
+
 def simulate_session_files(out_dir, plan: CohortPlan, participant_id: str,
-                           session_id: str = "") -> pd.DataFrame:
+                           session_id: str = "", *, tissue_maps: dict | None = None
+                           ) -> pd.DataFrame:
     """Simulate one subject-session of ``plan`` and write its BIDS files and ground truth.
 
     Safe to run in parallel for different subject-sessions (one writer per file, atomic
-    writes).  Returns the session's rows of the tissue table.
+    writes); the result depends only on the plan and the ids.  ``tissue_maps`` may carry
+    the participant's model-space maps (see :func:`simulate_subject_files`).
+    Returns the session's rows of the tissue table.
     """
     root = Path(out_dir)
     cfg = plan.config
@@ -306,7 +335,7 @@ def simulate_session_files(out_dir, plan: CohortPlan, participant_id: str,
         fov_mm=cfg["fov_mm"], echo_times_s=cfg["echo_times_s"], b0_tesla=cfg["b0_tesla"],
         snr=cfg["snr"] * float(row["site_snr_factor"]), shim_order=cfg["shim_order"],
         t1w=cfg["t1w"], t1w_voxel_size_mm=cfg["t1w_voxel_size_mm"],
-        local_field=cfg["write_fields"])
+        local_field=cfg["write_fields"], tissue_maps=tissue_maps)
 
     paths = _gre_paths(root, participant_id, session_id, len(cfg["echo_times_s"]), cfg["t1w"])
     common = {"MagneticFieldStrength": cfg["b0_tesla"], "Manufacturer": "qsmdask-sim",
@@ -507,12 +536,11 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
     _write_tsv(deriv / "desc-truth_dseg.tsv", dseg_table)
     atomic_write_json(deriv / "sim_config.json", plan.config)
 
-    jobs = [(pid, ses) for pid in plan.participants["participant_id"] for ses in (sessions or [""])]
+    pids = list(plan.participants["participant_id"])
     if executor is None:
-        tables = [simulate_session_files(root, plan, pid, ses) for pid, ses in jobs]
+        tables = [simulate_subject_files(root, plan, pid) for pid in pids]
     else:
-        futures = [executor.submit(simulate_session_files, root, plan, pid, ses)
-                   for pid, ses in jobs]
+        futures = [executor.submit(simulate_subject_files, root, plan, pid) for pid in pids]
         tables = [f.result() for f in futures]
     tissue = pd.concat(tables, ignore_index=True)
     _write_tsv(deriv / "tissue_table.tsv", tissue)

@@ -884,7 +884,8 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
                      t1w: bool = True, t1w_voxel_size_mm=None,
                      t1w_fov_mm=(240.0, 256.0, 256.0), t1w_snr: float = 40.0,
                      local_field: bool = True, pad_mm: float = 40.0,
-                     model_resolution_mm: int | None = None) -> SessionSimulation:
+                     model_resolution_mm: int | None = None,
+                     tissue_maps: dict | None = None) -> SessionSimulation:
     """Simulate one subject-session: tissue maps, fields, multi-echo GRE and T1w.
 
     Parameters
@@ -905,6 +906,8 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
     local_field : also compute the local field of the brain's own susceptibility.
     pad_mm : FFT zero padding per side (mm) for the dipole convolution.
     model_resolution_mm : 1 or 2 (None: 1 if min voxel < 1.5 mm else 2).
+    tissue_maps : optional {model resolution: :func:`compose_tissue_maps` output} for these
+        ``values`` and ``b0_tesla``, to share the model-space maps across sessions; read only.
 
     Returns
     -------
@@ -921,8 +924,15 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
         raise ValueError(f"echo_times_s must be increasing positive seconds, got {echo_times_s!r}")
     if model_resolution_mm is None:
         model_resolution_mm = 1 if min(vs) < 1.5 else 2
+    tissue_maps = tissue_maps or {}
+
+    def maps_for(res):
+        if res in tissue_maps:
+            return tissue_maps[res]
+        return compose_tissue_maps(load_head_model(res), values, b0_tesla=b0_tesla)
+
     model = load_head_model(model_resolution_mm)
-    props = compose_tissue_maps(model, values, b0_tesla=b0_tesla)
+    props = maps_for(model_resolution_mm)
     shape = tuple(max(8, int(round(f / v))) for f, v in zip(fov, vs))
     if residual_deg is None:
         residual_deg = tuple(rng.uniform(-3.0, 3.0, size=3))
@@ -991,7 +1001,7 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
             tmodel, tprops = model, props
         else:
             tmodel = load_head_model(tres)
-            tprops = compose_tissue_maps(tmodel, values, b0_tesla=b0_tesla)
+            tprops = maps_for(tres)
         tcoords = model_coordinates(tmodel, pose, t1_aff, tshape)
         s = sample_model(tprops["t1w"], tcoords, order=1)
         del tcoords
