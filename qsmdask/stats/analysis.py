@@ -4,22 +4,37 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ._common import long_table
+from .combat import combat_roi_table
+from .correlation import clinical_correlation, partial_correlation, sex_stratified_correlation
 from .design import GroupDesign
 from .group import group_wilcoxon
+from .hemisphere import hemisphere_wilcoxon
+from .longitudinal import mixed_model, paired_ttest
+from .mediation import mediation
+from .regression import group_ols, sex_interaction
 
 __all__ = ["run_group_analysis"]
 
 
-def _sessions_present(roi_table: pd.DataFrame) -> list[str]:
-    if "session_id" not in roi_table.columns:
-        return [""]
-    return sorted(roi_table["session_id"].fillna("").astype(str).unique())
+def _has(df, col):
+    return df is not None and col in df.columns and df[col].notna().any()
 
 
 def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
                        sessions: pd.DataFrame | None = None, *,
                        design: GroupDesign = GroupDesign()) -> dict[str, pd.DataFrame]:
     """Run the analyses of ``design`` that apply to the data.
+
+    Applicability (an analysis that does not apply is listed in ``"skipped"`` with the
+    reason): group comparisons need both groups; the hemisphere test needs L and R rows;
+    ``paired_ttest`` and ``mixed_model`` need two or more sessions (the paired test uses the
+    patients, ``design.groups[0]``, when they have two sessions, else everybody);
+    correlations need the clinical variables / markers (participants or sessions columns);
+    sex analyses need ``sex``; covariates missing from participants are dropped (and
+    reported). With ``design.combat`` the value column is ComBat-harmonised across sites
+    first (protecting age, sex and group where present); ``design.site_covariate`` adds site
+    to the regression covariates instead.
 
     Parameters
     ----------
@@ -36,23 +51,103 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
     -------
     dict[str, DataFrame]
         One tidy table per analysis run, keyed by the test name, plus ``"skipped"``
-        (columns ``test, reason``) listing requested analyses that did not apply.
+        (columns ``test, reason``).
     """
     if not isinstance(design, GroupDesign):
         raise ValueError("design must be a GroupDesign")
-    out: dict[str, pd.DataFrame] = {}
-    skipped = []
-    common = dict(value=design.value, level=design.level, measures=design.measures,
-                  atlas=design.atlas)
-    for test in design.tests:
-        if test == "group_wilcoxon":
-            if "group" not in participants.columns:
-                skipped.append((test, "participants has no group column"))
-                continue
-            out[test] = group_wilcoxon(roi_table, participants, correction=design.correction,
-                                       groups=design.groups, ci_method=design.ci_method,
-                                       n_boot=design.n_boot, seed=design.seed, **common)
+    if not isinstance(roi_table, pd.DataFrame) or not isinstance(participants, pd.DataFrame):
+        raise ValueError("roi_table and participants must be pandas DataFrames")
+    d = design
+    skipped: list[tuple[str, str]] = []
+    sel = dict(value=d.value, level=d.level, measures=d.measures, atlas=d.atlas)
+    long = long_table(roi_table, **sel)
+    n_sessions = long["session_id"].nunique()
+    n_sites = participants["site"].nunique() if _has(participants, "site") else 0
+
+    covs = [c for c in d.covariates if _has(participants, c)]
+    if len(covs) < len(d.covariates):
+        skipped.append(("covariates", "missing from participants: "
+                        + ", ".join(c for c in d.covariates if c not in covs)))
+    if d.site_covariate:
+        if n_sites >= 2:
+            covs.append("site")
         else:
-            skipped.append((test, "not available in this version"))
+            skipped.append(("site_covariate", "fewer than 2 sites"))
+    if d.combat:
+        if n_sites >= 2:
+            protect = [c for c in ("age", "sex", "group") if _has(participants, c)]
+            roi_table = combat_roi_table(roi_table, participants, value=d.value,
+                                         protect=protect)
+        else:
+            skipped.append(("combat", "fewer than 2 sites"))
+
+    has_groups = _has(participants, "group") and all(
+        (participants["group"] == g).any() for g in d.groups)
+    variables = [v for v in d.clinical_variables if _has(participants, v) or _has(sessions, v)]
+    markers = [m for m in d.markers if _has(participants, m) or _has(sessions, m)]
+    has_sex = _has(participants, "sex")
+    clin_group = d.clinical_group if _has(participants, "group") else None
+    corr = dict(correction=d.correction, **sel)
+
+    out: dict[str, pd.DataFrame] = {}
+    for test in d.tests:
+        why = None
+        if test in ("group_wilcoxon", "group_ols", "mixed_model") and not has_groups:
+            why = f"needs both groups {d.groups} in participants.group"
+        elif test in ("paired_ttest", "mixed_model") and n_sessions < 2:
+            why = "needs two or more sessions"
+        elif test == "hemisphere_wilcoxon" and not {"L", "R"} <= set(long["hemisphere"]):
+            why = "needs L and R hemisphere rows"
+        elif test == "clinical_correlation" and not variables:
+            why = "no clinical variables present"
+        elif test in ("partial_correlation", "sex_interaction", "sex_stratified_correlation") \
+                and not markers:
+            why = "no inflammation markers present"
+        elif test in ("sex_interaction", "sex_stratified_correlation") and not has_sex:
+            why = "needs participants.sex"
+        if why:
+            skipped.append((test, why))
+            continue
+        if test == "group_wilcoxon":
+            res = group_wilcoxon(roi_table, participants, groups=d.groups,
+                                 ci_method=d.ci_method, n_boot=d.n_boot, seed=d.seed, **corr)
+        elif test == "group_ols":
+            res = group_ols(roi_table, participants, covariates=covs, groups=d.groups, **corr)
+        elif test == "hemisphere_wilcoxon":
+            res = hemisphere_wilcoxon(roi_table, participants, n_boot=d.n_boot, seed=d.seed,
+                                      **corr)
+        elif test == "paired_ttest":
+            grp = d.groups[0] if has_groups else None
+            res = paired_ttest(roi_table, participants, sessions, session_order=d.session_order,
+                               group=grp, **corr)
+            if grp is not None and res["p"].notna().sum() == 0:
+                res = paired_ttest(roi_table, participants, sessions,
+                                   session_order=d.session_order, group=None, **corr)
+        elif test == "mixed_model":
+            res = mixed_model(roi_table, participants, sessions, covariates=covs,
+                              session_order=d.session_order, groups=d.groups, **corr)
+        elif test == "clinical_correlation":
+            res = clinical_correlation(roi_table, participants, sessions, variables=variables,
+                                       group=clin_group, **corr)
+        elif test == "partial_correlation":
+            res = partial_correlation(roi_table, participants, sessions, markers=markers,
+                                      covariates=covs, group=clin_group, **corr)
+        elif test == "sex_interaction":
+            res = sex_interaction(roi_table, participants, markers=markers, covariates=covs,
+                                  group=clin_group, **corr)
+        elif test == "sex_stratified_correlation":
+            res = sex_stratified_correlation(roi_table, participants, sessions, markers=markers,
+                                             group=clin_group, **corr)
+        elif test == "mediation":
+            paths = [p for p in d.mediation_paths
+                     if all(_has(participants, v) or _has(sessions, v) for v in p)]
+            if not paths:
+                skipped.append((test, "no mediation path with both variables present"))
+                continue
+            res = mediation(roi_table, participants, sessions, paths=paths, covariates=covs,
+                            group=clin_group, n_boot=d.n_boot, seed=d.seed, **corr)
+        else:  # pragma: no cover - GroupDesign validates test names
+            raise ValueError(f"unknown test {test!r}")
+        out[test] = res
     out["skipped"] = pd.DataFrame(skipped, columns=["test", "reason"])
     return out

@@ -162,10 +162,12 @@ def group_wilcoxon(roi_table: pd.DataFrame, participants: pd.DataFrame, *,
               f"{groups[0]} vs {groups[1]}; CI {ci_txt}")
     es_name = "rank_biserial"
     rows = []
-    for (measure, ses, roi, hemi), sub in df.groupby(["measure", "session_id", "roi",
-                                                      "hemisphere"], sort=True):
-        x = sub.loc[sub[group_column] == groups[0], "value"].to_numpy(float)
-        y = sub.loc[sub[group_column] == groups[1], "value"].to_numpy(float)
+    values = df["value"].to_numpy(float)
+    in1 = (df[group_column] == groups[0]).to_numpy(bool)
+    for (measure, ses, roi, hemi), idx in sorted(df.groupby(["measure", "session_id", "roi",
+                                                             "hemisphere"]).indices.items()):
+        x = values[idx[in1[idx]]]
+        y = values[idx[~in1[idx]]]
         row = dict(test="group_wilcoxon", measure=measure, roi=roi, hemisphere=hemi,
                    session_id=ses, n=x.size + y.size, n1=x.size, n2=y.size, dof=np.nan,
                    method=method, effect_size_name=es_name)
