@@ -154,6 +154,7 @@ def _assert_self_contained(text: str):
         assert bad not in low, bad
 
 
+@pytest.mark.slow
 def test_report_builds_with_sections_and_failures(tmp_path):
     out, bids = _synthetic_output(tmp_path, with_perm=True)
     path = build_cohort_report(out, bids)
@@ -169,7 +170,9 @@ def test_report_builds_with_sections_and_failures(tmp_path):
     assert len(imgs) >= 6
     # the planted putamen effect is reported as a finding, the null ROIs are not
     findings = text.split('<section id="findings">')[1].split("</section>")[0]
-    assert "putamen" in findings and "pallidum" not in findings
+    differs = next(li for li in findings.split("<li>") if "differs between groups" in li)
+    assert "<b>putamen</b>" in differs and "pallidum" not in differs and "caudate" not in differs
+    assert "patient higher than control" in differs
     # the failed subject and its reason
     assert "sub-099" in text and FAILED_MESSAGE in text
     # the QC outlier is flagged

@@ -54,9 +54,16 @@ def _fig(width_in: float, height_in: float) -> Figure:
     return fig
 
 
+def _grid_layout(fig: Figure, nrow: int, *, top_in: float = 0.55, bottom_in: float = 0.5) -> None:
+    """Fixed margins in inches (tight_layout costs a full extra render per figure)."""
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=0.65 / w, right=1 - 0.15 / w, top=1 - top_in / h,
+                        bottom=bottom_in / h, wspace=0.3, hspace=0.75 if nrow > 1 else 0.2)
+
+
 def _img(fig: Figure, alt: str) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
 
@@ -93,7 +100,7 @@ def _table(df: pd.DataFrame, *, highlight=None, max_rows: int = 200, formats=Non
     """HTML table of ``df``; rows where ``highlight`` (bool Series) is True are marked."""
     if df is None or len(df) == 0:
         return _note("(no rows)")
-    formats = formats or {}
+    formats = {**{c: _fmt_int for c in df.columns if c in _INT_COLUMNS}, **(formats or {})}
     shown = df.head(max_rows)
     head = "".join(f"<th>{_esc(c)}</th>" for c in shown.columns)
     body = []
@@ -110,6 +117,17 @@ def _table(df: pd.DataFrame, *, highlight=None, max_rows: int = 200, formats=Non
             if len(df) > max_rows else "")
     return (f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
             f"</tbody></table></div>{more}")
+
+
+_INT_COLUMNS = ("n", "n1", "n2", "cluster", "sign", "size_voxels", "n_subjects", "n_voxels")
+
+
+def _fmt_int(v) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return str(int(round(f))) if math.isfinite(f) else ""
 
 
 def _p_formats(df):
@@ -312,32 +330,45 @@ def _section_findings(inp: _Inputs) -> str:
     if gw is None:
         items.append("No patients-vs-controls table (group/group_wilcoxon.parquet): run the group level.")
     else:
-        s = gw[_sig(gw, alpha)].sort_values("p_corrected")
+        s = gw[_sig(gw, alpha)]
         if len(s):
             parts = []
-            for r in s.itertuples():
-                direction = "higher" if float(r.effect_size) > 0 else "lower"
-                ses = f", {r.session_id}" if str(r.session_id) else ""
-                parts.append(f"<b>{_esc(r.roi)} ({_esc(r.hemisphere)}{_esc(ses)})</b>: "
-                             f"{_esc(inp.design.groups[0])} {direction}, rank-biserial r = "
-                             f"{float(r.effect_size):.2f}, corrected p = {_fmt_p(r.p_corrected)}")
-            items.append("Susceptibility differs between groups in: " + "; ".join(parts) + ".")
+            for roi, g in sorted(s.groupby("roi"), key=lambda kv: kv[1]["p_corrected"].min()):
+                where = ", ".join(sorted({f"{h}" + (f" {ses}" if str(ses) else "")
+                                          for h, ses in zip(g["hemisphere"], g["session_id"])}))
+                es = g["effect_size"].astype(float)
+                direction = ("higher" if (es > 0).all() else "lower" if (es < 0).all()
+                             else "higher or lower")
+                parts.append(f"<b>{_esc(roi)}</b> ({_esc(where)}): {_esc(inp.design.groups[0])} "
+                             f"{direction} than {_esc(inp.design.groups[1])}, rank-biserial r "
+                             f"{es.min():.2f} to {es.max():.2f}, smallest corrected p "
+                             f"{_fmt_p(g['p_corrected'].min())}")
+            items.append("Susceptibility differs between groups (Wilcoxon rank-sum, "
+                         f"{_esc(s['correction'].iloc[0])}-corrected p &lt; {alpha}) in: "
+                         + "; ".join(parts) + ' (see <a href="#group">ROI comparisons</a>).')
         else:
             items.append(f"No ROI differs between groups at corrected p &lt; {alpha} "
                          f"({_esc(gw['correction'].iloc[0]) if len(gw) else ''} correction).")
     cc = inp.group_tables.get("clinical_correlation")
     if cc is not None and len(cc):
         s = cc[_sig(cc, alpha)]
-        if "correlation" in s.columns:
-            s = s[s["correlation"] == "pearson"]
         if len(s):
-            parts = [f"<b>{_esc(r.roi)} ({_esc(r.hemisphere)})</b> with {_esc(r.variable)}: "
-                     f"r = {float(r.effect_size):.2f}, corrected p = {_fmt_p(r.p_corrected)}"
-                     for r in s.sort_values("p_corrected").itertuples()]
-            items.append("Susceptibility tracks the disease course in: " + "; ".join(parts) + ".")
+            parts = []
+            for r in s.sort_values("p_corrected").head(12).itertuples():
+                kind = f"{getattr(r, 'correlation', '')} " if hasattr(r, "correlation") else ""
+                ses = f", {r.session_id}" if str(r.session_id) else ""
+                parts.append(f"<b>{_esc(r.roi)} ({_esc(r.hemisphere)}{_esc(ses)})</b> with "
+                             f"{_esc(r.variable)}: {_esc(kind)}r = {float(r.effect_size):.2f}, "
+                             f"corrected p = {_fmt_p(r.p_corrected)}")
+            more = f" and {len(s) - 12} more" if len(s) > 12 else ""
+            items.append("Susceptibility tracks the disease course in: " + "; ".join(parts)
+                         + more + ' (see <a href="#course">disease course</a>).')
         else:
             items.append("No ROI correlates with a clinical variable at corrected p &lt; "
-                         f"{alpha} (Pearson).")
+                         f"{alpha} (Pearson or Spearman).")
+    elif cc is None:
+        items.append("No clinical correlation table (group/clinical_correlation.parquet); the "
+                     "disease-course plots show the data without tests.")
     if inp.perm and inp.perm.get("clusters") is not None:
         ct = inp.perm["clusters"]
         pc = [c for c in ("p_fwe_size", "p_fwe_mass") if c in ct.columns]
@@ -427,7 +458,7 @@ def _group_panels(long: pd.DataFrame, groups, gw: pd.DataFrame | None, session: 
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker="s", linestyle="", color=colours[g], label=g) for g in groups]
     fig.legend(handles=handles, loc="upper right", ncol=len(groups), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    _grid_layout(fig, nrow, top_in=0.75)
     return fig
 
 
@@ -522,7 +553,7 @@ def _scatter_figure(inp: _Inputs, variable: str, rois, session, group, stats_tab
         if k % ncol == 0:
             ax.set_ylabel("chi (ppm)", fontsize=8)
         ax.set_xlabel(variable, fontsize=8)
-    fig.tight_layout()
+    _grid_layout(fig, nrow)
     return fig
 
 
@@ -613,7 +644,7 @@ def _longitudinal(inp: _Inputs, long, sessions, group) -> str:
             ax.legend(fontsize=7, frameon=False)
         if k % ncol == 0:
             ax.set_ylabel("chi (ppm)", fontsize=8)
-    fig.tight_layout()
+    _grid_layout(fig, nrow)
     out = ["<h3>Change between sessions</h3><p>Thin lines: subjects; thick lines: group means "
            "(both hemispheres pooled).</p>", _img(fig, "ROI susceptibility across sessions")]
     for name in ("paired_ttest", "mixed_model"):
@@ -628,6 +659,21 @@ def _mip(vol: np.ndarray, axis: int) -> np.ndarray:
     """Signed maximum-intensity projection (the value of largest magnitude) along ``axis``."""
     idx = np.argmax(np.abs(vol), axis=axis)
     return np.take_along_axis(vol, np.expand_dims(idx, axis), axis=axis).squeeze(axis).T
+
+
+def _template_background(shape, voxel_size_mm):
+    """(T1 template, brain mask) from nilearn's package data when they match the map grid."""
+    try:
+        from ..atlas import load_template, load_template_mask
+        for res in (1, 2):
+            if np.allclose(voxel_size_mm, res, atol=1e-3):
+                t1, _ = load_template(resolution_mm=res)
+                mask, _ = load_template_mask(resolution_mm=res)
+                if t1.shape == tuple(shape) and mask.shape == tuple(shape):
+                    return np.asarray(t1, np.float32), np.asarray(mask, bool)
+    except Exception:  # noqa: BLE001 - the background is a nicety
+        pass
+    return None, None
 
 
 def _section_voxelwise(inp: _Inputs) -> str:
@@ -659,6 +705,9 @@ def _section_voxelwise(inp: _Inputs) -> str:
         vs = np.linalg.norm(np.asarray(perm.get("affine", np.eye(4)))[:3, :3], axis=0)
         vmax = float(np.nanmax(np.abs(t))) or 1.0
         brain = np.isfinite(t) & (t != 0)
+        t1, tmask = _template_background(t.shape, vs)
+        if tmask is not None:
+            brain = tmask | brain
         fig = _fig(11, 3.8)
         names = (("sagittal (x)", 0), ("coronal (y)", 1), ("axial (z)", 2))
         im = None
@@ -686,15 +735,21 @@ def _section_voxelwise(inp: _Inputs) -> str:
                 ax = fig.add_subplot(1, 3, k + 1)
                 a, b = [i for i in range(3) if i != ax_i]
                 ext = (0, t.shape[a] * vs[a], 0, t.shape[b] * vs[b])
-                ax.imshow(np.take(t, peak[ax_i], axis=ax_i).T, cmap="gray", vmin=-vmax, vmax=vmax,
-                          origin="lower", extent=ext)
+                if t1 is not None:
+                    bg = np.take(t1, peak[ax_i], axis=ax_i).T
+                    ax.imshow(bg, cmap="gray", vmin=0, vmax=float(np.percentile(t1, 99.5)) or 1.0,
+                              origin="lower", extent=ext)
+                else:
+                    ax.imshow(np.take(t, peak[ax_i], axis=ax_i).T, cmap="gray", vmin=-vmax,
+                              vmax=vmax, origin="lower", extent=ext)
                 sl = np.take(shown, peak[ax_i], axis=ax_i).T
                 ax.imshow(np.ma.masked_equal(sl, 0), cmap="RdBu_r", vmin=-vmax, vmax=vmax,
                           origin="lower", extent=ext, interpolation="nearest")
                 ax.set_title(f"{name.split()[0]} slice {'xyz'[ax_i]}={peak[ax_i]}", fontsize=9)
                 ax.set_xticks([])
                 ax.set_yticks([])
-            out.append("<p>Slices through the peak voxel: t map in grey, significant voxels in "
+            bg_name = "the MNI152 template" if t1 is not None else "the t map"
+            out.append(f"<p>Slices through the peak voxel: {bg_name} in grey, significant t in "
                        "colour.</p>" + _img(fig, "slices through the peak"))
     ct = perm.get("clusters")
     if ct is not None:
@@ -718,15 +773,20 @@ def _section_postmortem(inp: _Inputs) -> str:
                      "not available in this version of qsmdask.")
     if inp.roi is None:
         return _note(f"No ROI tables: {inp.problems.get('roi', '')}")
-    roi = inp.roi
-    if inp.participants is not None and "group" in inp.participants.columns and "group" not in roi.columns:
-        roi = roi.merge(inp.participants[["participant_id", "group"]], on="participant_id", how="left")
-    res = postmortem_iron_validation(roi)
+    who, ids = "all subjects (group membership unknown)", None
+    if inp.participants is not None and "group" in inp.participants.columns:
+        ctrl = inp.design.groups[1]
+        ids = inp.participants.loc[inp.participants["group"] == ctrl, "participant_id"].tolist()
+        who = f"{ctrl}s"
+        if not ids:
+            ids, who = None, f"all subjects (no '{ctrl}' in participants.tsv)"
+    res = postmortem_iron_validation(inp.roi, participants=ids)
     table = pd.DataFrame(res.get("table")) if res.get("table") is not None else pd.DataFrame()
     num = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
     xcol = next((c for c in num if "iron" in c.lower()), None)
     ycol = next((c for c in num if c != xcol and ("chi" in c.lower() or "ppm" in c.lower())), None)
-    out = [f"<p>Mean susceptibility of control ROIs against the non-haem iron concentration "
+    out = [f"<p>Mean susceptibility of ROIs ({_esc(who)}, both hemispheres) against the "
+           f"non-haem iron concentration "
            f"reported post mortem by Hallgren &amp; Sourander (1958): r = {_fmt(res.get('r'))}, "
            f"p = {_fmt_p(res.get('p'))}, slope = {_fmt(res.get('slope'), 4)} ppm per (mg/100 g), "
            f"n = {_fmt(res.get('n'))} ROIs.</p>"]
@@ -743,7 +803,7 @@ def _section_postmortem(inp: _Inputs) -> str:
             ax.plot(xx, float(res["intercept"]) + float(res["slope"]) * xx, color="#d95f02")
         ax.set_xlabel(f"{xcol} (Hallgren & Sourander 1958)", fontsize=8)
         ax.set_ylabel(ycol, fontsize=8)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.14, right=0.97, top=0.95, bottom=0.12)
         out.append(_img(fig, "susceptibility vs post-mortem iron"))
     out.append(_table(table))
     return "".join(out)
@@ -940,7 +1000,12 @@ def _section_methods(inp: _Inputs) -> str:
     except ImportError:
         pm = False
     cfg = inp.pipeline if inp.config else None
-    text, cited = methods_paragraph(cfg, design=inp.design, voxelwise=bool(inp.perm), postmortem=pm)
+    design = inp.design
+    gw = inp.group_tables.get("group_wilcoxon")
+    if gw is not None and len(gw) and gw["correction"].iloc[0] != design.correction:
+        import dataclasses
+        design = dataclasses.replace(design, correction=str(gw["correction"].iloc[0]))
+    text, cited = methods_paragraph(cfg, design=design, voxelwise=bool(inp.perm), postmortem=pm)
     out = []
     if inp.config is None:
         out.append(_note("logs/qsmdask_config.json not found: the text shows the default "
