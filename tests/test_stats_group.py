@@ -127,3 +127,17 @@ def test_run_group_analysis_runs_wilcoxon(cohort):
     direct = group_wilcoxon(roi, part, ci_method="analytic")
     pd.testing.assert_frame_equal(out["group_wilcoxon"], direct)
     assert "skipped" in out
+
+
+def test_no_session_column_multiple_atlases_and_all_tests(cohort):
+    roi, part, _ = cohort
+    flat = roi.drop(columns=["session_id"])
+    res = group_wilcoxon(flat, part, ci_method="analytic")
+    assert set(res.session_id) == {""} and len(res) == 8
+    two = pd.concat([flat, flat.assign(atlas="other")])
+    both = group_wilcoxon(two, part, ci_method="analytic")
+    assert len(both) == 16 and both.roi.str.contains(":").all()
+    one = group_wilcoxon(two, part, atlas="other", ci_method="analytic")
+    np.testing.assert_allclose(one.p, res.p, rtol=1e-12)
+    assert GroupDesign(tests="all").tests == GroupDesign().tests
+    assert GroupDesign.from_dict({"tests": "all"}).tests == GroupDesign().tests

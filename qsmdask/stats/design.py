@@ -122,6 +122,8 @@ class GroupDesign:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
         for k in ("tests", "groups", "covariates", "clinical_variables", "markers"):
             set_(k, _tuple(getattr(self, k)))
+        if self.tests == ("all",):
+            set_("tests", ALL_TESTS)
         set_("measures", _tuple(self.measures))
         set_("session_order", _tuple(self.session_order))
         paths = []
@@ -172,8 +174,6 @@ class GroupDesign:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown design key(s) {unknown}; allowed: {sorted(names)}")
-        if d.get("tests") in ("all", ["all"]):
-            d = {**d, "tests": ALL_TESTS}
         return cls(**d)
 
     @classmethod

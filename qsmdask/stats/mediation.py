@@ -60,7 +60,7 @@ def mediation_effects(x, m, y, covariates=None, *, n_boot: int = 2000, seed: int
     dict
         ``a, a_p, b, b_p, total, total_p, direct, direct_p, indirect, indirect_se,
         indirect_ci (low, high), indirect_p`` (bootstrap two-sided
-        ``2 min(P(ab* <= 0), P(ab* >= 0))``), ``n``.
+        ``2 (min(#(ab* <= 0), #(ab* >= 0)) + 1) / (n_boot + 1)``, never 0), ``n``.
     """
     validate_choice("ci_method", ci_method, ("percentile", "bias_corrected"))
     if int(n_boot) < 100:
@@ -89,7 +89,8 @@ def mediation_effects(x, m, y, covariates=None, *, n_boot: int = 2000, seed: int
         z0 = stats.norm.ppf(np.clip(np.mean(boot < ab), 1e-12, 1 - 1e-12))
         zq = stats.norm.ppf(1 - alpha / 2)
         lo, hi = np.percentile(boot, 100 * stats.norm.cdf([2 * z0 - zq, 2 * z0 + zq]))
-    p_boot = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
+    tail = min(np.sum(boot <= 0), np.sum(boot >= 0))
+    p_boot = min(1.0, 2 * (tail + 1) / (boot.size + 1))
     return dict(n=n, a=a, a_p=float(fa.pvalues["x"]), b=b, b_p=float(fb.pvalues["m"]),
                 total=float(fc.params["x"]), total_p=float(fc.pvalues["x"]),
                 direct=float(fb.params["x"]), direct_p=float(fb.pvalues["x"]), indirect=ab,
