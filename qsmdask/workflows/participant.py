@@ -146,8 +146,8 @@ def reconstruct(meta: dict, config: PipelineConfig) -> dict:
 def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
     """Register to the template, bring atlas labels to native space, extract ROI statistics."""
     from ..atlas import load_atlas, load_template
-    from ..registration import smooth_fwhm, standardise
-    from ..roi import roi_statistics
+    from ..registration import standardise
+    from ..roi import roi_statistics, smooth_gaussian
 
     with _stage(meta["key"], "standardise"):
         url = meta["work_url"]
@@ -159,14 +159,14 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
         if meta.get("has_t1w"):
             t1, t1_aff = zarrstore.read_volume(url, "t1w", dtype=np.float32)
         sn = standardise(mag, affine, t1w=t1, t1w_affine=t1_aff, template=tpl, template_affine=tpl_aff,
-                         method=config.registration)
+                         method=config.registration, magnitude_mask=mask)
         chi_tpl, _ = sn.to_template(chi, interpolation="linear")
         mask_tpl, _ = sn.to_template(mask.astype(np.float32), interpolation="linear")
         zarrstore.write_volume(url, "chi_template_ppm", chi_tpl, tpl_aff)
         zarrstore.write_volume(url, "mask_template", mask_tpl > 0.5, tpl_aff)
         if config.smoothing_fwhm_mm > 0:
-            sm = smooth_fwhm(chi_tpl, voxel_size_from_affine(tpl_aff), config.smoothing_fwhm_mm,
-                             mask=mask_tpl > 0.5)
+            sm = smooth_gaussian(chi_tpl, voxel_size_mm=voxel_size_from_affine(tpl_aff),
+                                 fwhm_mm=config.smoothing_fwhm_mm, mask=mask_tpl > 0.5)
             zarrstore.write_volume(url, "chi_template_smooth_ppm", sm, tpl_aff)
         transform_dir = Path(meta["transform_dir"])
         transform_files = [str(p) for p in sn.save(transform_dir)]
