@@ -209,3 +209,14 @@ def test_mixed_model_matches_statsmodels_formula_and_finds_time_effect(long_coho
     assert (inter.effect_size > 0).all() and (inter.p < 0.05).sum() >= 3
     assert inter.effect_size.mean() == pytest.approx(0.012, abs=0.005)
     assert len(mixed_model(roi[roi.session_id == "ses-pre"], part)) == 0
+
+
+def test_collinear_covariate_is_dropped_not_split(long_cohort):
+    roi, part, ses = long_cohort
+    part = part.assign(medication=(part.group == "patient").astype(int))  # = group
+    res = group_ols(roi, part, session="ses-pre", covariates=("age", "medication"))
+    ref = group_ols(roi, part, session="ses-pre", covariates=("age",))
+    np.testing.assert_allclose(res.effect_size, ref.effect_size, rtol=1e-10)
+    assert not res.method.str.contains("medication").any()
+    mm = mixed_model(roi, part, ses, covariates=("age", "medication"))
+    assert "medication" not in set(mm.term)

@@ -305,3 +305,20 @@ def fisher_ci(r: float, n_eff: float, *, se_scale: float = 1.0, confidence: floa
     se = se_scale / np.sqrt(n_eff - 3)
     q = stats.norm.ppf(0.5 + confidence / 2)
     return (float(np.tanh(z - q * se)), float(np.tanh(z + q * se)))
+
+
+def full_rank_columns(X: pd.DataFrame, *, tol: float = 1e-10) -> list[str]:
+    """Columns of ``X`` kept greedily in order so that the kept set has full column rank.
+
+    Used to drop covariates that are collinear with earlier model terms (e.g. medication
+    when every patient is medicated), instead of letting a pseudo-inverse split the effect.
+    Rows with NaN are ignored.
+    """
+    A = X.dropna().to_numpy(float)
+    kept: list[int] = []
+    for j in range(A.shape[1]):
+        cand = A[:, kept + [j]]
+        if cand.shape[0] and np.linalg.matrix_rank(cand, tol=tol * max(1.0, np.abs(cand).max())) \
+                == len(kept) + 1:
+            kept.append(j)
+    return [X.columns[j] for j in kept]

@@ -16,7 +16,7 @@ import statsmodels.api as sm
 from scipy import stats
 
 from ._common import (CORRECTIONS, apply_correction, attach_variables, encode_columns,
-                      long_table, merge_participants, order_sessions, subset_group,
+                      full_rank_columns, long_table, merge_participants, order_sessions, subset_group,
                       tidy_frame, validate_choice)
 
 __all__ = ["paired_ttest", "mixed_model"]
@@ -143,6 +143,7 @@ def mixed_model(roi_table: pd.DataFrame, participants: pd.DataFrame,
                                          f"visit:{gterm}": visit * g}, index=sub.index),
                            encode_columns(sub, covs)], axis=1)
             ok = X.notna().all(axis=1) & sub["value"].notna()
+            X = X[full_rank_columns(X[ok])]
             Xo, yo, grp = X[ok], sub.loc[ok, "value"], sub.loc[ok, "participant_id"]
             base = dict(zip(["measure", "roi", "hemisphere"], key), test="mixed_model",
                         session_id="*", n=int(ok.sum()), n1=int(grp[g[ok] == 1].nunique()),

@@ -15,7 +15,7 @@ import pandas as pd
 import statsmodels.api as sm
 
 from ._common import (CORRECTIONS, apply_correction, attach_variables, encode_columns,
-                      long_table, subset_group, tidy_frame, validate_choice)
+                      full_rank_columns, long_table, subset_group, tidy_frame, validate_choice)
 
 __all__ = ["group_ols", "sex_interaction", "ols_fit"]
 
@@ -24,6 +24,9 @@ _KEYS = ["measure", "session_id", "roi", "hemisphere"]
 
 def ols_fit(y, X: pd.DataFrame):
     """Fit ``y ~ 1 + X`` by OLS on complete rows; returns the statsmodels results.
+
+    Columns collinear with earlier ones are dropped (:func:`full_rank_columns`), so list
+    the term of interest first; ``fit.model.exog_names`` tells what was fitted.
 
     Parameters
     ----------
@@ -35,11 +38,16 @@ def ols_fit(y, X: pd.DataFrame):
     X = sm.add_constant(X.astype(float), has_constant="add")
     y = pd.Series(np.asarray(y, dtype=float), index=X.index)
     ok = y.notna() & X.notna().all(axis=1)
-    return sm.OLS(y[ok], X[ok]).fit()
+    cols = full_rank_columns(X[ok])
+    return sm.OLS(y[ok], X.loc[ok, cols]).fit()
 
 
 def _row_from_fit(fit, term, base, confidence=0.95):
+    if term not in fit.params.index:  # the term itself was collinear with the intercept
+        return dict(base, n=int(fit.nobs), term=term)
     ci = fit.conf_int(alpha=1 - confidence).loc[term]
+    names = [c for c in fit.model.exog_names if c != "const"]
+    base = dict(base, method="statsmodels.OLS: value ~ " + " + ".join(names))
     return dict(base, n=int(fit.nobs), statistic=float(fit.tvalues[term]),
                 dof=float(fit.df_resid), p=float(fit.pvalues[term]),
                 effect_size=float(fit.params[term]), ci_low=float(ci.iloc[0]),
