@@ -341,7 +341,9 @@ def _section_findings(inp: _Inputs) -> str:
                              else "higher or lower")
                 parts.append(f"<b>{_esc(roi)}</b> ({_esc(where)}): {_esc(inp.design.groups[0])} "
                              f"{direction} than {_esc(inp.design.groups[1])}, rank-biserial r "
-                             f"{es.min():.2f} to {es.max():.2f}, smallest corrected p "
+                             + (f"{es.min():.2f}" if np.isclose(es.min(), es.max())
+                                else f"{es.min():.2f} to {es.max():.2f}")
+                             + ", smallest corrected p "
                              f"{_fmt_p(g['p_corrected'].min())}")
             items.append("Susceptibility differs between groups (Wilcoxon rank-sum, "
                          f"{_esc(s['correction'].iloc[0])}-corrected p &lt; {alpha}) in: "
