@@ -206,3 +206,20 @@ def test_run_group_analysis_full_design():
     assert "covariates" in skipped and "sex" in skipped["covariates"]
     assert {"group_wilcoxon", "group_ols", "hemisphere_wilcoxon",
             "clinical_correlation"} <= set(one)
+
+
+def test_modality_agnostic_measures_are_analysed_separately():
+    chi, part, _ = simulate_roi_cohort(n_patients=12, n_controls=12, rois={"putamen": 0.05},
+                                       group_effect_ppm=0.02, seed=21)
+    fa, _, _ = simulate_roi_cohort(n_patients=12, n_controls=12, rois={"putamen": 0.45},
+                                   sd_ppm=0.03, measure="fa", seed=22)
+    both = pd.concat([chi, fa], ignore_index=True)
+    gw = group_wilcoxon(both, part, ci_method="analytic")
+    assert sorted(gw.measure.unique()) == ["chi", "fa"] and len(gw) == 4
+    # Bonferroni family is per measure: 2 ROI x hemisphere rows each
+    np.testing.assert_allclose(gw.p_corrected, np.minimum(2 * gw.p, 1), rtol=1e-12)
+    med = mediation(both, part, paths=[("crp", "hdrs")], covariates=(), n_boot=200)
+    assert sorted(med.measure.unique()) == ["chi", "fa"]
+    harm = combat_roi_table(both.merge(part[["participant_id"]]),
+                            part.assign(site=np.where(np.arange(24) % 2, "a", "b")))
+    assert len(harm.attrs["combat"]["blocks"]) == 2
