@@ -271,11 +271,24 @@ def _subject_values(plan: CohortPlan, i: int) -> tuple[dict, dict]:
     return values, shape
 
 
-def _int16_header():
-    h = nib.Nifti1Header()
-    h.set_data_dtype(np.int16)
-    h.set_xyzt_units("mm", "sec")
-    return h
+def _save_int12(path: Path, values: np.ndarray, step: float, affine, *, lo: int = 0,
+                hi: int = 4095, sidecar: dict | None = None) -> None:
+    """Save ``values`` as 12-bit integers round(values / step) in int16 with scl_slope = step.
+
+    Scanner-like storage (small files); readers get ``k * step`` in physical units.
+    Written like :func:`qsmdask.io.nifti.save_nifti` (qform = sform, gzip, atomic).
+    """
+    import gzip
+
+    k = np.clip(np.round(np.asarray(values, dtype=np.float64) / step), lo, hi).astype(np.int16)
+    img = nib.Nifti1Image(k, np.asarray(affine, dtype=float))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_slope_inter(float(step), 0.0)
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=4, mtime=0))
+    if sidecar is not None:
+        atomic_write_json(Path(str(path)[: -len(".nii.gz")] + ".json"), sidecar)
 
 
 def _model_resolutions(cfg) -> set:
@@ -343,18 +356,20 @@ def simulate_session_files(out_dir, plan: CohortPlan, participant_id: str,
               "InstitutionName": str(row["site"]), "MRAcquisitionType": "3D",
               "ImagingFrequency": round(phantom.GAMMA_HZ_PER_T * cfg["b0_tesla"] * 1e-6, 4),
               "FlipAngle": 15, "RepetitionTime": round(cfg["echo_times_s"][-1] + 0.008, 4)}
+    # 12-bit values as scanners write them (magnitude 0..4095 on one scale for all echoes,
+    # phase k * 2 pi / 8192 with k in -4096..4095, so always inside [-pi, pi))
+    mag_step = max(float(sim.magnitude.max()), 1e-6) / 4095.0
+    ph_step = float(np.float32(2 * np.pi / 8192))
     for e, te in enumerate(cfg["echo_times_s"]):
         meta = dict(common, EchoTime=float(te), EchoNumber=e + 1)
-        save_nifti(paths["magnitude"][e], sim.magnitude[..., e], sim.affine,
-                   header=_int16_header(), sidecar=dict(meta, ImageType=["ORIGINAL", "PRIMARY", "M"]))
-        # int16 scaling keeps phase inside [-pi, pi); stay clear of +pi after rounding
-        ph = np.minimum(sim.phase_rad[..., e], np.float32(np.pi - 2e-4))
-        save_nifti(paths["phase"][e], ph, sim.affine, header=_int16_header(),
-                   sidecar=dict(meta, ImageType=["ORIGINAL", "PRIMARY", "P"], PhaseUnits="rad"))
+        _save_int12(paths["magnitude"][e], sim.magnitude[..., e], mag_step, sim.affine,
+                    sidecar=dict(meta, ImageType=["ORIGINAL", "PRIMARY", "M"]))
+        _save_int12(paths["phase"][e], sim.phase_rad[..., e], ph_step, sim.affine, lo=-4096,
+                    sidecar=dict(meta, ImageType=["ORIGINAL", "PRIMARY", "P"], PhaseUnits="rad"))
     if cfg["t1w"]:
-        save_nifti(paths["t1w"], sim.t1w, sim.t1w_affine, header=_int16_header(),
-                   sidecar=dict(common, EchoTime=0.003, RepetitionTime=2.3, InversionTime=0.9,
-                                FlipAngle=9))
+        _save_int12(paths["t1w"], sim.t1w, max(float(sim.t1w.max()), 1e-6) / 4095.0,
+                    sim.t1w_affine, sidecar=dict(common, EchoTime=0.003, RepetitionTime=2.3,
+                                                 InversionTime=0.9, FlipAngle=9))
 
     deriv = root / "derivatives" / "qsmdask-sim"
     tp = _truth_paths(deriv, participant_id, session_id)
@@ -365,9 +380,12 @@ def simulate_session_files(out_dir, plan: CohortPlan, participant_id: str,
     save_nifti(tp["mask"], sim.brain.astype(np.uint8), sim.affine)
     save_nifti(tp["dseg"], sim.dseg.astype(np.uint8), sim.affine)
     if cfg["write_fields"]:
-        save_nifti(tp["total_field"], sim.field_ppm, sim.affine,
+        head = sim.tissue != phantom.TISSUE["air"]
+        save_nifti(tp["total_field"], np.where(head, sim.field_ppm, 0).astype(np.float32),
+                   sim.affine,
                    sidecar={"Units": "ppm", "Description": "true total field after shimming "
-                            "(phase = 2 pi gamma B0 TE field + offset)"})
+                            "(phase = 2 pi gamma B0 TE field + offset), inside the head "
+                            "(0 in air)"})
         save_nifti(tp["local_field"], sim.local_field_ppm, sim.affine,
                    sidecar={"Units": "ppm", "Description": "field of the susceptibility inside "
                             "the brain mask"})
