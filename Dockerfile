@@ -20,13 +20,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_DEFAULT_TIMEOUT=180
 
-# A debootstrap'ed bookworm has neither python3 nor venv/ensurepip; python:3.11-slim has both.
-RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
-        apt-get update \
+# python:3.11-slim makes a venv as is; a debootstrap'ed bookworm may lack python3 and lacks
+# python3-venv (Debian's ensurepip needs it), so install them only when `venv` fails.
+RUN if ! python3 -m venv /opt/venv >/dev/null 2>&1; then \
+        rm -rf /opt/venv \
+        && apt-get update \
         && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-        && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+        && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
+        && python3 -m venv /opt/venv; \
     fi \
-    && python3 -m venv /opt/venv \
     && /opt/venv/bin/python -m pip --version
 
 # Dependencies first (this layer depends only on constraints.txt): binary wheels only, so
