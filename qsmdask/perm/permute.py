@@ -153,6 +153,14 @@ def _nuisance_and_basis(design: Design):
         zo = linalg.orth(z)
         zo = zo - np.outer(a, a @ zo)  # exactly orthogonal to a (it is in theory)
         zo, _ = np.linalg.qr(zo)
+        if not design.sign_flip:
+            # Permutations fix the constant vector and R is orthogonal to span(Z): when the
+            # intercept is a nuisance regressor its row of U' P R is exactly zero, so drop it.
+            one = np.full(x.shape[0], 1.0 / np.sqrt(x.shape[0]))
+            if np.linalg.norm(one - zo @ (zo.T @ one)) < 1e-8:
+                rest = zo - np.outer(one, one @ zo)
+                uu, sv, _ = np.linalg.svd(rest, full_matrices=False)
+                zo = uu[:, sv > 1e-8 * max(sv.max(initial=0.0), 1.0)]
     else:
         z = np.zeros((x.shape[0], 0))
         zo = z
@@ -232,6 +240,14 @@ def batch_t(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
     ``perms[b]`` is the row order applied to the design basis (equivalently,
     the inverse permutation of the residuals), or the signs of the residuals.
     """
+    num, var = _batch_parts(prepared, perms)
+    np.sqrt(var, out=var)
+    num /= var
+    return num
+
+
+def _batch_parts(prepared: PreparedModel, perms: np.ndarray):
+    """Numerator g_1 (B, V) and residual variance (B, V) of the permuted fits (t = g_1 / sqrt(var))."""
     u = prepared.basis
     p = u.shape[1]
     if np.issubdtype(perms.dtype, np.floating):
@@ -241,12 +257,32 @@ def batch_t(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
     s = np.ascontiguousarray(rows.transpose(0, 2, 1).reshape(-1, u.shape[0]))
     g = (s @ prepared.residuals).reshape(perms.shape[0], p, -1)   # (B, p, V)
     num = g[:, 0, :].copy()
-    sse = prepared.ss[None, :] - np.einsum("bpv,bpv->bv", g, g)
-    np.maximum(sse, np.float32(1e-12) * prepared.ss[None, :] + np.float32(1e-30), out=sse)
-    sse *= np.float32(1.0 / prepared.dof)
-    np.sqrt(sse, out=sse)
-    num /= sse
-    return num
+    var = np.einsum("bpv,bpv->bv", g, g)
+    del g
+    np.subtract(prepared.ss[None, :], var, out=var)
+    np.maximum(var, np.float32(1e-12) * prepared.ss[None, :] + np.float32(1e-30), out=var)
+    var *= np.float32(1.0 / prepared.dof)
+    return num, var
+
+
+def _batch_voxel_null(prepared: PreparedModel, perms: np.ndarray, two_sided: bool):
+    """Max statistic per permutation and per-voxel exceedance counts without forming t.
+
+    Two-sided: compares t^2 = g_1^2 / var (no square root, no abs pass).
+    """
+    num, var = _batch_parts(prepared, perms)
+    if two_sided:
+        np.multiply(num, num, out=num)
+        num /= var
+        obs = np.square(prepared.t_obs)
+        mx = np.sqrt(num.max(axis=1).astype(np.float64))
+    else:
+        np.sqrt(var, out=var)
+        num /= var
+        obs = prepared.t_obs
+        mx = num.max(axis=1).astype(np.float64)
+    cnt = (num >= obs[None, :]).sum(axis=0, dtype=np.int32)
+    return mx, cnt
 
 
 def batch_sizes(n_perm: int, batch_size: int) -> list[int]:
@@ -265,6 +301,9 @@ def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index
     """
     rng = np.random.default_rng((int(options.seed), int(batch_index)))
     perms = random_permutations(prepared.design, n_in_batch, rng)
+    if options.inference == ("voxel",):
+        mx, cnt = _batch_voxel_null(prepared, perms, options.two_sided)
+        return {"max_t": mx, "count_unc": cnt}
     t = batch_t(prepared, perms)
     stat = np.abs(t) if options.two_sided else t
     obs = np.abs(prepared.t_obs) if options.two_sided else prepared.t_obs
