@@ -117,7 +117,7 @@ def _synthetic_output(tmp_path: Path, *, with_perm: bool = False) -> tuple[Path,
             t["qc_mask_volume_ml"] = 300.0  # a QC outlier
         write_parquet(t, out / "roi" / f"{pid}_{ses}_roi.parquet")
     tables = run_group_analysis(roi, participants, sessions,
-                                design=GroupDesign(tests=("group_wilcoxon",), n_boot=200))
+                                design=GroupDesign(tests=("group_wilcoxon",), ci_method="analytic"))
     tables["clinical_correlation"] = clinical_correlation(roi, participants, sessions)
     for name, df in tables.items():
         write_parquet(df, out / "group" / f"{name}.parquet")
@@ -154,10 +154,16 @@ def _assert_self_contained(text: str):
         assert bad not in low, bad
 
 
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    """The synthetic output folder (with voxel-wise results) and its report, built once."""
+    out, bids = _synthetic_output(tmp_path_factory.mktemp("report"), with_perm=True)
+    return out, build_cohort_report(out, bids)
+
+
 @pytest.mark.slow
-def test_report_builds_with_sections_and_failures(tmp_path):
-    out, bids = _synthetic_output(tmp_path, with_perm=True)
-    path = build_cohort_report(out, bids)
+def test_report_builds_with_sections_and_failures(full_report):
+    out, path = full_report
     assert path == out / "report.html"
     text = path.read_text()
     _assert_self_contained(text)
@@ -204,6 +210,25 @@ def test_report_survives_missing_inputs(tmp_path):
     assert "defaults shown" in text
 
 
+def test_report_voxelwise_from_perm_results_argument(tmp_path):
+    """perm_results given directly: MIPs, peak slices and the cluster table; only FWE voxels shown."""
+    shape = (12, 14, 10)
+    t = np.zeros(shape, np.float32)
+    t[1:11, 1:13, 1:9] = 0.3
+    t[3:6, 4:8, 3:6] = -5.0                  # significant negative cluster (36 voxels)
+    logp = np.where(t < -4, 3.0, 0.2).astype(np.float32)
+    clusters = pd.DataFrame({"cluster": [1], "sign": [-1], "size_voxels": [36], "peak_stat": [-5.0],
+                             "peak_label": ["Caudate_R"], "p_fwe_size": [0.001]})
+    text = build_cohort_report(tmp_path, perm_results={"t": t, "logp_fwe_t": logp, "clusters": clusters,
+                                                       "affine": np.diag([2.0, 2, 2, 1])}).read_text()
+    _assert_self_contained(text)
+    vox = text.split('<section id="voxelwise">')[1].split("</section>")[0]
+    assert "<b>36</b> voxel(s) significant" in vox
+    assert vox.count("data:image/png;base64,") == 2
+    assert "Caudate_R" in vox and 'class="sig"' in vox
+    assert "Nichols" in text  # methods cite the permutation references
+
+
 def test_methods_paragraph_follows_configuration():
     text, cited = methods_paragraph({"chain": {}, "atlas": "/data/BN_Atlas_274_noCb_uint16.nii.gz"})
     assert "V-SHARP" in text and "Brainnetome" in text
@@ -218,9 +243,8 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
-def test_report_renders_in_headless_chromium(tmp_path):
-    out, bids = _synthetic_output(tmp_path, with_perm=True)
-    path = build_cohort_report(out, bids)
+def test_report_renders_in_headless_chromium(full_report, tmp_path):
+    _, path = full_report
     shot = tmp_path / "shot.png"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
