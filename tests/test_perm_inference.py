@@ -180,3 +180,15 @@ def test_null_familywise_error_rate():
     lo, hi = stats.binom.ppf([0.025, 0.975], n_sim, 0.05) / n_sim
     rate = rej.mean(axis=0)
     assert np.all((rate >= lo) & (rate <= hi)), rate
+
+
+def test_one_sided_ignores_opposite_effect():
+    y, mask, blob, group, age = _planted(seed=5, effect=-2.0)   # patients lower in the blob
+    d = two_group_design(group, covariates={"age": age})
+    two = permutation_test(y, d, mask=mask, n_perm=200, seed=1, two_sided=True)
+    one = permutation_test(y, d, mask=mask, n_perm=200, seed=1, two_sided=False)
+    alpha = -np.log10(0.05)
+    assert np.mean(two.logp_fwe_t[blob] > alpha) > 0.5 and np.all(two.t[blob].mean() < 0)
+    assert not np.any(one.logp_fwe_t > alpha)
+    # same seed -> same permutations: max t <= max |t| permutation by permutation
+    assert np.all(one.null["max_t"] <= two.null["max_t"] + 1e-5)
