@@ -28,6 +28,8 @@ def test_mediation_point_estimates_match_pingouin():
     assert eff["total"] == pytest.approx(ref.loc["Total", "coef"], rel=1e-8)
     assert eff["direct"] == pytest.approx(ref.loc["Direct", "coef"], rel=1e-8)
     assert eff["indirect"] == pytest.approx(ref.loc["Indirect", "coef"], rel=1e-8)
+    for mine, path in (("a_p", "m ~ X"), ("total_p", "Total"), ("direct_p", "Direct")):
+        assert eff[mine] == pytest.approx(ref.loc[path, "pval"], rel=1e-8)
     # total = direct + indirect for OLS mediation with identical covariates
     assert eff["total"] == pytest.approx(eff["direct"] + eff["indirect"], rel=1e-10)
     lo, hi = eff["indirect_ci"]

@@ -19,12 +19,25 @@ import pandas as pd
 from scipy import stats
 
 from ._common import (CORRECTIONS, apply_correction, attach_variables, encode_columns,
-                      long_table, subset_group, tidy_frame, validate_choice)
-from .regression import ols_fit
+                      full_rank_columns, long_table, subset_group, tidy_frame, validate_choice)
 
 __all__ = ["mediation", "mediation_effects"]
 
 _KEYS = ["measure", "session_id", "roi", "hemisphere"]
+
+
+def _ols(X, y):
+    """OLS coefficients and two-sided t-test p values (X includes the intercept)."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    dof = X.shape[0] - X.shape[1]
+    if dof < 1:
+        return beta, np.full(beta.shape, np.nan)
+    resid = y - X @ beta
+    s2 = resid @ resid / dof
+    se = np.sqrt(s2 * np.diag(np.linalg.inv(X.T @ X)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = 2 * stats.t.sf(np.abs(beta / se), dof)
+    return beta, p
 
 
 def _batched_coef(X, y, col):
@@ -70,17 +83,23 @@ def mediation_effects(x, m, y, covariates=None, *, n_boot: int = 2000, seed: int
     if not (m.size == n and y.size == n):
         raise ValueError("x, m and y must have the same length")
     C = np.zeros((n, 0)) if covariates is None else np.asarray(covariates, float).reshape(n, -1)
-    cov = pd.DataFrame(C, columns=[f"c{i}" for i in range(C.shape[1])])
-    fa = ols_fit(m, pd.concat([pd.DataFrame({"x": x}), cov], axis=1))
-    fb = ols_fit(y, pd.concat([pd.DataFrame({"x": x, "m": m}), cov], axis=1))
-    fc = ols_fit(y, pd.concat([pd.DataFrame({"x": x}), cov], axis=1))
-    a, b = float(fa.params["x"]), float(fb.params["m"])
+    if not (np.isfinite(x).all() and np.isfinite(m).all() and np.isfinite(y).all()
+            and np.isfinite(C).all()):
+        raise ValueError("x, m, y and covariates must be complete (no NaN)")
+    one = np.ones((n, 1))
+    if C.shape[1]:  # drop covariates collinear with the intercept, x, m or each other
+        keep = full_rank_columns(pd.DataFrame(np.hstack([one, x[:, None], m[:, None], C])))
+        C = C[:, [j - 3 for j in keep if j >= 3]]
+    Xa = np.hstack([one, x[:, None], C])
+    Xb = np.hstack([one, x[:, None], m[:, None], C])
+    ba, pa = _ols(Xa, m)
+    bb, pb = _ols(Xb, y)
+    bc, pc = _ols(Xa, y)
+    a, b = float(ba[1]), float(bb[2])
     ab = a * b
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(int(n_boot), n))
-    one = np.ones((n, 1))
-    Xa = np.hstack([one, x[:, None], C])[idx]
-    Xb = np.hstack([one, x[:, None], m[:, None], C])[idx]
+    Xa, Xb = Xa[idx], Xb[idx]
     boot = _batched_coef(Xa, m[idx], 1) * _batched_coef(Xb, y[idx], 2)
     alpha = 1 - confidence
     if ci_method == "percentile":
@@ -91,9 +110,9 @@ def mediation_effects(x, m, y, covariates=None, *, n_boot: int = 2000, seed: int
         lo, hi = np.percentile(boot, 100 * stats.norm.cdf([2 * z0 - zq, 2 * z0 + zq]))
     tail = min(np.sum(boot <= 0), np.sum(boot >= 0))
     p_boot = min(1.0, 2 * (tail + 1) / (boot.size + 1))
-    return dict(n=n, a=a, a_p=float(fa.pvalues["x"]), b=b, b_p=float(fb.pvalues["m"]),
-                total=float(fc.params["x"]), total_p=float(fc.pvalues["x"]),
-                direct=float(fb.params["x"]), direct_p=float(fb.pvalues["x"]), indirect=ab,
+    return dict(n=n, a=a, a_p=float(pa[1]), b=b, b_p=float(pb[2]),
+                total=float(bc[1]), total_p=float(pc[1]),
+                direct=float(bb[1]), direct_p=float(pb[1]), indirect=ab,
                 indirect_se=float(boot.std(ddof=1)), indirect_ci=(float(lo), float(hi)),
                 indirect_p=float(p_boot))
 
