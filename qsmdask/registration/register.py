@@ -29,9 +29,23 @@ def _validate_image(arr, affine, name):
     return a
 
 
+def _coarsen(img, resample_mm, mask: bool = False):
+    """Smooth and resample an ANTs image to isotropic ``resample_mm`` voxels if finer."""
+    import ants
+
+    if resample_mm is None or min(img.spacing) >= resample_mm * 0.999:
+        return img
+    spacing = tuple(max(float(s), float(resample_mm)) for s in img.spacing)
+    if not mask:
+        img = ants.smooth_image(img, 0.4 * float(resample_mm), sigma_in_physical_coordinates=True)
+    # interp_type: 0 linear (images), 1 nearest neighbour (masks)
+    return ants.resample_image(img, spacing, use_voxels=False, interp_type=1 if mask else 0)
+
+
 def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "rigid",
              seed: int | None = 0, metric: str = "mattes", moving_mask=None, fixed_mask=None,
-             quick: bool = False, syn_iterations: tuple[int, ...] = (40, 20, 0)) -> Transform:
+             quick: bool = False, syn_iterations: tuple[int, ...] = (40, 20, 0),
+             resample_mm: float | None = None) -> Transform:
     """Estimate the transform that maps ``moving`` onto ``fixed`` (ANTs).
 
     Parameters
@@ -56,6 +70,11 @@ def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "ri
         Fewer iterations ("QuickRigid", "AffineFast"; SyN with ``syn_iterations``).
     syn_iterations : tuple of int
         Iterations per SyN resolution level.
+    resample_mm : float, optional
+        Register copies of both images smoothed (Gaussian, sigma = 0.4 * resample_mm)
+        and resampled to isotropic voxels of this size where they are finer, e.g. 2.0
+        to register a 1 mm T1w several times faster. The transform lives in physical
+        space, so it applies to the full-resolution images unchanged.
 
     Returns
     -------
@@ -78,19 +97,23 @@ def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "ri
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     mov = _validate_image(moving, moving_affine, "moving")
     fix = _validate_image(fixed, fixed_affine, "fixed")
-    m_img = to_ants(mov, moving_affine, "moving")
-    f_img = to_ants(fix, fixed_affine, "fixed")
+    if resample_mm is not None and (not np.isfinite(resample_mm) or resample_mm <= 0):
+        raise ValueError(f"resample_mm must be a positive number, got {resample_mm!r}")
+    m_img = _coarsen(to_ants(mov, moving_affine, "moving"), resample_mm)
+    f_img = _coarsen(to_ants(fix, fixed_affine, "fixed"), resample_mm)
     kwargs = {}
     if fixed_mask is not None:
         fm = np.asarray(fixed_mask)
         if fm.shape != fix.shape:
             raise ValueError(f"fixed_mask shape {fm.shape} differs from fixed {fix.shape}")
-        kwargs["mask"] = to_ants(fm.astype(np.float32), fixed_affine, "fixed_mask")
+        kwargs["mask"] = _coarsen(to_ants(fm.astype(np.float32), fixed_affine, "fixed_mask"),
+                                  resample_mm, mask=True)
     if moving_mask is not None:
         mm = np.asarray(moving_mask)
         if mm.shape != mov.shape:
             raise ValueError(f"moving_mask shape {mm.shape} differs from moving {mov.shape}")
-        kwargs["moving_mask"] = to_ants(mm.astype(np.float32), moving_affine, "moving_mask")
+        kwargs["moving_mask"] = _coarsen(
+            to_ants(mm.astype(np.float32), moving_affine, "moving_mask"), resample_mm, mask=True)
     ants_type = _ANTS_TYPE[(transform, bool(quick))]
     tmp = tempfile.mkdtemp(prefix="qsmdask-reg-")
     try:
@@ -106,7 +129,7 @@ def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "ri
             finally:
                 ants.config._random_seed = old
         meta = {"transform": transform, "ants_type": ants_type, "seed": seed, "metric": metric,
-                "moving_shape": list(mov.shape),
+                "resample_mm": resample_mm, "moving_shape": list(mov.shape),
                 "moving_affine": np.asarray(moving_affine, float).tolist(),
                 "fixed_shape": list(fix.shape),
                 "fixed_affine": np.asarray(fixed_affine, float).tolist(),

@@ -53,9 +53,11 @@ class SpatialNormalisation:
         return out, self.template_affine.copy()
 
     def labels_to_native(self, atlas_labels, atlas_affine, native_shape=None,
-                         native_affine=None) -> np.ndarray:
-        """Bring template-space (MNI) atlas labels to the native grid (inverse transform,
-        ANTs genericLabel interpolation). The atlas may be on any grid in template space.
+                         native_affine=None, *, interpolation: str = "label") -> np.ndarray:
+        """Bring template-space (MNI) atlas labels to the native grid (inverse transform).
+        The atlas may be on any grid in template space. ``interpolation`` is "label"
+        (ANTs genericLabel: per-label linear interpolation, best when the native grid is
+        coarser; slower with many labels) or "nearest".
 
         Returns an integer array of ``native_shape`` (default: the GRE grid).
         """
@@ -64,8 +66,10 @@ class SpatialNormalisation:
             raise ValueError(f"atlas_labels must have an integer dtype, got {lab.dtype}")
         shape = tuple(self.native_shape) if native_shape is None else tuple(native_shape)
         aff = self.native_affine if native_affine is None else native_affine
+        if interpolation not in ("label", "nearest"):
+            raise ValueError(f"interpolation must be 'label' or 'nearest', got {interpolation!r}")
         out = apply_transform(lab.astype(np.int32), atlas_affine, self.native_to_template,
-                              shape, aff, interpolation="label", inverse=True)
+                              shape, aff, interpolation=interpolation, inverse=True)
         return out.astype(np.int32)
 
     def save(self, folder) -> list[Path]:
@@ -111,8 +115,8 @@ def _as_3d(image, name):
 
 def standardise(magnitude, magnitude_affine, *, t1w=None, t1w_affine=None, template=None,
                 template_affine=None, method: str = "affine", magnitude_mask=None,
-                t1w_mask=None, seed: int | None = 0, quick: bool = False
-                ) -> SpatialNormalisation:
+                t1w_mask=None, seed: int | None = 0, quick: bool = False,
+                registration_mm: float | None = 2.0) -> SpatialNormalisation:
     """Estimate the native GRE -> template mapping.
 
     Parameters
@@ -124,17 +128,24 @@ def standardise(magnitude, magnitude_affine, *, t1w=None, t1w_affine=None, templ
         ``method``; without it: magnitude -> template directly with ``method``
         (mutual information).
     template, template_affine : fixed image; default the nilearn MNI152 2009a T1
-        (skull-stripped) at 2 mm for ``method="affine"`` and 1 mm for ``"syn"``.
+        (skull-stripped) at 2 mm (pass ``load_template(1)`` with ``registration_mm=None``
+        for a full-resolution SyN).
     method : {"affine", "syn"}
         ``"syn"`` = affine then SyN (ANTs "SyN").
     magnitude_mask, t1w_mask : bool arrays, optional
         Brain masks; images are multiplied by them before registration (the default
-        template is skull-stripped, so masking improves robustness).
+        template is skull-stripped, so masking improves robustness). Without
+        ``t1w_mask`` the magnitude mask, carried to the T1w by the rigid GRE -> T1w
+        transform, strips the T1w.
     seed : int or None
         Passed to ``register``.
     quick : bool
         ANTs' quick presets (the demo fast path: ``method="affine", quick=True``
         with the 2 mm template takes a few seconds).
+    registration_mm : float or None, default 2.0
+        Every stage registers copies of the images smoothed and resampled to this voxel
+        size where finer (``register(resample_mm=...)``); the transforms are physical
+        and apply to full-resolution data. None registers at the images' resolution.
 
     Returns
     -------
@@ -154,28 +165,35 @@ def standardise(magnitude, magnitude_affine, *, t1w=None, t1w_affine=None, templ
     if template is None:
         from qsmdask.atlas import load_template
 
-        template, template_affine = load_template(2 if method == "affine" else 1)
+        template, template_affine = load_template(2)
     tmpl = _as_3d(template, "template")
     check_affine(template_affine, "template_affine")
     if t1w is None:
         if t1w_affine is not None or t1w_mask is not None:
             raise ValueError("t1w_affine/t1w_mask given without t1w")
         native_to_template = register(mag, magnitude_affine, tmpl, template_affine,
-                                      transform=method, seed=seed, metric="mi", quick=quick)
+                                      transform=method, seed=seed, metric="mi", quick=quick,
+                                      resample_mm=registration_mm)
     else:
         if t1w_affine is None:
             raise ValueError("t1w_affine is required with t1w")
         t1 = _as_3d(t1w, "t1w")
         check_affine(t1w_affine, "t1w_affine")
+        gre_to_t1 = register(mag, magnitude_affine, t1, t1w_affine, transform="rigid",
+                             seed=seed, metric="mi", quick=quick, resample_mm=registration_mm)
+        if t1w_mask is None and magnitude_mask is not None:
+            # skull-strip the T1w with the GRE brain mask carried over by the rigid transform
+            t1w_mask = apply_transform(np.asarray(magnitude_mask, dtype=np.uint8),
+                                       magnitude_affine, gre_to_t1, t1.shape, t1w_affine,
+                                       interpolation="nearest") > 0
         if t1w_mask is not None:
             tm = np.asarray(t1w_mask, dtype=bool)
             if tm.shape != t1.shape:
                 raise ValueError(f"t1w_mask shape {tm.shape} differs from {t1.shape}")
             t1 = t1 * tm
-        gre_to_t1 = register(mag, magnitude_affine, t1, t1w_affine, transform="rigid",
-                             seed=seed, metric="mi", quick=quick)
         t1_to_template = register(t1, t1w_affine, tmpl, template_affine, transform=method,
-                                  seed=seed, metric="mi", quick=quick)
+                                  seed=seed, metric="mi", quick=quick,
+                                  resample_mm=registration_mm)
         native_to_template = compose(gre_to_t1, t1_to_template)
     return SpatialNormalisation(native_to_template=native_to_template,
                                 native_shape=tuple(int(s) for s in mag.shape),
