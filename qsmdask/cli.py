@@ -103,6 +103,10 @@ def _setup_logging(debug: bool):
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG" if debug else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "true")
+    if not debug:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _start_api(args):

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import zarr
 
-__all__ = ["write_volume", "read_volume", "read_affine", "open_group", "has_volume"]
+__all__ = ["write_volume", "read_volume", "read_affine", "open_group", "has_volume", "remove_group"]
 
 
 def open_group(url: str, mode: str = "a") -> zarr.Group:
@@ -78,3 +78,15 @@ def read_affine(url: str, name: str) -> np.ndarray:
     raw = base64.b64decode(g[name].attrs["nifti"]["base64"])
     hdr = nib.Nifti1Header(binaryblock=raw)
     return hdr.get_best_affine()
+
+
+def remove_group(url: str) -> None:
+    """Delete a zarr group (local path or fsspec URL); missing groups are fine."""
+    import fsspec
+
+    url = str(url)
+    if "://" not in url:
+        url = "file://" + str(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

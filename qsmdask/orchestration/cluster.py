@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ def make_task_runner(cfg: ClusterConfig):
             cluster_kwargs={"name": cfg.kube_name, "image": cfg.kube_image, "env": env},
             adapt_kwargs={"minimum": cfg.adapt_min, "maximum": cfg.adapt_max})
     kwargs = {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
-              "processes": cfg.processes, "dashboard_address": ":0"}
+              "processes": cfg.processes, "dashboard_address": ":0", "silence_logs": logging.WARNING}
     if cfg.processes:
         kwargs["memory_limit"] = cfg.memory_limit
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)

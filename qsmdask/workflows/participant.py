@@ -187,8 +187,12 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
 
 
 def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineConfig, *,
-                  resume: str | None = None) -> dict:
-    """Write every derivative of the subject-session with the one writer, then its manifest."""
+                  resume: str | None = None, keep_work: bool = False) -> dict:
+    """Write every derivative of the subject-session with the one writer, then its manifest.
+
+    The manifest is written last, so a subject-session counts as done only when all its
+    files are in place; the zarr work group is removed afterwards unless ``keep_work``.
+    """
     with _stage(ss.key, "write"):
         cfg = config.to_dict()
         writer = DerivativesWriter(output_dir)
@@ -244,6 +248,8 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
         manifest = writer.write_manifest(ss.subject, ss.session, files, config=cfg,
                                          status={"status": "done", "resume_key": resume or "",
                                                  "qc": meta.get("qc", {})})
+        if not keep_work:
+            zarrstore.remove_group(url)
         return {"participant_id": ss.participant_id, "session_id": ss.session_id,
                 "manifest": str(manifest), "n_files": len(files), "qc": meta.get("qc", {})}
 
