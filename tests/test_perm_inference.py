@@ -155,6 +155,7 @@ def test_planted_effect_end_to_end():
     assert 4 <= tab.iloc[0].peak_x_mm <= 10 and 4 <= tab.iloc[0].peak_y_mm <= 10
     assert np.mean(res.logp_fwe_tfce[blob] > -np.log10(0.05)) > 0.5
     assert np.mean(res.logp_fwe_tfce[~blob] > -np.log10(0.05)) < 0.2
+    np.testing.assert_array_equal(res.extras["affine"], np.diag([2.0, 2.0, 2.0, 1.0]))
     vol = res.to_volume("z")
     assert vol.shape == mask.shape and np.all(vol[~mask] == 0)
     assert np.all((res.logp_unc >= 0) & (res.logp_unc <= np.log10(201) + 1e-9))

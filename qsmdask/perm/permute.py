@@ -350,9 +350,13 @@ def _fwe_p(observed, null):
 class PermutationResult:
     """Outputs as masked vectors (n_voxels,) plus the mask to put them back in 3-D.
 
-    ``logp_*`` are -log10 p. ``cluster_labels`` numbers clusters 1..K by
-    decreasing size; ``clusters`` is the cluster table (pandas). Null
-    distributions are kept in ``null`` (``max_t``, ``max_size``, ...).
+    ``logp_*`` are -log10 p (``logp_unc``: permutation, ``logp_unc_param``:
+    t distribution; ``logp_fwe_t``: voxel max-T; ``logp_fwe_size`` /
+    ``logp_fwe_mass``: cluster extent / mass, per voxel of each cluster;
+    ``logp_fwe_tfce``). ``cluster_labels`` numbers clusters 1..K by decreasing
+    size; ``clusters`` is the cluster table (pandas). Null distributions are
+    kept in ``null`` (``max_t``, ``max_size``, ...); ``extras["affine"]`` holds
+    the affine when one was given.
     """
 
     mask: np.ndarray
@@ -403,6 +407,8 @@ def finalize(prepared: PreparedModel, options: PermutationOptions, null: dict, *
         logp_unc_param=-np.log10(np.clip(p_unc_param, 1e-300, 1.0)),
         logp_fwe_t=-np.log10(_fwe_p(stat, null["max_t"])),
         null=null, options=options, cluster_t=prepared.cluster_t)
+    if affine is not None:
+        res.extras["affine"] = np.asarray(affine, dtype=np.float64)
     structure = connectivity_structure(options.connectivity)
     if "cluster" in options.inference:
         labels, sizes, masses, signs = cluster_statistics(
