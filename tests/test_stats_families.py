@@ -4,7 +4,6 @@ statsmodels and pingouin on the same inputs (1e-8)."""
 import warnings
 
 import numpy as np
-import pandas as pd
 import pingouin as pg
 import pytest
 import statsmodels.api as sm

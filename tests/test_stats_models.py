@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pingouin as pg
 import pytest
-import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.stats.power import TTestIndPower
 
@@ -189,7 +188,10 @@ def test_run_group_analysis_full_design():
                                          site_offset_ppm=[0.0, 0.01],
                                          group_effect_ppm=0.02, seed=9)
     design = GroupDesign(combat=True, n_boot=200, mediation_paths=[["crp", "hdrs"]])
+    before = (roi.copy(), part.copy(), ses.copy())
     out = run_group_analysis(roi, part, ses, design=design)
+    for a, b in zip(before, (roi, part, ses)):  # inputs are not modified
+        pd.testing.assert_frame_equal(a, b)
     assert set(out) == set(design.tests) | {"skipped"}
     assert out["skipped"].empty
     for name, df in out.items():

@@ -8,14 +8,18 @@ correlations); the common columns always keep their meaning:
 
 ``test``            name of the analysis family (``"group_wilcoxon"``, ...)
 ``measure``         modality of the ROI value (``"chi"``, ``"fa"``, ...)
-``roi``             ROI name; ``hemisphere`` ``"L"``, ``"R"`` or ``"B"``
-``session_id``      session analysed (``""`` when the dataset has no sessions,
-                    ``"*"`` when the analysis spans sessions)
+``roi``             ROI name (``"<atlas>:<roi>"`` when several atlases are analysed);
+                    ``hemisphere`` ``"L"``, ``"R"``, ``"B"`` (``"L-R"`` for asymmetry)
+``session_id``      session analysed (``""`` when the dataset has no sessions;
+                    ``"<follow-up>-<baseline>"`` for paired tests, ``"*"`` for the mixed
+                    model, which uses all sessions)
 ``n``               observations used (``n1``/``n2`` per group, NaN if not applicable)
 ``statistic``       the test statistic (U, W, t, r, ...); ``dof`` its degrees of freedom
                     (NaN where not applicable)
 ``p``               two-sided p value; ``p_corrected`` adjusted within the correction
-                    family, ``correction`` the method
+                    family, ``correction`` the method. A family is all ROI x hemisphere
+                    rows of one test and measure and session (and variable/marker/term
+                    where the test has several); rows with p = NaN are not counted
 ``method``          the exact routine that produced the numbers
 ``effect_size``     with ``effect_size_name``, and its 95 % CI ``ci_low``, ``ci_high``
 """
@@ -90,7 +94,7 @@ def adjust_pvalues(p, *, correction: str) -> np.ndarray:
 
 
 def apply_correction(df: pd.DataFrame, *, correction: str, family: Sequence[str]) -> pd.DataFrame:
-    """Fill ``p_corrected`` and ``correction`` of ``df`` within families given by columns ``family``.
+    """Fill ``p_corrected`` and ``correction`` of ``df`` within families (``family`` columns).
 
     Returns a new frame (``df`` is not modified).
     """

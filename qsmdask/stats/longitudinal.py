@@ -16,8 +16,8 @@ import statsmodels.api as sm
 from scipy import stats
 
 from ._common import (CORRECTIONS, apply_correction, attach_variables, encode_columns,
-                      full_rank_columns, long_table, merge_participants, order_sessions, subset_group,
-                      tidy_frame, validate_choice)
+                      full_rank_columns, long_table, merge_participants, order_sessions,
+                      subset_group, tidy_frame, validate_choice)
 
 __all__ = ["paired_ttest", "mixed_model"]
 
