@@ -176,9 +176,12 @@ def load_atlas(name: str | Path = "aal", *, labels_tsv=None, groups_tsv=None) ->
         raise InputError(nii, f"cannot read atlas NIfTI ({exc})") from exc
     if data.ndim != 3:
         raise InputError(nii, f"atlas must be 3-D, got shape {data.shape}")
-    if not np.allclose(data, np.round(data)):
-        raise InputError(nii, "atlas labels must be integers")
-    labels = np.round(data).astype(np.int32)
+    if np.issubdtype(data.dtype, np.integer):
+        labels = data.astype(np.int32)
+    else:
+        labels = np.rint(data).astype(np.int32)
+        if not np.array_equal(labels, data):
+            raise InputError(nii, "atlas labels must be integers")
     table = _build_table(names, groups, rule)
     return Atlas(name=atlas_name, labels=labels, affine=np.asarray(img.affine, dtype=np.float64),
                  table=table)
