@@ -130,6 +130,11 @@ def _synthetic_output(tmp_path: Path, *, with_perm: bool = False) -> tuple[Path,
          "config": {"chain": {"bgremove_method": "sharp", "tkd_threshold": 0.2},
                     "registration": "syn", "atlas": "aal"}})
     if with_perm:
+        # the workflow's QC figure of the QC outlier (inlined by the report's QC section)
+        mag, brain, total, local, chi, labels, vs = _phantom(shape=(24, 24, 12))
+        DerivativesWriter(out).save_bytes("004", "post", "qc", qc_figure(
+            mag, brain, total, local, chi, voxel_size_mm=vs, title="sub-004 ses-post"),
+            ext=".png", desc="recon")
         from qsmdask.io.nifti import save_nifti
         shape = (16, 18, 14)
         t = np.zeros(shape, np.float32)
@@ -183,7 +188,7 @@ def test_report_builds_with_sections_and_failures(full_report):
     assert "sub-099" in text and FAILED_MESSAGE in text
     # the QC outlier is flagged
     qc = text.split('<section id="qc">')[1].split("</section>")[0]
-    assert "sub-004" in qc
+    assert "sub-004" in qc and "QC figure sub-004_ses-post" in qc
     # cohort counts: 16 participants x 2 sessions, two sites
     cohort = text.split('<section id="cohort">')[1].split("</section>")[0]
     assert "<b>32</b> from <b>16</b>" in cohort and "site2" in cohort

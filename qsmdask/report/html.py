@@ -96,27 +96,40 @@ def _fmt_p(p) -> str:
     return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
 
 
-def _table(df: pd.DataFrame, *, highlight=None, max_rows: int = 200, formats=None) -> str:
-    """HTML table of ``df``; rows where ``highlight`` (bool Series) is True are marked."""
+def _table(df: pd.DataFrame, *, highlight=None, max_rows: int = 200, formats=None,
+           fold: int = 15) -> str:
+    """HTML table of ``df``; rows where ``highlight`` (bool Series) is True are marked.
+
+    Tables longer than ``fold`` rows show the first ``fold`` rows and the whole table (up to
+    ``max_rows``) in a collapsed ``<details>`` element.
+    """
     if df is None or len(df) == 0:
         return _note("(no rows)")
     formats = {**{c: _fmt_int for c in df.columns if c in _INT_COLUMNS}, **(formats or {})}
+    hl = None if highlight is None else highlight.reindex(df.index).fillna(False)
+
+    def render(rows: pd.DataFrame) -> str:
+        head = "".join(f"<th>{_esc(c)}</th>" for c in rows.columns)
+        body = []
+        for idx, row in rows.iterrows():
+            cls = ' class="sig"' if hl is not None and bool(hl.loc[idx]) else ""
+            cells = []
+            for c in rows.columns:
+                f = formats.get(c)
+                cells.append(f"<td>{_esc(f(row[c]) if f else _fmt(row[c]))}</td>")
+            body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+        return (f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
+                "</tbody></table></div>")
+
     shown = df.head(max_rows)
-    head = "".join(f"<th>{_esc(c)}</th>" for c in shown.columns)
-    body = []
-    hl = None if highlight is None else highlight.reindex(shown.index).fillna(False)
-    for idx, row in shown.iterrows():
-        cls = ' class="sig"' if hl is not None and bool(hl.loc[idx]) else ""
-        cells = []
-        for c in shown.columns:
-            v = row[c]
-            f = formats.get(c)
-            cells.append(f"<td>{_esc(f(v) if f else _fmt(v))}</td>")
-        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    more = (_note(f"{len(df) - max_rows} more row(s) not shown; see the Parquet file.")
-            if len(df) > max_rows else "")
-    return (f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
-            f"</tbody></table></div>{more}")
+    if len(shown) <= fold:
+        out = render(shown)
+    else:
+        out = (render(shown.head(fold)) + f"<details><summary>show all {len(shown)} rows"
+               "</summary>" + render(shown) + "</details>")
+    if len(df) > max_rows:
+        out += _note(f"{len(df) - max_rows} more row(s) not shown; see the Parquet file.")
+    return out
 
 
 _INT_COLUMNS = ("n", "n1", "n2", "cluster", "sign", "size_voxels", "n_subjects", "n_voxels")
@@ -447,7 +460,8 @@ def _group_panels(long: pd.DataFrame, groups, gw: pd.DataFrame | None, session: 
                 if len(row):
                     p = row["p_corrected"].iloc[0]
                     star = " *" if pd.notna(p) and p < alpha else ""
-                    ax.annotate(f"p={_fmt_p(p)}{star}", (hi, 1.0), xycoords=("data", "axes fraction"),
+                    short = "<0.001" if pd.notna(p) and p < 1e-3 else _fmt_p(p)
+                    ax.annotate(f"p={short}{star}", (hi, 1.0), xycoords=("data", "axes fraction"),
                                 ha="center", va="bottom", fontsize=7,
                                 fontweight="bold" if star else "normal")
         ax.set_xticks(range(len(hemis)))
@@ -865,9 +879,26 @@ def _section_qc(inp: _Inputs) -> str:
         fl = q.loc[flags, ["participant_id", "session_id"]].copy()
         fl["why"] = ["; ".join(reasons[i]) for i in np.flatnonzero(flags.to_numpy())]
         out.append("<p><b>Subject-sessions to inspect:</b></p>" + _table(fl))
+        out.append(_qc_images(inp.output_dir, fl[["participant_id", "session_id"]].to_numpy()))
     else:
         out.append("<p>No QC outliers.</p>")
     return "".join(out)
+
+
+def _qc_images(output_dir: Path, keys, limit: int = 8) -> str:
+    """Inline the QC figures (``*_qc.png`` written by the workflow) of the given subject-sessions."""
+    parts = []
+    for pid, ses in list(keys)[:limit]:
+        stem = f"{pid}_{ses}" if ses else str(pid)
+        folder = output_dir / str(pid) / (str(ses) if ses else "")
+        pngs = sorted(folder.glob(f"**/{stem}*_qc.png")) if folder.is_dir() else []
+        if not pngs:
+            continue
+        data = base64.b64encode(pngs[0].read_bytes()).decode("ascii")
+        parts.append(f"<figure><figcaption>{_esc(pngs[0].name)}</figcaption>"
+                     f'<img alt="QC figure {_esc(stem)}" src="data:image/png;base64,{data}" '
+                     'style="max-width:600px"></figure>')
+    return "".join(parts)
 
 
 def _section_other(inp: _Inputs) -> str:
