@@ -234,6 +234,20 @@ def test_report_voxelwise_from_perm_results_argument(tmp_path):
     assert "Nichols" in text  # methods cite the permutation references
 
 
+def test_report_reads_group_design_and_runs_from_command_line(tmp_path, capsys):
+    import json
+
+    from qsmdask.report.__main__ import main
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "qsmdask_group_config.json").write_text(json.dumps(
+        {"design": {"alpha": 0.01, "correction": "holm", "combat": True}}))
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+    methods = (tmp_path / "report.html").read_text().split('<section id="methods">')[1]
+    assert "alpha = 0.01" in methods and "Holm" in methods and "ComBat" in methods
+    assert main([str(tmp_path / "missing")]) == 1
+
+
 def test_methods_paragraph_follows_configuration():
     text, cited = methods_paragraph({"chain": {}, "atlas": "/data/BN_Atlas_274_noCb_uint16.nii.gz"})
     assert "V-SHARP" in text and "Brainnetome" in text

@@ -29,9 +29,11 @@ from matplotlib.figure import Figure
 from .. import __version__
 from .references import REFERENCES
 
-__all__ = ["build_cohort_report", "methods_paragraph", "REPORT_NAME"]
+__all__ = ["build_cohort_report", "methods_paragraph", "REPORT_NAME", "GROUP_CONFIG_NAME"]
 
 REPORT_NAME = "report.html"
+#: Run record of the group level (``{"design": GroupDesign.to_dict(), ...}``), if written.
+GROUP_CONFIG_NAME = "qsmdask_group_config.json"
 ALPHA = 0.05
 CLINICAL_VARIABLES = ("hdrs", "disease_weeks", "relapse_count", "episode_weeks")
 MARKERS = ("crp", "il6", "tnfa", "il1b")
@@ -232,6 +234,12 @@ class _Inputs:
     def _design(self):
         from ..stats.design import GroupDesign
         d = (self.config or {}).get("design")
+        gpath = self.output_dir / "logs" / GROUP_CONFIG_NAME
+        if gpath.exists():
+            try:
+                d = json.loads(gpath.read_text()).get("design", d)
+            except (OSError, json.JSONDecodeError, AttributeError) as e:
+                self.problems["group_config"] = f"{gpath} unreadable ({e})"
         try:
             return GroupDesign.from_dict(d) if isinstance(d, dict) else GroupDesign()
         except ValueError:
@@ -1111,8 +1119,8 @@ def build_cohort_report(output_dir, bids_dir=None, *, perm_results=None,
     ----------
     output_dir : path
         The derivatives folder of a run (``roi/``, ``group/``, ``failures.parquet``,
-        ``logs/qsmdask_config.json``, optional ``group/perm_*.nii.gz`` and
-        ``group/perm_clusters.parquet``).
+        ``logs/qsmdask_config.json``, optional ``logs/qsmdask_group_config.json`` with the
+        group ``design``, ``group/perm_*.nii.gz`` and ``group/perm_clusters.parquet``).
     bids_dir : path or None
         The BIDS dataset (participants.tsv, sessions.tsv); None: the ``bids_dir``
         recorded in ``logs/qsmdask_config.json``.
