@@ -71,6 +71,16 @@ def test_qc_figure_validates_inputs_and_accepts_4d_magnitude():
     assert qc_figure(mag, np.zeros_like(brain), total, local, chi, voxel_size_mm=vs)[:8] == PNG_MAGIC
 
 
+def test_qc_slices_are_drawn_in_millimetres():
+    """Anisotropic voxels: each view spans the field of view in mm, not in voxels."""
+    from qsmdask.report.qc import _extent, mask_centroid
+    shape, vs = (40, 36, 20), np.array([1.0, 1.0, 2.5])
+    assert _extent(shape, vs, 2) == (0.0, 40.0, 0.0, 36.0)   # axial: x by y
+    assert _extent(shape, vs, 1) == (0.0, 40.0, 0.0, 50.0)   # coronal: x by z (20 x 2.5 mm)
+    assert _extent(shape, vs, 0) == (0.0, 36.0, 0.0, 50.0)   # sagittal: y by z
+    assert mask_centroid(np.zeros(shape, bool)) == (20, 18, 10)
+
+
 def test_qc_numbers_against_construction():
     shape, vs = (20, 20, 10), (1.0, 1.5, 2.0)
     mask = np.zeros(shape, bool)
