@@ -19,10 +19,10 @@ from qsmdask import bgremove, inversion, mask as maskmod, unwrap
 __all__ = ["ChainConfig", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
-MASK_METHODS = ("threshold",)
+MASK_METHODS = ("threshold", "bet")
 UNWRAP_METHODS = ("laplacian",)
 BGREMOVE_METHODS = ("vsharp", "sharp")
-INVERSION_METHODS = ("tkd",)
+INVERSION_METHODS = ("tkd", "tv")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ChainConfig:
 
     Attributes
     ----------
-    mask_method : "threshold".
+    mask_method : "threshold" (fast) or "bet" (surface model, FSL BET-like).
     mask_threshold_fraction : None for Otsu, else a fraction of the robust maximum
         magnitude ("threshold" method).
     bet_fraction : fractional intensity threshold of the surface-model mask
@@ -44,8 +44,12 @@ class ChainConfig:
     sharp_radius_mm : SMV radius (mm) of SHARP, and the largest radius of V-SHARP
         (radii from the voxel size up to it); the reference study used up to 6 mm.
     sharp_threshold : truncation level of the SHARP deconvolution.
-    inversion_method : "tkd".
+    inversion_method : "tkd" or "tv" (total variation, ADMM).
     tkd_threshold : truncation level of |D| for TKD.
+    tv_lambda : regularisation weight of "tv".
+    tv_max_iter : ADMM iterations of "tv".
+    tv_edge_fraction : fraction of the magnitude's strongest gradients left
+        unpenalised by "tv" (MEDI-like edge mask; 0 disables).
     phase_sign : +1 for the right-handed convention (positive chi -> positive phase,
         as qsm-forward), -1 for the reference study's left-handed convention.
     pad_voxels : zero padding (voxels per side) for dipole-inversion FFTs.
@@ -64,6 +68,9 @@ class ChainConfig:
     sharp_threshold: float = 0.05
     inversion_method: str = "tkd"
     tkd_threshold: float = 0.19
+    tv_lambda: float = 1e-3
+    tv_max_iter: int = 50
+    tv_edge_fraction: float = 0.0
     phase_sign: int = 1
     pad_voxels: tuple[int, int, int] = (16, 16, 16)
     fft_workers: int = 1
@@ -88,6 +95,12 @@ class ChainConfig:
             raise ValueError(f"sharp_radius_mm must be > 0, got {self.sharp_radius_mm!r}")
         if not (0 < self.sharp_threshold < 1):
             raise ValueError(f"sharp_threshold must be in (0, 1), got {self.sharp_threshold!r}")
+        if not (self.tv_lambda > 0):
+            raise ValueError(f"tv_lambda must be > 0, got {self.tv_lambda!r}")
+        if int(self.tv_max_iter) < 1:
+            raise ValueError(f"tv_max_iter must be >= 1, got {self.tv_max_iter!r}")
+        if not (0 <= self.tv_edge_fraction < 1):
+            raise ValueError(f"tv_edge_fraction must be in [0, 1), got {self.tv_edge_fraction!r}")
         if not (0 < self.tkd_threshold < 2 / 3):
             raise ValueError(f"tkd_threshold must be in (0, 2/3), got {self.tkd_threshold!r}")
         pad = tuple(int(p) for p in self.pad_voxels)
@@ -202,7 +215,9 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     t0 = time.perf_counter()
 
     # 1. brain mask
-    if mask is None:
+    if mask is None and cfg.mask_method == "bet":
+        brain = maskmod.bet_mask(mag[..., 0], vs, fractional_threshold=cfg.bet_fraction)
+    elif mask is None:
         brain = maskmod.threshold_mask(mag[..., 0], vs, threshold_fraction=cfg.mask_threshold_fraction,
                                        open_mm=cfg.mask_open_mm)
     else:
@@ -242,8 +257,14 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
 
     # 5. dipole inversion
     t4 = time.perf_counter()
-    chi = inversion.tkd(local, eroded, vs, b0_dir=b, threshold=cfg.tkd_threshold,
-                        pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+    if cfg.inversion_method == "tv":
+        chi = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter,
+                                magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
+                                edge_fraction=cfg.tv_edge_fraction, mask_data=False,
+                                pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+    else:
+        chi = inversion.tkd(local, eroded, vs, b0_dir=b, threshold=cfg.tkd_threshold,
+                            pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
     timings["time_inversion_s"] = time.perf_counter() - t4
     timings["time_total_s"] = time.perf_counter() - t0
 

@@ -1,5 +1,6 @@
 """Brain masks from magnitude images."""
 
+from qsmdask.mask.bet import bet_mask
 from qsmdask.mask.threshold import threshold_mask
 
-__all__ = ["threshold_mask"]
+__all__ = ["bet_mask", "threshold_mask"]

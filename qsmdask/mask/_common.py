@@ -60,3 +60,15 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
         between = (mt * w0 / w0[-1] - m0) ** 2 / (w0 * w1)
     between[~np.isfinite(between)] = 0
     return float(edges[int(np.argmax(between)) + 1])
+
+
+def thickest_component(mask: np.ndarray, voxel_size_mm) -> np.ndarray:
+    """The connected component with the largest inscribed ball (max distance to its edge).
+
+    Picks the brain rather than a thin but large scalp shell."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=voxel_size_mm)[1:-1, 1:-1, 1:-1]
+    best = ndimage.maximum(dist, labels, index=np.arange(1, n + 1))
+    return labels == int(np.argmax(best)) + 1

@@ -6,8 +6,8 @@ import numpy as np
 from scipy import ndimage
 
 from qsmdask.kernels import ellipsoid_structure
-from qsmdask.mask._common import (check_volume, check_voxel_size, fill_holes, largest_component,
-                                  otsu_threshold)
+from qsmdask.mask._common import (check_volume, check_voxel_size, fill_holes, otsu_threshold,
+                                  thickest_component)
 
 __all__ = ["threshold_mask"]
 
@@ -17,9 +17,10 @@ def threshold_mask(magnitude, voxel_size_mm, *, threshold_fraction: float | None
     """Brain mask from a magnitude image by thresholding and morphology.
 
     The magnitude (first echo if 4-D) is smoothed with a Gaussian of
-    ``smooth_mm`` FWHM-ish sigma, thresholded, opened with a ball of
-    ``open_mm`` (cuts thin bridges to scalp and vessels), reduced to its
-    largest connected component, closed, and its holes are filled.
+    sigma ``smooth_mm``, thresholded, opened with a ball of ``open_mm`` (cuts
+    thin bridges to scalp and vessels), reduced to its thickest connected
+    component (largest inscribed ball: the brain, not a scalp shell), closed,
+    and its holes are filled.
 
     Parameters
     ----------
@@ -60,7 +61,7 @@ def threshold_mask(magnitude, voxel_size_mm, *, threshold_fraction: float | None
         opened = ndimage.binary_opening(m, structure=ball)
         if opened.any():
             m = opened
-    m = largest_component(m)
+    m = thickest_component(m, vs)
     if open_mm > 0:
         ball = ellipsoid_structure(open_mm, vs)
         p = max(ball.shape)

@@ -1,0 +1,158 @@
+"""Total-variation regularised dipole inversion by ADMM with closed-form FFT updates."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qsmdask.inversion._ops import edge_weights, gradient, gradient_adjoint
+from qsmdask.inversion.tkd import check_inversion_inputs
+from qsmdask.kernels import PaddedFFT, dipole_kernel, laplacian_kernel
+
+__all__ = ["tv_admm"]
+
+
+def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam: float = 2e-4,
+            magnitude=None, data_weight=None, edge_fraction: float = 0.3, rho: float | None = None,
+            max_iter: int = 100, tol: float = 1e-3, mask_data: bool = True, pad_voxels=(16, 16, 16),
+            fft_workers: int = 1) -> np.ndarray:
+    """Weighted total-variation dipole inversion (ADMM, every update closed form).
+
+    Solves  min_chi  1/2 || W (IFFT(D FFT(chi)) - f) ||^2 + lam || E grad(chi) ||_{2,1}
+    where W is the data weight (the brain mask, times ``data_weight`` if given, e.g.
+    a normalised magnitude: only voxels inside the brain constrain the solution) and
+    E the gradient weights (0 on the strongest ``edge_fraction`` of the magnitude's
+    gradients, as the MEDI edge mask; all 1 when ``magnitude`` is None).  Splitting
+    y = D chi and z = grad chi makes every ADMM step a pointwise formula or one
+    division in k-space.
+
+    Parameters
+    ----------
+    local_field_ppm : (x, y, z) local field in ppm.
+    mask : (x, y, z) bool brain mask (data support); the result is 0 outside.
+    voxel_size_mm : 3 floats.
+    b0_dir : B0 in voxel-axis coordinates.
+    lam : regularisation weight (ppm units of the field; > 0).
+    magnitude : optional (x, y, z) magnitude for edge weights.
+    data_weight : optional (x, y, z) non-negative data weights (e.g. magnitude or
+        inverse noise); normalised to mean 1 in the mask.
+    edge_fraction : fraction of gradients treated as edges (0 disables), in [0, 1).
+    mask_data : True: data term only inside the mask (extra splitting, 4 FFTs per
+        iteration); False: the field is taken as 0 outside the mask and the data
+        term is solved exactly in k-space (2 FFTs per iteration; ``data_weight`` unused).
+    rho : ADMM penalty (default 100 * lam for the gradient split; the data split uses 1).
+    max_iter : maximum iterations (>= 1).
+    tol : stop when the relative change of chi falls below this.
+    pad_voxels : zero padding on each side.
+    fft_workers : FFT threads (>= 1).
+
+    Returns
+    -------
+    float32 (x, y, z) susceptibility (ppm), 0 outside the mask.
+
+    References
+    ----------
+    Bilgic B et al. Fast quantitative susceptibility mapping with L1-regularization and
+    automatic parameter selection. Magn Reson Med 2014;72:1444-1459.
+    Milovic C et al. Fast nonlinear susceptibility inversion with variational
+    regularization (FANSI). Magn Reson Med 2018;80:814-821.
+    Liu T et al. Morphology enabled dipole inversion (MEDI). Magn Reson Med 2012;67:137-147.
+    """
+    f, m, vs, b = check_inversion_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
+    if not (np.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be > 0, got {lam!r}")
+    if not (0 <= edge_fraction < 1):
+        raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction!r}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    rho1 = float(rho) if rho is not None else 100.0 * lam
+    if rho1 <= 0:
+        raise ValueError(f"rho must be > 0, got {rho!r}")
+    rho2 = 1.0
+    fft = PaddedFFT(f.shape, pad_voxels, workers=fft_workers)
+    d = dipole_kernel(fft.padded_shape, vs, b, real=True)
+    g2 = -laplacian_kernel(fft.padded_shape, vs, real=True)
+    denom = (rho2 * d * d + rho1 * g2).astype(np.float32)
+    denom[0, 0, 0] = 1.0  # the mean is undetermined: keep it at 0
+    # data weights on the padded grid
+    w = m.astype(np.float32)
+    if data_weight is not None:
+        dw = np.asarray(data_weight, dtype=np.float32)
+        if dw.shape != f.shape or np.any(dw < 0):
+            raise ValueError("data_weight must be non-negative with the field's shape")
+        w = w * dw / max(float(dw[m].mean()), 1e-12)
+    w = fft.pad(w)
+    w2 = w * w
+    fp = fft.pad(f)
+    if magnitude is not None:
+        mag = np.asarray(magnitude, dtype=np.float32)
+        if mag.shape != f.shape:
+            raise ValueError(f"magnitude shape {mag.shape} differs from the field's {f.shape}")
+        e = edge_weights(fft.pad(mag * m), fft.pad(m.astype(np.float32)) > 0, vs,
+                         edge_fraction=edge_fraction)
+    else:
+        e = None
+    shape = fft.padded_shape
+    import scipy.fft as sfft
+
+    def fwd(x):
+        return sfft.rfftn(x, workers=fft.workers)
+
+    def inv(x):
+        return sfft.irfftn(x, s=shape, workers=fft.workers).astype(np.float32, copy=False)
+
+    chi = np.zeros(shape, dtype=np.float32)
+    z = np.zeros((3,) + shape, dtype=np.float32)
+    u = np.zeros_like(z)
+    q = np.empty_like(z)
+    nrm = np.empty(shape, dtype=np.float32)
+    adj = np.empty(shape, dtype=np.float32)
+    y = fp.copy()
+    v = np.zeros(shape, dtype=np.float32)
+    thr = np.float32(lam / rho1)
+    w2f = (w2 * fp).astype(np.float32)
+    wden = (1.0 / (w2 + rho2)).astype(np.float32)
+    d_r2 = (rho2 * d).astype(np.float32)
+    inv_denom = (1.0 / denom).astype(np.float32)
+    inv_denom[0, 0, 0] = 0.0
+    if not mask_data:
+        dfp = (d * fwd(fp)).astype(np.complex64)
+        den0 = (d * d + rho1 * g2).astype(np.float32)
+        den0[0, 0, 0] = 1.0
+        inv_denom = (1.0 / den0).astype(np.float32)
+        inv_denom[0, 0, 0] = 0.0
+    for it in range(int(max_iter)):
+        np.subtract(z, u, out=q)
+        gradient_adjoint(q, vs, out=adj)
+        if mask_data:
+            spec = fwd(y - v)
+            spec *= d_r2
+            spec += np.float32(rho1) * fwd(adj)
+        else:
+            spec = fwd(adj)
+            spec *= np.float32(rho1)
+            spec += dfp
+        spec *= inv_denom
+        chi_new = inv(spec)
+        if mask_data:
+            spec *= d
+            dchi = inv(spec)
+        change = float(np.linalg.norm(chi_new - chi) / max(np.linalg.norm(chi_new), 1e-12))
+        chi = chi_new
+        # gradient split: isotropic shrinkage (per-axis, edge-weighted with a magnitude prior)
+        gradient(chi, vs, out=q)
+        q += u
+        if e is None:
+            np.sqrt(np.einsum("a...,a...->...", q, q), out=nrm)
+            scale = np.maximum(nrm - thr, 0)
+            scale /= np.maximum(nrm, np.float32(1e-12))
+            np.multiply(q, scale, out=z)
+        else:
+            np.multiply(np.sign(q), np.maximum(np.abs(q) - thr * e, 0), out=z)
+        np.subtract(q, z, out=u)
+        if mask_data:  # data split: pointwise weighted least squares
+            y = (w2f + rho2 * (dchi + v)) * wden
+            v += dchi
+            v -= y
+        if it > 0 and change < tol:
+            break
+    return np.where(m, chi[fft.slices], 0).astype(np.float32)
