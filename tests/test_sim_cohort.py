@@ -119,7 +119,10 @@ def test_phase_file_consistent_with_truth_field(cohort):
 
 def test_planted_effect_in_truth(cohort):
     tt = cohort.tissue_table
-    part = cohort.participants.set_index("participant_id")
+    part = cohort.truth.set_index("participant_id")
+    assert "planted_effect_ppm" not in cohort.participants.columns  # truth stays out of raw
+    written = _read_tsv(cohort.derivatives / "participants_truth.tsv").set_index("participant_id")
+    pd.testing.assert_series_equal(written["planted_effect_ppm"], part["planted_effect_ppm"])
     for _, row in tt[tt["label"] > 0].iterrows():
         assert row["chi_ppm"] - row["baseline_chi_ppm"] == pytest.approx(row["planted_effect_ppm"])
         expected = part.loc[row["participant_id"], "planted_effect_ppm"] \
@@ -141,7 +144,8 @@ def test_planted_effect_in_truth(cohort):
 def test_deterministic_by_seed(cohort, tmp_path):
     plan = plan_cohort(n_subjects=3, seed=11, n_sessions=2, n_sites=2, effect_ppm=0.03,
                        patient_fraction=0.67, config=cohort.config)
-    pd.testing.assert_frame_equal(plan.participants, cohort.participants)
+    pd.testing.assert_frame_equal(plan.participants[cohort.participants.columns],
+                                  cohort.participants)
     simulate_session_files(tmp_path, plan, "sub-02", "ses-post")
     for name in ("phase", "magnitude"):
         a = cohort.gre_paths("sub-02", "ses-post")[name][1]

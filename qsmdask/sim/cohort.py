@@ -11,7 +11,8 @@ from one seed, simulates every subject-session with :mod:`qsmdask.sim.phantom` a
   brain only), ``..._desc-truth_mask.nii.gz``, ``..._desc-truth_dseg.nii.gz`` (AAL labels,
   table in ``desc-truth_dseg.tsv``), ``..._desc-truth_pose.json`` and, with
   ``write_fields``, ``..._desc-truthtotal_fieldmap.nii.gz`` / ``..._desc-truthlocal_fieldmap``
-  (ppm), plus ``tissue_table.tsv`` (true region susceptibilities per subject-session).
+  (ppm), plus ``tissue_table.tsv`` (true region susceptibilities per subject-session) and
+  ``participants_truth.tsv`` (planted effect and site SNR factor per participant).
 
 Every subject-session draws its randomness from ``numpy.random.default_rng([seed, ...])`` keyed by
 its indices, so results do not depend on the order or the parallelism of the runs.
@@ -69,6 +70,8 @@ class CohortInfo:
     root : BIDS root.
     derivatives : ``root/derivatives/qsmdask-sim``.
     participants : the participants table (as written to participants.tsv).
+    truth : participant_id, group, planted_effect_ppm, site_snr_factor (simulation truth, also
+        in ``derivatives/qsmdask-sim/participants_truth.tsv``).
     sessions : participant_id, session_id, hdrs, acq_time per subject-session.
     session_ids : BIDS session labels ([] when the dataset has no session level).
     tissue_table : true region susceptibilities per subject-session.
@@ -78,6 +81,7 @@ class CohortInfo:
     root: Path
     derivatives: Path
     participants: pd.DataFrame
+    truth: pd.DataFrame
     sessions: pd.DataFrame
     session_ids: list
     tissue_table: pd.DataFrame
@@ -432,7 +436,7 @@ _PARTICIPANTS_JSON = {
                                                             "control": "healthy control"}},
     "age": {"Description": "age at the first session", "Units": "year"},
     "sex": {"Description": "sex", "Levels": {"M": "male", "F": "female"}},
-    "site": {"Description": "acquisition site (sites differ in SNR, see site_snr_factor)"},
+    "site": {"Description": "acquisition site"},
     "medication": {"Description": "on antidepressant medication (patients)",
                    "Levels": {"0": "no", "1": "yes"}},
     "hdrs": {"Description": "Hamilton Depression Rating Scale (17 items) at the first session"},
@@ -443,9 +447,12 @@ _PARTICIPANTS_JSON = {
     "il6": {"Description": "interleukin 6 (serum)", "Units": "pg/mL"},
     "tnfa": {"Description": "tumour necrosis factor alpha (serum)", "Units": "pg/mL"},
     "il1b": {"Description": "interleukin 1 beta (serum)", "Units": "pg/mL"},
-    "planted_effect_ppm": {"Description": "simulation truth: susceptibility added to the "
-                           "effect regions of this participant", "Units": "ppm"},
-    "site_snr_factor": {"Description": "simulation truth: SNR factor of the site"},
+}
+_TRUTH_COLUMNS = ("planted_effect_ppm", "site_snr_factor")
+_TRUTH_JSON = {
+    "planted_effect_ppm": {"Description": "susceptibility added to the effect regions of this "
+                           "participant (0 for controls)", "Units": "ppm"},
+    "site_snr_factor": {"Description": "SNR factor of the participant's site"},
 }
 
 
@@ -532,7 +539,9 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
         "DatasetType": "raw", "License": "CC0",
         "GeneratedBy": [{"Name": "qsmdask.sim", "Version": __version__}],
         "Authors": ["qsmdask simulator"]})
-    _write_tsv(root / "participants.tsv", plan.participants)
+    participants = plan.participants.drop(columns=list(_TRUTH_COLUMNS))
+    truth = plan.participants[["participant_id", "group", *_TRUTH_COLUMNS]]
+    _write_tsv(root / "participants.tsv", participants)
     atomic_write_json(root / "participants.json", _PARTICIPANTS_JSON)
     if sessions:
         for pid, df in plan.sessions.groupby("participant_id", sort=True):
@@ -553,6 +562,8 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
                                "name": [model.aal_names[k] for k in sorted(model.aal_names)]})
     _write_tsv(deriv / "desc-truth_dseg.tsv", dseg_table)
     atomic_write_json(deriv / "sim_config.json", plan.config)
+    _write_tsv(deriv / "participants_truth.tsv", truth)
+    atomic_write_json(deriv / "participants_truth.json", _TRUTH_JSON)
 
     pids = list(plan.participants["participant_id"])
     if executor is None:
@@ -562,7 +573,7 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
         tables = [f.result() for f in futures]
     tissue = pd.concat(tables, ignore_index=True)
     _write_tsv(deriv / "tissue_table.tsv", tissue)
-    return CohortInfo(root=root, derivatives=deriv, participants=plan.participants,
+    return CohortInfo(root=root, derivatives=deriv, participants=participants, truth=truth,
                       sessions=plan.sessions, session_ids=sessions, tissue_table=tissue,
                       config=plan.config)
 

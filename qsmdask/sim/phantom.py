@@ -882,7 +882,7 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
                      echo_times_s=(0.004, 0.012, 0.020), b0_tesla: float = 3.0,
                      snr: float = 50.0, shim_order: int = 2, residual_deg=None,
                      t1w: bool = True, t1w_voxel_size_mm=None,
-                     t1w_fov_mm=(240.0, 256.0, 256.0), t1w_snr: float = 40.0,
+                     t1w_fov_mm=(200.0, 240.0, 224.0), t1w_snr: float = 40.0,
                      local_field: bool = True, pad_mm: float = 40.0,
                      model_resolution_mm: int | None = None,
                      tissue_maps: dict | None = None) -> SessionSimulation:
