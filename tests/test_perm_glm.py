@@ -153,3 +153,18 @@ def test_t_to_z():
     assert np.isfinite(z[5]) and z[5] > 8
     with pytest.raises(ValueError, match="dof"):
         t_to_z(t, 0)
+
+
+def test_fused_max_t_path_matches_t_maps():
+    """The voxel-only path (t^2 without forming t) gives the same null as the t-map path."""
+    from qsmdask.perm import permutation_test
+
+    y, group, age, sex, med = _cohort(n=20, v=64, seed=8)
+    d = two_group_design(group, covariates={"age": age})
+    mask = np.ones((4, 4, 4), bool)
+    for two_sided in (True, False):
+        a = permutation_test(y, d, mask=mask, n_perm=50, seed=3, two_sided=two_sided, batch_size=16)
+        b = permutation_test(y, d, mask=mask, n_perm=50, seed=3, two_sided=two_sided, batch_size=16,
+                             inference=("voxel", "cluster"), min_cluster_voxels=1)
+        np.testing.assert_allclose(a.null["max_t"], b.null["max_t"], rtol=1e-5)
+        assert np.abs(a.null["count_unc"] - b.null["count_unc"]).max() <= 1

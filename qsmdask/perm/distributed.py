@@ -11,14 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 from qsmdask.perm.glm import Design
-from qsmdask.perm.permute import (PermutationOptions, PermutationResult, batch_sizes, combine_batches,
+from qsmdask.perm.permute import (NullAccumulator, PermutationOptions, PermutationResult, batch_sizes,
                                   finalize, null_batch, prepare_model)
 
 __all__ = ["permutation_test_dask"]
 
 
 def _run_batches(prepared, options, jobs):
-    return [null_batch(prepared, options, i, b) for i, b in jobs]
+    """Run consecutive batches; return their maxima (concatenated) and summed counts."""
+    acc = NullAccumulator()
+    for i, b in jobs:
+        acc.add(i, null_batch(prepared, options, i, b))
+    return acc.result()
 
 
 def _load(data):
@@ -81,14 +85,19 @@ def permutation_test_dask(data, design: Design, *, mask=None, client=None, n_per
             client = get_client()
         except (ImportError, ValueError):
             client = None
+    acc = NullAccumulator()
     if client is not None:
+        from distributed import as_completed
         prep_f = client.scatter(prepared, broadcast=True)
         futures = [client.submit(_run_batches, prep_f, options, g, pure=False) for g in groups]
-        parts = client.gather(futures)
+        index = {f.key: k for k, f in enumerate(futures)}
+        for fut in as_completed(futures):  # reduce as results arrive: memory O(V + n_perm)
+            acc.add(index[fut.key], fut.result())
+            fut.release()
     else:
         import dask
         tasks = [dask.delayed(_run_batches)(prepared, options, g) for g in groups]
-        parts = dask.compute(*tasks, scheduler="threads")
-    results = [r for part in parts for r in part]
-    return finalize(prepared, options, combine_batches(results), mask=mask, affine=affine,
+        for k, part in enumerate(dask.compute(*tasks, scheduler="threads")):
+            acc.add(k, part)
+    return finalize(prepared, options, acc.result(), mask=mask, affine=affine,
                     atlas=atlas, atlas_names=atlas_names)

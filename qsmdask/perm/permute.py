@@ -49,6 +49,7 @@ __all__ = [
     "batch_t",
     "null_batch",
     "combine_batches",
+    "NullAccumulator",
     "finalize",
     "permutation_test",
     "batch_sizes",
@@ -121,6 +122,7 @@ class PreparedModel:
     t_obs: np.ndarray       # (V,) float32 observed t (same arithmetic as the permutations)
     cluster_t: float        # cluster-forming threshold in t
     pairs: np.ndarray | None = None  # neighbour pairs for TFCE (None unless TFCE requested)
+    floor: np.ndarray | None = None  # (V,) float32 lower bound of the residual sum of squares
 
 
 def _as_data(data, design: Design):
@@ -181,22 +183,23 @@ def prepare_model(data, design: Design, *, mask, options: PermutationOptions) ->
     y = _as_data(data, design)
     coords = _mask_coords(mask, y.shape[1])
     z, basis = _nuisance_and_basis(design)
-    y64 = np.asarray(y, dtype=np.float64)
+    r = np.array(y, dtype=np.float64, copy=True)
     if z.shape[1]:
         zq = linalg.orth(z)
-        r = y64 - zq @ (zq.T @ y64)
-    else:
-        r = y64.copy()
+        r -= zq @ (zq.T @ r)
     # per-voxel scaling keeps float32 well conditioned; t is scale invariant
     scale = np.sqrt(np.einsum("ij,ij->j", r, r))
     scale[scale == 0] = 1.0
-    r32 = (r / scale).astype(np.float32)
+    r /= scale
+    r32 = r.astype(np.float32)
+    del r
     ss = np.einsum("ij,ij->j", r32, r32, dtype=np.float64).astype(np.float32)
     prepared = PreparedModel(residuals=np.ascontiguousarray(r32), basis=basis.astype(np.float32),
                              ss=ss, dof=design.dof, design=design, coords=coords,
                              t_obs=np.zeros(0, np.float32),
                              cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
                                                            two_sided=options.two_sided))
+    prepared.floor = (np.float32(1e-12) * ss + np.float32(1e-30)).astype(np.float32)
     if "tfce" in options.inference:
         prepared.pairs = neighbour_pairs(coords, connectivity_structure(options.connectivity))
     ident = np.arange(design.n_subjects)[None, :]
@@ -246,8 +249,13 @@ def batch_t(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
     return num
 
 
-def _batch_parts(prepared: PreparedModel, perms: np.ndarray):
-    """Numerator g_1 (B, V) and residual variance (B, V) of the permuted fits (t = g_1 / sqrt(var))."""
+def _batch_parts(prepared: PreparedModel, perms: np.ndarray, *, scaled: bool = True,
+                 squared: bool = False):
+    """Numerator g_1 (B, V) and residual variance (B, V) of the permuted fits (t = g_1 / sqrt(var)).
+
+    ``scaled=False`` leaves the variance as a residual sum of squares (not divided by
+    the dof); ``squared=True`` returns g_1^2 instead of g_1 (fewer passes for max |t|).
+    """
     u = prepared.basis
     p = u.shape[1]
     if np.issubdtype(perms.dtype, np.floating):
@@ -256,12 +264,18 @@ def _batch_parts(prepared: PreparedModel, perms: np.ndarray):
         rows = u[perms]                              # (B, n, p)
     s = np.ascontiguousarray(rows.transpose(0, 2, 1).reshape(-1, u.shape[0]))
     g = (s @ prepared.residuals).reshape(perms.shape[0], p, -1)   # (B, p, V)
-    num = g[:, 0, :].copy()
-    var = np.einsum("bpv,bpv->bv", g, g)
+    if squared:
+        num = np.square(g[:, 0, :])
+        var = np.einsum("bpv,bpv->bv", g[:, 1:, :], g[:, 1:, :]) if p > 1 else np.zeros_like(num)
+        var += num
+    else:
+        num = g[:, 0, :].copy()
+        var = np.einsum("bpv,bpv->bv", g, g)
     del g
     np.subtract(prepared.ss[None, :], var, out=var)
-    np.maximum(var, np.float32(1e-12) * prepared.ss[None, :] + np.float32(1e-30), out=var)
-    var *= np.float32(1.0 / prepared.dof)
+    np.maximum(var, prepared.floor[None, :], out=var)
+    if scaled:
+        var *= np.float32(1.0 / prepared.dof)
     return num, var
 
 
@@ -270,13 +284,13 @@ def _batch_voxel_null(prepared: PreparedModel, perms: np.ndarray, two_sided: boo
 
     Two-sided: compares t^2 = g_1^2 / var (no square root, no abs pass).
     """
-    num, var = _batch_parts(prepared, perms)
     if two_sided:
-        np.multiply(num, num, out=num)
-        num /= var
-        obs = np.square(prepared.t_obs)
-        mx = np.sqrt(num.max(axis=1).astype(np.float64))
+        num, var = _batch_parts(prepared, perms, scaled=False, squared=True)
+        num /= var                                   # t^2 / dof
+        obs = np.square(prepared.t_obs) / np.float32(prepared.dof)
+        mx = np.sqrt(num.max(axis=1).astype(np.float64) * prepared.dof)
     else:
+        num, var = _batch_parts(prepared, perms)
         np.sqrt(var, out=var)
         num /= var
         obs = prepared.t_obs
@@ -337,6 +351,30 @@ def combine_batches(results: list[dict]) -> dict:
         if key in results[0]:
             out[key] = np.concatenate([r[key] for r in results])
     return out
+
+
+class NullAccumulator:
+    """Running combination of batch results: exceedance counts summed on arrival (exact
+    integers, any order), null maxima kept per batch index and concatenated in index
+    order, so memory stays O(n_voxels + n_perm) and the result is order independent."""
+
+    def __init__(self):
+        self.count = None
+        self.maxima: dict = {}
+
+    def add(self, batch_index: int, result: dict) -> None:
+        c = result["count_unc"].astype(np.int64)
+        self.count = c if self.count is None else self.count + c
+        self.maxima[int(batch_index)] = {k: v for k, v in result.items() if k != "count_unc"}
+
+    def result(self) -> dict:
+        if self.count is None:
+            raise ValueError("no batch results were added")
+        ordered = [self.maxima[i] for i in sorted(self.maxima)]
+        out = {"count_unc": self.count}
+        for key in ordered[0]:
+            out[key] = np.concatenate([r[key] for r in ordered])
+        return out
 
 
 def _fwe_p(observed, null):
@@ -466,7 +504,8 @@ def permutation_test(data, design: Design, *, mask, n_perm: int = 5000, seed: in
                                  min_cluster_voxels=min_cluster_voxels, connectivity=connectivity,
                                  tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh)
     prepared = prepare_model(data, design, mask=mask, options=options)
-    results = [null_batch(prepared, options, i, b)
-               for i, b in enumerate(batch_sizes(options.n_perm, options.batch_size))]
-    return finalize(prepared, options, combine_batches(results), mask=mask, affine=affine,
+    acc = NullAccumulator()
+    for i, b in enumerate(batch_sizes(options.n_perm, options.batch_size)):
+        acc.add(i, null_batch(prepared, options, i, b))
+    return finalize(prepared, options, acc.result(), mask=mask, affine=affine,
                     atlas=atlas, atlas_names=atlas_names)
