@@ -16,8 +16,6 @@ Pure numpy/scipy/pandas: arrays and voxel sizes in, tidy tables out, no file IO.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pandas as pd
 from scipy import ndimage, stats

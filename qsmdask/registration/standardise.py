@@ -53,11 +53,11 @@ class SpatialNormalisation:
         return out, self.template_affine.copy()
 
     def labels_to_native(self, atlas_labels, atlas_affine, native_shape=None,
-                         native_affine=None, *, interpolation: str = "label") -> np.ndarray:
+                         native_affine=None, *, interpolation: str = "nearest") -> np.ndarray:
         """Bring template-space (MNI) atlas labels to the native grid (inverse transform).
-        The atlas may be on any grid in template space. ``interpolation`` is "label"
-        (ANTs genericLabel: per-label linear interpolation, best when the native grid is
-        coarser; slower with many labels) or "nearest".
+        The atlas may be on any grid in template space. ``interpolation`` is "nearest"
+        (default) or "label" (ANTs genericLabel, per-label linear interpolation: in the
+        registration benchmark ~10x slower with the 116 AAL labels for +0.003 Dice).
 
         Returns an integer array of ``native_shape`` (default: the GRE grid).
         """
