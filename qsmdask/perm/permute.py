@@ -48,7 +48,6 @@ __all__ = [
     "random_permutations",
     "batch_t",
     "null_batch",
-    "combine_batches",
     "NullAccumulator",
     "finalize",
     "permutation_test",
@@ -341,15 +340,6 @@ def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index
                              pairs=prepared.pairs)
             mt[b] = np.abs(tf).max()
         out["max_tfce"] = mt
-    return out
-
-
-def combine_batches(results: list[dict]) -> dict:
-    """Concatenate null maxima (in batch order) and sum the uncorrected counts."""
-    out = {"count_unc": np.sum([r["count_unc"] for r in results], axis=0, dtype=np.int64)}
-    for key in ("max_t", "max_size", "max_mass", "max_tfce"):
-        if key in results[0]:
-            out[key] = np.concatenate([r[key] for r in results])
     return out
 
 
