@@ -20,9 +20,9 @@ __all__ = ["ChainConfig", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
 MASK_METHODS = ("threshold", "bet")
-UNWRAP_METHODS = ("laplacian",)
-BGREMOVE_METHODS = ("vsharp", "sharp")
-INVERSION_METHODS = ("tkd", "tv")
+UNWRAP_METHODS = ("laplacian", "region_growing")
+BGREMOVE_METHODS = ("vsharp", "sharp", "pdf")
+INVERSION_METHODS = ("tkd", "tv", "iterative_tkd")
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,19 @@ class ChainConfig:
     bet_fraction : fractional intensity threshold of the surface-model mask
         (the reference study used 0.2).
     mask_open_mm : radius (mm) of the morphological opening/closing of the mask.
-    unwrap_method : "laplacian" (Schofield & Zhu 2003).
+    unwrap_method : "laplacian" (Schofield & Zhu 2003) or "region_growing"
+        (quality-guided path following; exact for strong but valid wraps).
     laplacian_form : "sincos" or "gradient" (see :func:`qsmdask.unwrap.wrapped_laplacian`).
     fit_offset : fit a phase offset (intercept) in the multi-echo fit.
-    bgremove_method : "vsharp" (variable radius, keeps the brain edge) or "sharp".
+    bgremove_method : "vsharp" (variable radius, keeps the brain edge), "sharp" or
+        "pdf" (projection onto dipole fields; no erosion).
     sharp_radius_mm : SMV radius (mm) of SHARP, and the largest radius of V-SHARP
         (radii from the voxel size up to it); the reference study used up to 6 mm.
     sharp_threshold : truncation level of the SHARP deconvolution.
-    inversion_method : "tkd" or "tv" (total variation, ADMM).
+    inversion_method : "tkd", "tv" (total variation, ADMM) or "iterative_tkd"
+        (Tang et al. 2013: TKD start, cone re-estimated from the image-domain
+        estimate constrained to the mask; threshold ``tkd_threshold``).
+    iterative_tkd_max_iter : iterations of "iterative_tkd".
     tkd_threshold : truncation level of |D| for TKD.
     tv_lambda : regularisation weight of "tv".
     tv_max_iter : ADMM iterations of "tv".
@@ -68,6 +73,7 @@ class ChainConfig:
     sharp_threshold: float = 0.05
     inversion_method: str = "tkd"
     tkd_threshold: float = 0.19
+    iterative_tkd_max_iter: int = 20
     tv_lambda: float = 1e-3
     tv_max_iter: int = 50
     tv_edge_fraction: float = 0.0
@@ -97,6 +103,8 @@ class ChainConfig:
             raise ValueError(f"sharp_threshold must be in (0, 1), got {self.sharp_threshold!r}")
         if not (self.tv_lambda > 0):
             raise ValueError(f"tv_lambda must be > 0, got {self.tv_lambda!r}")
+        if int(self.iterative_tkd_max_iter) < 1:
+            raise ValueError(f"iterative_tkd_max_iter must be >= 1, got {self.iterative_tkd_max_iter!r}")
         if int(self.tv_max_iter) < 1:
             raise ValueError(f"tv_max_iter must be >= 1, got {self.tv_max_iter!r}")
         if not (0 <= self.tv_edge_fraction < 1):
@@ -232,9 +240,20 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     t1 = time.perf_counter()
     unwrapped = np.empty(phs.shape, dtype=np.float32)
     for e in range(phs.shape[3]):
-        unwrapped[..., e] = unwrap.laplacian_unwrap(phs[..., e], vs, mask=brain,
-                                                    method=cfg.laplacian_form,
-                                                    fft_workers=cfg.fft_workers)
+        if cfg.unwrap_method == "region_growing":
+            unwrapped[..., e] = unwrap.region_growing_unwrap(phs[..., e], magnitude=mag[..., e], mask=brain)
+        else:
+            unwrapped[..., e] = unwrap.laplacian_unwrap(phs[..., e], vs, mask=brain,
+                                                        method=cfg.laplacian_form,
+                                                        fft_workers=cfg.fft_workers)
+    if cfg.unwrap_method == "region_growing" and phs.shape[3] > 1:
+        # echoes are grown from different seeds: remove their relative 2 pi offsets using
+        # the wrapped echo-to-echo phase evolution (unambiguous when < pi per echo step)
+        for e in range(1, phs.shape[3]):
+            step = np.angle(np.exp(1j * (phs[..., e][brain] - phs[..., e - 1][brain])))
+            diff = unwrapped[..., e][brain] - unwrapped[..., e - 1][brain]
+            k = np.round(np.median(diff - step) / (2 * np.pi))
+            unwrapped[..., e] -= np.float32(2 * np.pi * k)
     timings["time_unwrap_s"] = time.perf_counter() - t1
 
     # 3. echo fit -> field in ppm
@@ -250,6 +269,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     if cfg.bgremove_method == "sharp":
         local, eroded = bgremove.sharp(field_ppm, brain, vs, radius_mm=cfg.sharp_radius_mm,
                                        threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
+    elif cfg.bgremove_method == "pdf":
+        local, eroded = bgremove.pdf(field_ppm, brain, vs, b0_dir=b, fft_workers=cfg.fft_workers)
     else:
         local, eroded = bgremove.vsharp(field_ppm, brain, vs, max_radius_mm=cfg.sharp_radius_mm,
                                         threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
@@ -262,6 +283,10 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                                 magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
                                 edge_fraction=cfg.tv_edge_fraction, mask_data=False,
                                 pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+    elif cfg.inversion_method == "iterative_tkd":
+        chi = inversion.iterative_tkd(local, eroded, vs, b0_dir=b, threshold=cfg.tkd_threshold,
+                                      max_iter=cfg.iterative_tkd_max_iter, pad_voxels=cfg.pad_voxels,
+                                      fft_workers=cfg.fft_workers)
     else:
         chi = inversion.tkd(local, eroded, vs, b0_dir=b, threshold=cfg.tkd_threshold,
                             pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)

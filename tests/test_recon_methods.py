@@ -70,3 +70,88 @@ def test_chain_bet_tv(noisy):
     assert _dice(r.brain_mask, p["brain_mask"]) >= 0.95
     m = r.mask
     assert np.corrcoef(r.chi_ppm[m], p["chi_ppm"][m])[0, 1] >= 0.8
+
+
+def test_region_growing_unwrap_exact_for_steep_valid_gradients():
+    from qsmdask.unwrap import laplacian_unwrap, region_growing_unwrap
+
+    shape = (40, 40, 40)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r2 = (x - 20.0) ** 2 + (y - 20) ** 2 + (z - 20) ** 2
+    true = 45 * np.exp(-r2 / 300) + 0.2 * x  # up to ~2.4 rad per voxel
+    wrapped = np.angle(np.exp(1j * true)).astype(np.float32)
+    u = region_growing_unwrap(wrapped)
+    d = u - true
+    assert np.abs(d - np.median(d)).max() < 1e-3
+    # congruent with the input
+    np.testing.assert_allclose(np.angle(np.exp(1j * (u - wrapped))), 0, atol=1e-4)
+    lap = laplacian_unwrap(wrapped, (1, 1, 1))
+    assert np.abs(lap - true - (lap - true).mean()).max() > 1.0  # Laplacian smooths steep wraps
+    # masked: voxels outside keep their wrapped value
+    m = r2 < 15 ** 2
+    um = region_growing_unwrap(wrapped, mask=m)
+    np.testing.assert_array_equal(um[~m], wrapped[~m])
+    dm = (um - true)[m]
+    assert np.abs(dm - np.median(dm)).max() < 1e-3
+
+
+def test_rescale_phase_vendor_ranges():
+    from qsmdask.unwrap import rescale_phase
+
+    true = np.random.default_rng(0).uniform(-np.pi, np.pi, 2000)
+    cases = {
+        "signed": np.round(true / np.pi * 4096).clip(-4096, 4095).astype(np.int16),
+        "unsigned": np.round((true + np.pi) / (2 * np.pi) * 4096).clip(0, 4095).astype(np.uint16),
+        "GE": np.round(true * 1000).astype(np.int16),
+        "radians": true,
+    }
+    for key, enc in cases.items():
+        rad, note = rescale_phase(enc)
+        assert rad.dtype == np.float32 and isinstance(note, str) and note
+        assert np.abs(np.angle(np.exp(1j * (rad - true)))).max() < 2e-3, key
+    assert "12-bit signed" in rescale_phase(cases["signed"])[1]
+    assert "GE" in rescale_phase(cases["GE"])[1]
+    assert "already" in rescale_phase(cases["radians"])[1]
+    with pytest.raises(ValueError, match="phase"):
+        rescale_phase(np.array([]))
+
+
+def test_pdf_background_removal(noisy):
+    from qsmdask import bgremove
+    from qsmdask.kernels import erode_mask_mm
+
+    p = make_phantom(snr=None)
+    bm = p["brain_mask"]
+    local, m = bgremove.pdf(p["field_ppm"], bm, p["voxel_size_mm"], b0_dir=p["b0_dir"], max_iter=20)
+    np.testing.assert_array_equal(m, bm)  # PDF keeps the whole mask
+    inner = erode_mask_mm(bm, 3.0, p["voxel_size_mm"])
+    a = local[inner] - local[inner].mean()
+    b = p["local_field_ppm"][inner] - p["local_field_ppm"][inner].mean()
+    assert np.corrcoef(a, b)[0, 1] > 0.95
+    assert np.linalg.norm(a - b) < 0.3 * np.linalg.norm(b)
+
+
+def test_iterative_tkd_reduces_underestimation(noisy):
+    p = noisy
+    m = p["brain_mask"]
+    f = p["local_field_ppm"]
+    c0 = inversion.tkd(f, m, p["voxel_size_mm"], b0_dir=p["b0_dir"], threshold=0.19)
+    c1 = inversion.iterative_tkd(f, m, p["voxel_size_mm"], b0_dir=p["b0_dir"], threshold=0.19,
+                                 max_iter=20)
+    assert np.all(c1[~m] == 0)
+    gp = p["labels"] == 3
+    err0 = abs(c0[gp].mean() - c0[m].mean() - 0.18)
+    err1 = abs(c1[gp].mean() - c1[m].mean() - 0.18)
+    assert err1 < err0
+    assert np.corrcoef(c1[m], p["chi_ppm"][m])[0, 1] > 0.93
+
+
+@pytest.mark.parametrize("changes", [{"unwrap_method": "region_growing"}, {"bgremove_method": "pdf"},
+                                     {"inversion_method": "iterative_tkd"}])
+def test_chain_method_options(changes):
+    p = make_phantom(shape=(48, 48, 48), voxel_size_mm=(1.3, 1.3, 1.3), snr=80, seed=4,
+                     echo_times_s=(0.005, 0.01, 0.015))
+    r = reconstruct(p["magnitude"], p["phase_rad"], p["echo_times_s"], p["voxel_size_mm"],
+                    b0_dir=p["b0_dir"], b0_tesla=3.0, config=ChainConfig(**changes))
+    m = r.mask
+    assert np.corrcoef(r.chi_ppm[m], p["chi_ppm"][m])[0, 1] >= 0.7
