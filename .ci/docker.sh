@@ -159,14 +159,15 @@ demo_in_image() {
   rm -rf "$out"; mkdir -p "$out"; chown 10001:10001 "$out"
   # shellcheck disable=SC2086
   run_hardened -v "$out:/tmp/out" "$IMAGE" demo /tmp/out $DEMO_ARGS 2>&1 | tail -25
-  local n_files n_parquet n_nifti
+  local d=$out/derivatives n_files n_chi n_roi n_group
   n_files=$(find "$out" -type f | wc -l)
-  n_parquet=$(find "$out" -type f -name '*.parquet' -size +0 | wc -l)
-  n_nifti=$(find "$out" -type f \( -name '*.nii.gz' -o -name '*.nii' \) -size +0 | wc -l)
-  echo "demo outputs: $n_files files ($n_nifti NIfTI, $n_parquet Parquet)"
-  if [ "$n_parquet" -lt 1 ] || [ "$n_nifti" -lt 1 ]; then
-    echo "the demo did not write NIfTI and Parquet outputs" >&2
-    find "$out" -maxdepth 3 | head -40
+  n_chi=$(find "$d" -path "$d/sub-*" -type f \( -name '*.nii.gz' -o -name '*.nii' \) -size +0 | wc -l)
+  n_roi=$(find "$d/roi" -type f -name '*.parquet' -size +0 2>/dev/null | wc -l)
+  n_group=$(find "$d/group" -type f -name '*.parquet' -size +0 2>/dev/null | wc -l)
+  echo "demo outputs: $n_files files; derivatives: $n_chi NIfTI maps, $n_roi ROI tables, $n_group group tables"
+  if [ "$n_chi" -lt 1 ] || [ "$n_roi" -lt 1 ]; then
+    echo "the demo wrote no NIfTI maps under derivatives/sub-*/ or no ROI Parquet tables" >&2
+    find "$d" -maxdepth 3 -not -path '*.zarr/*' | head -40
     return 1
   fi
   # written by uid 10001, not root
