@@ -339,3 +339,23 @@ def test_prefect_yaml_is_coherent_with_the_manifests(rendered, tmp_path):
     problems = "\n".join(V.check_prefect_yaml(bad, work_pool="elsewhere", image=image, root=tmp_path))
     for expected in ("n_subjects", "invalid cron", "work pool", "job image"):
         assert expected in problems
+
+
+# --------------------------------------------------------------------------- CI step
+def test_ci_docker_script_is_safe_and_runs_the_image_hardened():
+    script = REPO / ".ci" / "docker.sh"
+    text = script.read_text()
+    if shutil.which("bash"):
+        import subprocess
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    assert "set -euo pipefail" in text and "trap cleanup EXIT" in text
+    # the engine it started is stopped by its PID, never by name
+    assert 'kill -TERM "$DOCKERD_PID"' in text
+    assert not re.search(r"\b(pkill|killall)\b", text)
+    assert "--data-root=" in text and "--iptables=false" in text
+    assert "debootstrap --variant=minbase" in text and '"$DOCKER" import - "$BASE"' in text
+    assert "--secret \"id=hostca" in text and "--build-arg BASE_IMAGE=" in text
+    for flag in ("--read-only", "--user 10001:10001", "--cap-drop ALL", "no-new-privileges", "--network none"):
+        assert flag in text, flag
+    assert "demo /tmp/out" in text and "deploy/validate.py" in text
+    assert "kubernetes-validate --strict" in text
