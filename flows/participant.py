@@ -60,6 +60,7 @@ def _transient(state) -> bool:
 def _first_error(futures):
     """The original exception of the first failed stage of a subject-session's chain."""
     for fut in futures:
+        fut.wait()  # the state then comes from the worker, with its exception attached
         state = fut.state
         if state.is_completed():
             continue

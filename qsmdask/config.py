@@ -16,7 +16,7 @@ from . import __version__
 
 __all__ = ["PipelineConfig", "load_config_file"]
 
-_REGISTRATION = ("affine", "syn", "rigid")
+_REGISTRATION = ("affine", "syn")  # qsmdask.registration.METHODS
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class PipelineConfig:
 
     chain : dict
         Options of :class:`qsmdask.chain.ChainConfig` (methods and their parameters).
-    registration : {"affine", "syn", "rigid"}
+    registration : {"affine", "syn"}
         Spatial normalisation to the template (T1w -> template when a T1w exists).
     template_resolution_mm : {1, 2}
         Resolution of the MNI152 template from nilearn's package data.
