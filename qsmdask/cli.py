@@ -154,7 +154,19 @@ def _cmd_run(args) -> int:
     if design is not None:
         from .stats.design import GroupDesign
         GroupDesign.from_dict(design)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    from .io.lock import OutputLock
+
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"{args.output_dir}: cannot create the output folder ({e.strerror})") from None
+    if not os.access(args.output_dir, os.W_OK):
+        raise RuntimeError(f"{args.output_dir}: output folder is not writable")
+    with OutputLock(args.output_dir):
+        return _run_level(args, cfg, design)
+
+
+def _run_level(args, cfg, design) -> int:
     _cluster_env(args)
     _start_api(args)
     t0 = time.monotonic()
@@ -168,7 +180,8 @@ def _cmd_run(args) -> int:
             return EXIT_SUBJECTS_FAILED
         return EXIT_OK
     written = run_group(args.bids_dir, args.output_dir, design=design)
-    print(f"group level: {len(written)} table(s) in {args.output_dir / 'group'}")
+    n_tables = len([k for k in written if k != "report"])
+    print(f"group level: {n_tables} table(s) in {args.output_dir / 'group'}; report {written.get('report')}")
     return EXIT_OK
 
 
@@ -202,8 +215,10 @@ def _cmd_demo(args) -> int:
     print(f"  susceptibility maps, masks, transforms:                    {deriv}/sub-*/")
     print(f"  ROI tables (Parquet, one per subject-session):              {deriv / 'roi'}")
     print(f"  group statistics (Parquet):                                 {deriv / 'group'}")
+    print(f"  cohort report (open in a browser):                          {written.get('report')}")
     if "group_wilcoxon" in written:
         t = pd.read_parquet(written["group_wilcoxon"])
+        t = t[t["level"] == "group"] if "level" in t.columns else t
         t = t[(t["p_corrected"] < 0.05)]
         cols = [c for c in ("session_id", "roi", "hemisphere", "n", "p", "p_corrected", "effect_size")
                 if c in t.columns]

@@ -171,3 +171,13 @@ def test_derivatives_writer_names_and_manifest(tmp_path):
     assert w.manifest_intact(man)
     p.write_bytes(b"corrupted")
     assert not w.manifest_intact(man)
+
+
+def test_output_lock_excludes_a_second_run(tmp_path):
+    from qsmdask.io.lock import OutputLock, OutputLockedError
+    with OutputLock(tmp_path):
+        with pytest.raises(OutputLockedError, match="another qsmdask run"):
+            with OutputLock(tmp_path):
+                pass
+    with OutputLock(tmp_path):  # released after the first run
+        pass
