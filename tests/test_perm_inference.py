@@ -117,6 +117,7 @@ def _planted(n=24, shape=(10, 10, 10), seed=0, effect=1.2):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Data array used to create a new image")
 def test_fwe_pvalues_agree_with_nilearn():
     y, mask, blob, group, age = _planted(effect=2.0)
     n_perm = 1000
@@ -164,7 +165,7 @@ def test_planted_effect_end_to_end():
 @pytest.mark.slow
 def test_null_familywise_error_rate():
     """Under H0 the FWE rejection rate at 0.05 lies in its binomial 95% interval."""
-    n_sim, n_perm, n = 120, 99, 14
+    n_sim, n_perm, n = 200, 99, 14
     shape = (9, 9, 9)
     mask = np.ones(shape, bool)
     x = np.random.default_rng(99).normal(size=n)
