@@ -24,6 +24,7 @@ __all__ = [
     "laplacian_kernel",
     "ellipsoid_structure",
     "erode_mask_mm",
+    "distance_to_edge_mm",
     "PaddedFFT",
 ]
 
@@ -192,17 +193,34 @@ def ellipsoid_structure(radius_mm: float, voxel_size_mm) -> np.ndarray:
     return np.asarray(r2 <= radius_mm ** 2 + 1e-9)
 
 
+def distance_to_edge_mm(mask: np.ndarray, voxel_size_mm) -> np.ndarray:
+    """Euclidean distance (mm) from each mask voxel to the nearest voxel outside it.
+
+    The field-of-view border counts as outside.  Computed on the mask's bounding
+    box only (scipy's exact transform is the slow part on large volumes).
+    """
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    out = np.zeros(m.shape, dtype=np.float32)
+    if not m.any():
+        return out
+    idx = np.argwhere(m)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sub = np.pad(m[box], 1)
+    dist = ndimage.distance_transform_edt(sub, sampling=np.asarray(voxel_size_mm, dtype=float))
+    out[box] = dist[1:-1, 1:-1, 1:-1]
+    return out
+
+
 def erode_mask_mm(mask: np.ndarray, radius_mm: float, voxel_size_mm) -> np.ndarray:
     """Erode a boolean mask by ``radius_mm`` (Euclidean, anisotropic voxels honoured).
 
     The field-of-view border counts as outside.  Uses a distance transform,
     so the cost does not grow with the radius.
     """
-    from scipy import ndimage
-
-    m = np.pad(np.asarray(mask, dtype=bool), 1)
-    dist = ndimage.distance_transform_edt(m, sampling=np.asarray(voxel_size_mm, dtype=float))
-    return np.asarray(dist[1:-1, 1:-1, 1:-1] > radius_mm)
+    return np.asarray(distance_to_edge_mm(mask, voxel_size_mm) > radius_mm)
 
 
 class PaddedFFT:

