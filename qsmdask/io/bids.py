@@ -255,6 +255,10 @@ def phase_to_radians(phase: np.ndarray, path) -> tuple[np.ndarray, str | None]:
         return phase.astype(np.float32, copy=False), None
     integer_valued = np.allclose(phase, np.round(phase), atol=1e-3)
     span = hi - lo
+    if 300 <= span <= 360 + tol and lo >= -180 - tol and hi <= 360 + tol:
+        # a whole-degree phase image would otherwise pass as a 9-bit vendor range (512 levels)
+        raise InputError(path, f"phase values span [{lo:g}, {hi:g}]: looks like degrees; "
+                               "qsmdask needs radians [-pi, pi] or a vendor integer range")
     if integer_valued and span >= 255:
         # smallest power-of-two range that contains the data (12-bit Siemens: 4096 levels)
         levels = 2 ** int(math.ceil(math.log2(span + 1)))

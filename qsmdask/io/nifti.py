@@ -26,21 +26,36 @@ class InputError(ValueError):
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _named_os_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):  # e.g. ENOSPC: say which file could not be written
+            raise _named_os_error(e, path) from None
         raise
     return path
+
+
+def _named_os_error(e: OSError, path: Path) -> OSError:
+    """The same OSError subclass and errno, naming ``path`` when ``e`` names no file."""
+    if e.filename:  # already names the file or folder at fault
+        return e
+    try:
+        return type(e)(e.errno, e.strerror or str(e), str(path))
+    except TypeError:  # an OSError subclass with another signature
+        return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def atomic_write_json(path, obj) -> Path:
@@ -113,7 +128,7 @@ def load_nifti(path, *, ndim: int | tuple[int, ...] = 3, dtype=np.float32):
     if not path.exists():
         raise InputError(path, "file not found")
     try:
-        img = nib.load(str(path))
+        img = _read_image(path)
         data = np.asarray(img.dataobj, dtype=dtype)
     except Exception as e:  # nibabel raises many types for corrupt files
         raise InputError(path, f"cannot read NIfTI ({type(e).__name__}: {e})") from None
@@ -130,3 +145,22 @@ def load_nifti(path, *, ndim: int | tuple[int, ...] = 3, dtype=np.float32):
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "has no valid affine (qform/sform)")
     return data, np.asarray(affine, dtype=float), img.header
+
+
+def _read_image(path: Path):
+    """nibabel image of ``path``; a ``.gz`` is decompressed whole first so its CRC is checked.
+
+    nibabel alone stops reading a gzip stream once it has the voxels it needs, so a damaged
+    compressed block can decode to wrong voxels without any error.
+    """
+    if not path.name.endswith(".gz"):
+        return nib.load(str(path))
+    import gzip
+    raw = gzip.decompress(path.read_bytes())  # BadGzipFile / EOFError / zlib.error on damage
+    errors = []
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return cls.from_bytes(raw)
+        except Exception as e:  # not this NIfTI version
+            errors.append(f"{cls.__name__}: {e}")
+    raise ValueError("; ".join(errors))
