@@ -150,6 +150,28 @@ def test_deterministic_by_seed(sim):
     assert not np.allclose(other.affine, sim.affine)
 
 
+def test_model_coordinates_match_pose_map(sim):
+    model = P.load_head_model(2)
+    shape = (5, 4, 3)
+    c = P.model_coordinates(model, sim.pose, sim.affine, shape, offset=(10, 20, 30))
+    idx = np.indices(shape).reshape(3, -1) + np.array([10, 20, 30])[:, None]
+    scanner = sim.affine[:3, :3] @ idx + sim.affine[:3, 3:4]
+    want = (sim.pose.scanner_to_model(scanner) - model.origin_mm[:, None]) / model.voxel_size_mm
+    np.testing.assert_allclose(c.reshape(3, -1), want, atol=1e-3)
+
+
+def test_anisotropic_grid_geometry():
+    rng = np.random.default_rng(5)
+    values = P.sample_tissue_values(rng, age_years=30.0)
+    s = P.simulate_session(values=values, pose=P.random_pose(rng), rng=rng,
+                           voxel_size_mm=(3.0, 3.0, 5.0), fov_mm=(192.0, 216.0, 150.0),
+                           t1w=False, local_field=False)
+    assert s.magnitude.shape == (64, 72, 30, 3)
+    np.testing.assert_allclose(np.linalg.norm(s.affine[:3, :3], axis=0), (3, 3, 5), atol=1e-9)
+    assert s.brain.sum() * 45.0 == pytest.approx(1.9e6, rel=0.2)  # MNI152 brain mask ~1.9 L
+    assert s.t1w is None and s.local_field_ppm is None
+
+
 def test_validation_names_parameter():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="effect_regions"):

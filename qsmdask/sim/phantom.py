@@ -19,6 +19,11 @@ Forward model (the project convention, see ``docs/architecture.md``)::
 
 Susceptibilities are in ppm relative to water/CSF; air is +9.4 ppm, bone about -2 ppm.
 
+Known limitation: the field is computed with the continuous k-space dipole kernel on the
+(oblique) acquisition lattice, the same model the reconstruction inverts.  For an oblique
+B0 that kernel rings at the Nyquist frequency next to sharp edges (air/bone boundaries):
+a few per cent of the edge field, a modelling error shared with k-space reconstructions.
+
 References
 ----------
 - Marques JP, Bowtell R. Application of a Fourier-based method for rapid calculation of
@@ -56,6 +61,7 @@ __all__ = [
     "Pose",
     "SessionSimulation",
     "load_head_model",
+    "random_shape",
     "random_pose",
     "acquisition_affine",
     "model_coordinates",
