@@ -84,12 +84,19 @@ start_engine() {
     echo "a Docker engine is already running: using it (and leaving it running)"
     return
   fi
+  rm -f "$CI_TMP/dockerd.pid"
   setsid dockerd --data-root="$DATA_ROOT" --storage-driver=overlay2 \
-      --iptables=false --bridge=none >"$CI_TMP/dockerd.log" 2>&1 </dev/null &
+      --iptables=false --bridge=none --pidfile="$CI_TMP/dockerd.pid" \
+      >"$CI_TMP/dockerd.log" 2>&1 </dev/null &
   DOCKERD_PID=$!
   for _ in $(seq 1 60); do
-    "$DOCKER" info >/dev/null 2>&1 && { echo "dockerd pid $DOCKERD_PID"; return; }
-    kill -0 "$DOCKERD_PID" 2>/dev/null || break
+    if "$DOCKER" info >/dev/null 2>&1; then
+      # setsid forks when started under job control: the engine's own pidfile is the truth
+      DOCKERD_PID=$(cat "$CI_TMP/dockerd.pid" 2>/dev/null || echo "$DOCKERD_PID")
+      echo "dockerd pid $DOCKERD_PID"
+      return
+    fi
+    [ -s "$CI_TMP/dockerd.pid" ] || kill -0 "$DOCKERD_PID" 2>/dev/null || break
     sleep 1
   done
   tail -20 "$CI_TMP/dockerd.log"
