@@ -19,10 +19,13 @@ Forward model (the project convention, see ``docs/architecture.md``)::
 
 Susceptibilities are in ppm relative to water/CSF; air is +9.4 ppm, bone about -2 ppm.
 
-Known limitation: the field is computed with the continuous k-space dipole kernel on the
-(oblique) acquisition lattice, the same model the reconstruction inverts.  For an oblique
-B0 that kernel rings at the Nyquist frequency next to sharp edges (air/bone boundaries):
-a few per cent of the edge field, a modelling error shared with k-space reconstructions.
+Field computation: the continuous k-space dipole kernel rings at the Nyquist frequency next
+to sharp edges when B0 is oblique to the lattice.  So the background field (air, bone,
+scalp: sharp, strong sources outside the brain) is computed on a scanner-aligned lattice
+(B0 along a lattice axis, no ringing) and interpolated onto the oblique acquisition grid
+(it is harmonic, hence smooth, inside the brain); the local field of the brain's own
+susceptibility is computed on the acquisition grid with the oblique kernel, exactly the
+model ``IFFT(D FFT(chi))`` a reconstruction inverts.  Total = shim(background + local).
 
 References
 ----------
@@ -847,7 +850,8 @@ class SessionSimulation:
     affine : GRE voxel -> scanner affine; ``b0_dir`` = b0_direction_from_affine(affine).
     chi_ppm : true susceptibility (whole head, air = +9.4 ppm).
     field_ppm : true total field after shimming (what the phase encodes).
-    local_field_ppm : field of the brain's own susceptibility (inside ``brain``).
+    local_field_ppm : ``IFFT(D FFT(chi * brain))`` on the acquisition grid, kept inside
+        ``brain`` (None when not requested).
     phase_offset_rad : echo-independent phase offset.
     brain : bool brain mask; dseg: uint8 AAL labels; tissue: uint8 head classes.
     t1w, t1w_affine : T1-weighted image and its affine.
@@ -947,21 +951,36 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
                                 centre_offset_mm=centre_offset)
     b0_dir = b0_direction_from_affine(affine)
 
-    # extended lattice: the acquisition lattice grown to hold the whole head
+    # Background field (sources outside the brain: air, bone, scalp, cavities) on a
+    # scanner-aligned lattice holding the whole head, where B0 is a lattice axis: the
+    # continuous dipole kernel then has no Nyquist ringing at the sharp air/bone edges.
+    # It is harmonic inside the brain, so interpolating it onto the oblique grid is accurate.
     lo, hi = model.head_box_mm
     corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1)
     sc = pose.model_to_scanner_approx(corners)
-    inv = np.linalg.inv(affine)
-    vox = inv[:3, :3] @ sc + inv[:3, 3:4]
-    margin = np.ceil(12.0 / np.asarray(vs))
-    start = np.minimum(np.floor(vox.min(axis=1) - margin), 0).astype(int)
-    stop = np.maximum(np.ceil(vox.max(axis=1) + margin) + 1, shape).astype(int)
-    ext_shape = tuple(int(v) for v in stop - start)
-    crop = tuple(slice(-s, -s + n) for s, n in zip(start, shape))
-    coords = model_coordinates(model, pose, affine, ext_shape, offset=start)
-    chi_ext = sample_model(props["chi_ppm"], coords, order=1, cval=CHI_AIR_PPM)
-    ncoords = np.ascontiguousarray(coords[(slice(None),) + crop])
+    vsa = np.asarray(vs)
+    s_lo = sc.min(axis=1) - 12.0
+    s_shape = tuple(int(v) for v in np.ceil((sc.max(axis=1) + 12.0 - s_lo) / vsa) + 1)
+    a_s = np.eye(4)
+    a_s[:3, :3] = np.diag(vsa)
+    a_s[:3, 3] = s_lo
+    coords = model_coordinates(model, pose, a_s, s_shape)
+    chi_s = sample_model(props["chi_ppm"], coords, order=1, cval=CHI_AIR_PPM)
+    brain_s = sample_model(model.tissue, coords, order=0) == TISSUE["brain"]
     del coords
+    # the brain inside the acquisition FOV is the local source (computed on the native grid)
+    nat = _scanner_axes(np.linalg.inv(affine) @ a_s, s_shape)
+    for i in range(3):
+        brain_s &= (nat[i] > -0.5) & (nat[i] < shape[i] - 0.5)
+    del nat
+    chi_s[brain_s] = 0.0
+    del brain_s
+    bg_s = dipole_field(chi_s, vs, b0_dir=(0.0, 0.0, 1.0), pad_mm=pad_mm,
+                        background_ppm=CHI_AIR_PPM)
+    del chi_s
+
+    ncoords = model_coordinates(model, pose, affine, shape)
+    chi_n = sample_model(props["chi_ppm"], ncoords, order=1, cval=CHI_AIR_PPM)
     tissue = sample_model(model.tissue, ncoords, order=0)
     dseg = sample_model(model.aal, ncoords, order=0)
     r2 = sample_model(props["r2star"], ncoords, order=1)
@@ -970,18 +989,17 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
     brain = tissue == TISSUE["brain"]
     dseg[~brain] = 0
 
-    field_n = dipole_field(chi_ext, vs, b0_dir=b0_dir, pad_mm=pad_mm,
-                           background_ppm=CHI_AIR_PPM)[crop]
     axes_mm = _scanner_axes(affine, shape)
-    field_n, shim_coef = harmonic_shim(field_n, brain, axes_mm, order=shim_order)
-    del axes_mm
-    lf = None
-    if local_field:
-        chi_brain = np.where(brain, chi_ext[crop], 0).astype(np.float32)
-        lf = dipole_field(chi_brain, vs, b0_dir=b0_dir, pad_mm=pad_mm)
-        lf = np.where(brain, lf, 0).astype(np.float32)
-    chi_n = np.ascontiguousarray(chi_ext[crop])
-    del chi_ext
+    sidx = [(axes_mm[i] - np.float32(s_lo[i])) / np.float32(vsa[i]) for i in range(3)]
+    bg_n = ndi.map_coordinates(bg_s, sidx, order=1, mode="nearest")
+    del sidx, bg_s
+    # local field: the brain's own susceptibility, oblique kernel on the acquisition grid
+    chi_brain = np.where(brain, chi_n, 0).astype(np.float32)
+    local = dipole_field(chi_brain, vs, b0_dir=b0_dir, pad_mm=pad_mm)
+    field_n, shim_coef = harmonic_shim(bg_n + local, brain, axes_mm, order=shim_order)
+    del axes_mm, bg_n
+    lf = np.where(brain, local, 0).astype(np.float32) if local_field else None
+    del local
 
     # receive bias, phase offset, noise
     bias = np.exp(smooth_random_field(rng, affine, shape, amplitude=0.15))
@@ -1016,8 +1034,8 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
         t1_img = np.hypot(s + tsig * rng.standard_normal(tshape, dtype=np.float32),
                           tsig * rng.standard_normal(tshape, dtype=np.float32)).astype(np.float32)
 
-    info = {"shape": list(shape), "extended_shape": list(ext_shape),
-            "extended_start": start.tolist(), "residual_deg": [float(v) for v in residual_deg],
+    info = {"shape": list(shape), "background_lattice_shape": list(s_shape),
+            "background_lattice_origin_mm": [float(v) for v in s_lo], "residual_deg": [float(v) for v in residual_deg],
             "centre_offset_mm": [float(v) for v in centre_offset], "noise_sigma": sigma,
             "shim_order": int(shim_order), "shim_coefficients": np.asarray(shim_coef).tolist(),
             "model_resolution_mm": int(model_resolution_mm)}
