@@ -298,3 +298,40 @@ def test_dockerfile_runs_as_non_root():
     assert users, "Dockerfile has no USER instruction"
     final = users[-1].split(":")[0]
     assert final not in ("root", "0"), f"final USER is {users[-1]}"
+
+
+# ----------------------------------------------------------------------------- per-subject discovery faults
+def _two_subjects(tmp_path):
+    root = _bids(tmp_path)
+    write_megre_subject(root, "02", seed=3)
+    write_megre_subject(root, "03", "pre", seed=4)
+    return root
+
+
+@pytest.mark.parametrize("fault", ["no EchoTime", "bad name", "no partner", "echo not a number"])
+def test_discovery_collects_per_subject_faults(tmp_path, fault):
+    root = _two_subjects(tmp_path)
+    anat = root / "sub-02/anat"
+    if fault == "no EchoTime":
+        for side in anat.glob("*.json"):
+            meta = json.loads(side.read_text())
+            meta.pop("EchoTime")
+            side.write_text(json.dumps(meta))
+    elif fault == "bad name":
+        (anat / "sub-02_echo-1_part-mag_MEGRE.nii.gz").rename(anat / "sub-02_echo-1_part-mag_MEGRE_x.nii.gz")
+    elif fault == "no partner":
+        (anat / "sub-02_echo-2_part-phase_MEGRE.nii.gz").unlink()
+    else:
+        (anat / "sub-02_echo-2_part-phase_MEGRE.nii.gz").rename(anat / "sub-02_echo-x_part-phase_MEGRE.nii.gz")
+    with pytest.raises(InputError) as strict:  # default: the first fault stops discovery
+        find_subject_sessions(root)
+    assert "sub-02" in strict.value.path
+    errors = []
+    sss = find_subject_sessions(root, errors=errors)
+    assert [s.key for s in sss] == ["sub-01", "sub-03_ses-pre"]
+    assert len(errors) == 1 and isinstance(errors[0], InputError)
+    assert errors[0].participant_id == "sub-02" and errors[0].session_id == ""
+    assert "sub-02" in errors[0].path
+    # a label filter still knows the faulty subject exists
+    errs2 = []
+    assert find_subject_sessions(root, ["02"], errors=errs2) == [] and len(errs2) == 1

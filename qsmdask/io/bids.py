@@ -162,11 +162,19 @@ def _float_field(meta: dict, key: str, path: Path, *, lo: float, hi: float, unit
     return v
 
 
-def find_subject_sessions(bids_dir, participant_labels=None) -> list[SubjectSession]:
+def find_subject_sessions(bids_dir, participant_labels=None, *,
+                          errors: list | None = None) -> list[SubjectSession]:
     """Discover every subject-session with multi-echo GRE data.
 
     Raises InputError for a folder that is not a BIDS dataset, for files whose names do not
     parse, for echoes missing a magnitude or phase partner or a sidecar field.
+
+    errors : list, optional
+        When given, a fault confined to one subject (a file name that does not parse, a missing
+        partner, a bad sidecar field) does not stop discovery: the :class:`InputError` is
+        appended here with ``participant_id`` and ``session_id`` attributes ("" when unknown)
+        and that subject (or subject-session) is left out of the result. Dataset-level faults
+        (no dataset_description.json, unknown participant labels) still raise.
     """
     bids_dir = Path(bids_dir)
     if not bids_dir.is_dir():
@@ -185,52 +193,82 @@ def find_subject_sessions(bids_dir, participant_labels=None) -> list[SubjectSess
         sub = validate_label(sub_dir.name, what=f"subject folder {sub_dir}")
         if wanted is not None and sub not in wanted:
             continue
-        for f in sorted(sub_dir.rglob("*")):
-            if not f.is_file() or not f.name.endswith(_NIFTI_EXT) or "/anat/" not in f.as_posix():
-                continue
-            ents, suffix, _ = parse_bids_name(f)
-            if ents["sub"] != sub:
-                raise InputError(f, f"subject entity sub-{ents['sub']} does not match its folder {sub_dir.name}")
-            ses = ents.get("ses", "")
-            extra = tuple(sorted((k, v) for k, v in ents.items() if k in ("acq", "run")))
-            if suffix == "T1w":
-                t1ws.setdefault((sub, ses), f)
-                continue
-            if suffix != "MEGRE":
-                continue
-            if "echo" not in ents or "part" not in ents:
-                raise InputError(f, "MEGRE file needs echo-<n> and part-<mag|phase> entities")
-            if ents["part"] not in ("mag", "phase"):
-                raise InputError(f, f"part-{ents['part']} not understood (expected mag or phase)")
-            key = (sub, ses, extra)
-            found.setdefault(key, {}).setdefault(int(ents["echo"]), {})[ents["part"]] = f
+        sub_found: dict[tuple, dict] = {}
+        try:
+            for f in sorted(sub_dir.rglob("*")):
+                if not f.is_file() or not f.name.endswith(_NIFTI_EXT) or "/anat/" not in f.as_posix():
+                    continue
+                ents, suffix, _ = parse_bids_name(f)
+                if ents["sub"] != sub:
+                    raise InputError(f, f"subject entity sub-{ents['sub']} does not match its folder "
+                                        f"{sub_dir.name}")
+                ses = ents.get("ses", "")
+                extra = tuple(sorted((k, v) for k, v in ents.items() if k in ("acq", "run")))
+                if suffix == "T1w":
+                    t1ws.setdefault((sub, ses), f)
+                    continue
+                if suffix != "MEGRE":
+                    continue
+                if "echo" not in ents or "part" not in ents:
+                    raise InputError(f, "MEGRE file needs echo-<n> and part-<mag|phase> entities")
+                if ents["part"] not in ("mag", "phase"):
+                    raise InputError(f, f"part-{ents['part']} not understood (expected mag or phase)")
+                if not ents["echo"].isdigit():
+                    raise InputError(f, f"echo-{ents['echo']} is not an echo number")
+                key = (sub, ses, extra)
+                sub_found.setdefault(key, {}).setdefault(int(ents["echo"]), {})[ents["part"]] = f
+        except InputError as e:
+            if errors is None:
+                raise
+            _note_error(errors, e, sub, "")
+            found[(sub, None, ())] = {}  # the subject was seen (for the participant-label check)
+            continue
+        found.update(sub_found)
     if wanted is not None:
         missing = wanted - {k[0] for k in found}
         if missing:
             raise InputError(bids_dir, "no MEGRE data for participant label(s) " + ", ".join(sorted(missing)))
     out = []
-    for (sub, ses, extra), echoes in sorted(found.items()):
-        ech = []
-        for n in sorted(echoes):
-            parts = echoes[n]
-            for need in ("mag", "phase"):
-                if need not in parts:
-                    other = next(iter(parts.values()))
-                    raise InputError(other, f"echo {n} has no part-{need} partner")
-            meta = _sidecar_metadata(parts["phase"], bids_dir)
-            meta_m = _sidecar_metadata(parts["mag"], bids_dir)
-            meta = {**meta_m, **meta}
-            side = _sidecar(parts["phase"]) if _sidecar(parts["phase"]).exists() else parts["phase"]
-            te = _float_field(meta, "EchoTime", side, lo=1e-4, hi=0.2, unit="s")
-            b0 = _float_field(meta, "MagneticFieldStrength", side, lo=0.1, hi=20.0, unit="T")
-            ech.append(Echo(n, parts["mag"], parts["phase"], te, b0))
-        tes = [e.echo_time_s for e in ech]
-        if len(set(tes)) != len(tes):
-            raise InputError(ech[0].phase.parent, f"echoes of {sub} {ses} share an EchoTime: {tes}")
-        if len({e.b0_tesla for e in ech}) != 1:
-            raise InputError(ech[0].phase.parent, "echoes disagree on MagneticFieldStrength")
-        out.append(SubjectSession(sub, ses, tuple(ech), t1ws.get((sub, ses)), extra))
+    for (sub, ses, extra), echoes in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2])):
+        if ses is None:  # a subject whose files did not parse (already in errors)
+            continue
+        try:
+            out.append(_assemble(bids_dir, sub, ses, extra, echoes, t1ws))
+        except InputError as e:
+            if errors is None:
+                raise
+            _note_error(errors, e, sub, ses)
     return out
+
+
+def _note_error(errors: list, e: InputError, sub: str, ses: str) -> None:
+    e.participant_id = f"sub-{sub}"
+    e.session_id = f"ses-{ses}" if ses else ""
+    errors.append(e)
+
+
+def _assemble(bids_dir: Path, sub: str, ses: str, extra: tuple, echoes: dict, t1ws: dict) -> SubjectSession:
+    """Pair a subject-session's echoes with their sidecar fields and check them."""
+    ech = []
+    for n in sorted(echoes):
+        parts = echoes[n]
+        for need in ("mag", "phase"):
+            if need not in parts:
+                other = next(iter(parts.values()))
+                raise InputError(other, f"echo {n} has no part-{need} partner")
+        meta = _sidecar_metadata(parts["phase"], bids_dir)
+        meta_m = _sidecar_metadata(parts["mag"], bids_dir)
+        meta = {**meta_m, **meta}
+        side = _sidecar(parts["phase"]) if _sidecar(parts["phase"]).exists() else parts["phase"]
+        te = _float_field(meta, "EchoTime", side, lo=1e-4, hi=0.2, unit="s")
+        b0 = _float_field(meta, "MagneticFieldStrength", side, lo=0.1, hi=20.0, unit="T")
+        ech.append(Echo(n, parts["mag"], parts["phase"], te, b0))
+    tes = [e.echo_time_s for e in ech]
+    if len(set(tes)) != len(tes):
+        raise InputError(ech[0].phase.parent, f"echoes of {sub} {ses} share an EchoTime: {tes}")
+    if len({e.b0_tesla for e in ech}) != 1:
+        raise InputError(ech[0].phase.parent, "echoes disagree on MagneticFieldStrength")
+    return SubjectSession(sub, ses, tuple(ech), t1ws.get((sub, ses)), extra)
 
 
 @dataclass
