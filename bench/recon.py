@@ -39,8 +39,7 @@ INVERSIONS_2016 = {
     "TKD thr 0.25": lambda f, m, vs: inversion.tkd(f, m, vs, threshold=0.25),
     "TKD thr 0.4": lambda f, m, vs: inversion.tkd(f, m, vs, threshold=0.4),
     "iterative TKD (Tang 2013, default)": lambda f, m, vs: inversion.iterative_tkd(f, m, vs),
-    "TV-ADMM (default, lam 1e-3, 50 it)": lambda f, m, vs: inversion.tv_admm(
-        f, m, vs, lam=1e-3, max_iter=50, mask_data=False),
+    "TV-ADMM (default: lam 1e-3, 30 it)": lambda f, m, vs: inversion.tv_admm(f, m, vs),
 }
 
 
@@ -161,7 +160,7 @@ def bench_timing(quick: bool):
     shape = (96, 96, 32) if quick else (256, 256, 80)
     rows = []
     cfgs = {"TKD (default chain)": ChainConfig(),
-            "TV (lam 1e-3, 50 it)": ChainConfig(inversion_method="tv")}
+            "TV (lam 1e-3, 30 it)": ChainConfig(inversion_method="tv")}
     if quick:
         cfgs = {"TKD (default chain)": ChainConfig()}
     for name, cfg in cfgs.items():

@@ -75,7 +75,7 @@ class ChainConfig:
     tkd_threshold: float = 0.19
     iterative_tkd_max_iter: int = 20
     tv_lambda: float = 1e-3
-    tv_max_iter: int = 50
+    tv_max_iter: int = 30
     tv_edge_fraction: float = 0.0
     phase_sign: int = 1
     pad_voxels: tuple[int, int, int] = (16, 16, 16)

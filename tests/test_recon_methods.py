@@ -55,7 +55,7 @@ def test_tv_admm_beats_tkd_on_noisy_field(noisy):
     assert abs(c_tv[gp].mean() - c_tv[m].mean() - 0.18) < 0.04
     # magnitude edge weights (MEDI-like) and the masked data term also work
     c_e = inversion.tv_admm(f, m, p["voxel_size_mm"], b0_dir=p["b0_dir"], lam=1e-3, max_iter=40,
-                            magnitude=p["magnitude"][..., 0], edge_fraction=0.3)
+                            magnitude=p["magnitude"][..., 0], edge_fraction=0.3, mask_data=True)
     assert nrmse(c_e) < 0.3
     with pytest.raises(ValueError, match="lam"):
         inversion.tv_admm(f, m, p["voxel_size_mm"], lam=-1)
