@@ -56,10 +56,6 @@ def run_isolated(fn, *args):
         return ex.submit(_child, fn, args).result()
 
 
-def _tkd_call(name):
-    return INVERSIONS_2016[name]
-
-
 def bench_2016(quick: bool):
     import nibabel as nib
     from qsm_ci.qsm_eval import score_arrays
