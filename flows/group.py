@@ -5,20 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from qsmdask.io.derivatives import DerivativesWriter
 from qsmdask.io.tables import write_parquet
+from qsmdask.atlas import load_atlas
+from qsmdask.report import build_cohort_report
+from qsmdask.workflows.voxelwise import VoxelwiseOptions, run_voxelwise
 from qsmdask.stats import run_group_analysis
 from qsmdask.stats.design import GroupDesign
 from qsmdask.workflows.cohort import load_group_inputs
 
 
 @flow(name="qsmdask-group", log_prints=True)
-def group_flow(bids_dir: str, output_dir: str, design: dict | None = None) -> dict:
-    """Run every applicable analysis of ``design`` and write ``OUTPUT_DIR/group/<name>.parquet``."""
+def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
+               voxelwise: dict | None = None) -> dict:
+    """Run every applicable analysis of ``design`` and write ``OUTPUT_DIR/group/<name>.parquet``.
+
+    ``voxelwise``: options of :class:`qsmdask.workflows.voxelwise.VoxelwiseOptions`
+    (``{"enabled": False}`` skips the whole-brain permutation analysis).
+    """
     log = get_run_logger()
     roi, participants, sessions = load_group_inputs(bids_dir, output_dir)
     gd = GroupDesign.from_dict(design) if design else GroupDesign()
+    DerivativesWriter(output_dir).write_run_config(
+        {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict()}, name="qsmdask_group_config.json")
     tables = run_group_analysis(roi, participants, sessions, design=gd)
     out = Path(output_dir) / "group"
     written = {}
@@ -31,4 +42,36 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None) -> di
         create_table_artifact(key="qsmdask-group-significant",
                               table=sig.astype(str).to_dict("records"),
                               description="Patients vs controls, Bonferroni-significant ROIs")
+    vw = dict(voxelwise or {})
+    if vw.pop("enabled", True):
+        opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
+        try:
+            res = run_voxelwise(output_dir, participants, options=opts, atlas=_participant_atlas(output_dir))
+        except Exception as e:  # the ROI statistics above stand on their own
+            log.error("voxel-wise analysis failed: %s: %s", type(e).__name__, e)
+            res = {"skipped": f"failed: {type(e).__name__}: {e}"}
+        if "skipped" in res:
+            log.warning("voxel-wise analysis skipped: %s", res["skipped"])
+        else:
+            log.info("voxel-wise: %d subjects, %d voxels, %d FWE-significant cluster(s)",
+                     res["n_subjects"], res["n_voxels"], res["n_significant_clusters"])
+            written.update({f"perm_{k}": v for k, v in res["written"].items()})
+    report = build_cohort_report(output_dir, bids_dir)
+    log.info("cohort report: %s", report)
+    create_markdown_artifact(key="qsmdask-report", markdown=(
+        f"# qsmdask cohort report\n\n[{report}]({Path(report).resolve().as_uri()})\n\n"
+        f"Group tables: {', '.join(sorted(written))}\n"))
+    written["report"] = str(report)
     return written
+
+
+
+def _participant_atlas(output_dir):
+    """The atlas the participant level used (from its recorded configuration), else the default."""
+    import json
+    try:
+        c = json.loads((Path(output_dir) / "logs" / "qsmdask_config.json").read_text())["config"]
+    except (OSError, KeyError, ValueError):
+        c = {}
+    return load_atlas(c.get("atlas", "aal"), labels_tsv=c.get("atlas_labels_tsv"),
+                      groups_tsv=c.get("atlas_groups_tsv"))

@@ -52,6 +52,10 @@ def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api
     g = pd.read_parquet(out / "group" / "group_wilcoxon.parquet")
     assert {"roi", "hemisphere", "p", "p_corrected", "statistic"} <= set(g.columns)
     assert (g["p_corrected"] >= g["p"] - 1e-12).all()
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "<script src" not in html
+    png = out / "sub-01/anat/sub-01_desc-recon_qc.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # rerun: nothing to do
     capsys.readouterr()

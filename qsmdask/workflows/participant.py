@@ -125,9 +125,9 @@ def ingest(ss: SubjectSession, paths: dict) -> dict:
 
 def reconstruct(meta: dict, config: PipelineConfig) -> dict:
     """QSM reconstruction of the ingested volumes; writes chi, masks and fields to zarr."""
-    from ..chain import reconstruct as run_chain
-
     with _stage(meta["key"], "reconstruct"):
+        from ..chain import reconstruct as run_chain
+
         url = meta["work_url"]
         mag, affine = zarrstore.read_volume(url, "magnitude", dtype=np.float32)
         phase, _ = zarrstore.read_volume(url, "phase_rad", dtype=np.float32)
@@ -145,11 +145,11 @@ def reconstruct(meta: dict, config: PipelineConfig) -> dict:
 
 def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
     """Register to the template, bring atlas labels to native space, extract ROI statistics."""
-    from ..atlas import load_atlas, load_template
-    from ..registration import standardise
-    from ..roi import roi_statistics, smooth_gaussian
-
     with _stage(meta["key"], "standardise"):
+        from ..atlas import load_atlas, load_template
+        from ..registration import standardise
+        from ..roi import roi_statistics, smooth_gaussian
+
         url = meta["work_url"]
         chi, affine = zarrstore.read_volume(url, "chi_ppm", dtype=np.float32)
         mask = zarrstore.read_volume(url, "mask")[0].astype(bool)
@@ -234,6 +234,7 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
         files.append(writer.save_image(ss.subject, ss.session, "dseg", labels.astype(np.int16), affine,
                                        desc=_atlas_desc(config.atlas),
                                        sidecar={"Atlas": config.atlas, **reg_meta}))
+        files.append(_qc_figure(ss, writer, url, chi, mask.astype(bool), labels, affine))
         files += [Path(p) for p in meta.get("transform_files", [])]
 
         roi = pd.read_parquet(meta["roi_tmp"])
@@ -252,6 +253,18 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
             zarrstore.remove_group(url)
         return {"participant_id": ss.participant_id, "session_id": ss.session_id,
                 "manifest": str(manifest), "n_files": len(files), "qc": meta.get("qc", {})}
+
+
+def _qc_figure(ss, writer, url, chi, mask, labels, affine) -> Path:
+    """Orthogonal-slice QC figure (magnitude + mask, total and local field, chi + atlas)."""
+    from ..report.qc import qc_figure
+
+    mag, _ = zarrstore.read_volume(url, "magnitude", dtype=np.float32)
+    field, _ = zarrstore.read_volume(url, "field_ppm", dtype=np.float32)
+    local, _ = zarrstore.read_volume(url, "local_field_ppm", dtype=np.float32)
+    png = qc_figure(mag[..., 0], mask, field, local, chi, voxel_size_mm=voxel_size_from_affine(affine),
+                    labels=labels, title=ss.key)
+    return writer.save_bytes(ss.subject, ss.session, "qc", png, ext=".png", desc="recon")
 
 
 def _atlas_desc(atlas: str) -> str:
