@@ -81,7 +81,8 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     writer = writer_for(output_dir, bids_dir, cfg)
     writer.write_run_config({"level": "participant", "bids_dir": str(bids_dir), "config": cfg.to_dict()})
     plan = plan_participants(bids_dir, output_dir, cfg, participant_labels, force=force)
-    log.info("%d subject-session(s) to process, %d up to date", len(plan.todo), len(plan.skipped))
+    log.info("%d subject-session(s) to process, %d up to date, %d unreadable", len(plan.todo),
+             len(plan.skipped), len(plan.invalid))
     progress = create_progress_artifact(progress=0.0, description="subject-sessions finished (%)")
 
     chains = []
@@ -92,7 +93,9 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
         w = write_task.submit(ss, s, output_dir, cfg, key)
         chains.append((ss, [m, r, s, w]))
 
-    done, failed = [], []
+    done, failed = [], list(plan.invalid)
+    for row in plan.invalid:
+        log.error("%s %s cannot be read: %s", row["participant_id"], row["session_id"], row["message"])
     t0 = time.monotonic()
     for i, (ss, futs) in enumerate(chains, 1):
         futs[-1].wait()

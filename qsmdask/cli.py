@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--design", type=Path, help="group design file (JSON or YAML) for the group level")
     _cluster_args(r)
     r.add_argument("--force", action="store_true", help="recompute subject-sessions that are up to date")
+    r.add_argument("--n-perm", type=int, default=1000,
+                   help="permutations of the voxel-wise group analysis (study: 20000; 0 skips it)")
+
+    v = sub.add_parser("serve", help="run the cohort flow on a BIDS folder on a cron schedule (blocks)",
+                       description="Registers the Prefect deployment 'qsmdask-cohort-nightly' and serves it: "
+                       "new or changed subject-sessions are processed, then the group level is refreshed.")
+    v.add_argument("bids_dir", type=_existing_dir)
+    v.add_argument("output_dir", type=Path)
+    v.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every night at 02:00)")
+    v.add_argument("--config", type=Path, help="pipeline configuration (JSON or YAML)")
+    v.add_argument("--design", type=Path, help="group design file (JSON or YAML)")
+    _cluster_args(v)
 
     s = sub.add_parser("simulate", help="write a synthetic BIDS cohort with ground truth")
     s.add_argument("out_dir", type=Path)
@@ -82,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out_dir", type=Path, nargs="?", default=Path("qsmdask_demo"))
     d.add_argument("--subjects", type=_positive_int, default=12)
     d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--n-perm", type=int, default=500, help="permutations of the voxel-wise analysis")
     _cluster_args(d)
     return p
 
@@ -132,9 +145,10 @@ def run_participant(bids_dir, output_dir, *, labels=None, config=None, force=Fal
                             force=force, work_root=work_dir)
 
 
-def run_group(bids_dir, output_dir, *, design=None) -> dict:
+def run_group(bids_dir, output_dir, *, design=None, n_perm: int = 1000) -> dict:
     from flows.group import group_flow
-    return group_flow(str(bids_dir), str(output_dir), design=design)
+    vw = {"enabled": n_perm > 0, "n_perm": max(n_perm, 1)}
+    return group_flow(str(bids_dir), str(output_dir), design=design, voxelwise=vw)
 
 
 def _print_failures(failed: list[dict]):
@@ -179,9 +193,23 @@ def _run_level(args, cfg, design) -> int:
             _print_failures(res["failed"])
             return EXIT_SUBJECTS_FAILED
         return EXIT_OK
-    written = run_group(args.bids_dir, args.output_dir, design=design)
+    written = run_group(args.bids_dir, args.output_dir, design=design, n_perm=args.n_perm)
     n_tables = len([k for k in written if k != "report"])
     print(f"group level: {n_tables} table(s) in {args.output_dir / 'group'}; report {written.get('report')}")
+    return EXIT_OK
+
+
+def _cmd_serve(args) -> int:
+    from .config import PipelineConfig, load_config_file
+
+    cfg = PipelineConfig.from_dict(load_config_file(args.config)) if args.config else PipelineConfig()
+    design = load_config_file(args.design) if args.design else None
+    _cluster_env(args)
+    api = _start_api(args)
+    from flows.serve import serve
+    print(f"serving the cohort flow on {args.bids_dir} with schedule '{args.cron}'; "
+          f"runs are listed in the Prefect UI at {api.ui_url}", file=sys.stderr)
+    serve(str(args.bids_dir), str(args.output_dir), cron=args.cron, config=cfg.to_dict(), design=design)
     return EXIT_OK
 
 
@@ -209,7 +237,7 @@ def _cmd_demo(args) -> int:
     _cluster_env(args)
     _start_api(args)
     res = run_participant(bids, deriv, work_dir=args.work_dir)
-    written = run_group(bids, deriv)
+    written = run_group(bids, deriv, n_perm=args.n_perm)
     print(f"\nqsmdask demo finished in {time.monotonic() - t0:.0f} s")
     print(f"  BIDS input (with ground truth in derivatives/qsmdask-sim): {bids}")
     print(f"  susceptibility maps, masks, transforms:                    {deriv}/sub-*/")
@@ -239,6 +267,8 @@ def main(argv=None) -> int:
             return _cmd_run(args)
         if args.command == "simulate":
             return _cmd_simulate(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         return _cmd_demo(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

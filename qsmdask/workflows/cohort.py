@@ -22,13 +22,21 @@ FAILURE_COLUMNS = ["participant_id", "session_id", "stage", "file", "error_type"
 class CohortPlan:
     todo: list[tuple[SubjectSession, str]] = field(default_factory=list)  # (subject-session, resume key)
     skipped: list[SubjectSession] = field(default_factory=list)
+    invalid: list[dict] = field(default_factory=list)  # failure rows of subjects whose files do not parse
 
 
 def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_labels=None, *,
                       force: bool = False) -> CohortPlan:
     """Split the cohort into subject-sessions to (re)compute and ones already up to date."""
     plan = CohortPlan()
-    for ss in find_subject_sessions(bids_dir, participant_labels):
+    errors: list = []
+    found = find_subject_sessions(bids_dir, participant_labels, errors=errors)
+    for e in errors:
+        plan.invalid.append({"participant_id": getattr(e, "participant_id", ""),
+                             "session_id": getattr(e, "session_id", ""), "stage": "discover",
+                             "file": str(getattr(e, "path", "")), "error_type": type(e).__name__,
+                             "message": str(e)})
+    for ss in found:
         key = resume_key(ss, config)
         if not force and is_up_to_date(ss, output_dir, config, key):
             plan.skipped.append(ss)
@@ -42,6 +50,7 @@ def write_failures(output_dir, rows: list[dict], *, attempted: list[SubjectSessi
     path = Path(output_dir) / "failures.parquet"
     old = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=FAILURE_COLUMNS)
     tried = {(s.participant_id, s.session_id) for s in attempted}
+    tried |= {(r["participant_id"], r["session_id"]) for r in rows}
     if len(old):
         keep = [(p, s) not in tried for p, s in zip(old["participant_id"], old["session_id"])]
         old = old[keep]
