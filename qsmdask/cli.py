@@ -131,6 +131,9 @@ def _start_api(args):
 
 
 def _cluster_env(args):
+    # one thread per task: Dask owns the parallelism, and ANTs is only reproducible single-threaded
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     if args.scheduler_address:
         os.environ["QSMDASK_CLUSTER"] = "address"
         os.environ["QSMDASK_DASK_ADDRESS"] = args.scheduler_address
