@@ -123,10 +123,24 @@ def test_design_from_json_and_yaml(tmp_path):
 def test_run_group_analysis_runs_wilcoxon(cohort):
     roi, part, ses = cohort
     out = run_group_analysis(roi, part, ses, design=GroupDesign(tests=("group_wilcoxon",),
-                                                                ci_method="analytic"))
+                                                                ci_method="analytic", rois=None,
+                                                                hemispheres=None))
     direct = group_wilcoxon(roi, part, ci_method="analytic")
     pd.testing.assert_frame_equal(out["group_wilcoxon"], direct)
     assert "skipped" in out
+
+
+def test_default_family_is_the_studys_rois_left_and_right(cohort):
+    from qsmdask.stats.design import STUDY_ROIS
+    roi, part, ses = cohort
+    roi = pd.concat([roi, roi.assign(roi="caudate"), roi.assign(hemisphere="B")], ignore_index=True)
+    out = run_group_analysis(roi, part, ses, design=GroupDesign(tests=("group_wilcoxon",),
+                                                                ci_method="analytic"))
+    g = out["group_wilcoxon"]
+    assert set(g["roi"]) <= set(STUDY_ROIS) and "caudate" not in set(g["roi"])
+    assert set(g["hemisphere"]) <= {"L", "R"}
+    # Bonferroni over exactly the rows tested
+    assert np.allclose(g["p_corrected"], np.minimum(g["p"] * len(g), 1.0))
 
 
 def test_no_session_column_multiple_atlases_and_all_tests(cohort):

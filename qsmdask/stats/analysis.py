@@ -58,6 +58,10 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
     if not isinstance(roi_table, pd.DataFrame) or not isinstance(participants, pd.DataFrame):
         raise ValueError("roi_table and participants must be pandas DataFrames")
     d = design
+    if d.rois is not None:
+        roi_table = roi_table[roi_table["roi"].isin(d.rois)]
+    if d.hemispheres is not None:
+        roi_table = roi_table[roi_table["hemisphere"].isin(d.hemispheres)]
     skipped: list[tuple[str, str]] = []
     sel = dict(value=d.value, level=d.level, measures=d.measures, atlas=d.atlas)
     long = long_table(roi_table, **sel)

@@ -25,6 +25,9 @@ from ._common import CORRECTIONS, validate_alpha, validate_choice
 __all__ = ["GroupDesign", "ALL_TESTS"]
 
 #: Every analysis :func:`qsmdask.stats.run_group_analysis` knows, in run order.
+STUDY_ROIS = ("frontal", "temporal", "occipital", "hippocampus", "putamen", "thalamus", "cingulum",
+              "cerebellum")
+
 ALL_TESTS = (
     "group_wilcoxon",          # patients vs controls, Mann-Whitney U per ROI
     "group_ols",               # covariate-adjusted group comparison (OLS)
@@ -89,6 +92,13 @@ class GroupDesign:
     session_order : (str, str) or None
         Baseline and follow-up session ids for paired tests (None: the two sessions ordered
         by ``acq_time`` in sessions.tsv, else by name).
+    rois : tuple of str or None
+        ROI groups analysed (the correction family); default the reference study's eight:
+        frontal, temporal, occipital, hippocampus, putamen, thalamus, cingulum, cerebellum.
+        None: every ROI in the table.
+    hemispheres : tuple of str or None
+        Hemisphere rows analysed (default left and right, as in the study; add "B" for the
+        bilateral rows). None: all.
     ci_method : {"bootstrap", "analytic"}
         CI of the rank-biserial effect size.
     n_boot : int
@@ -114,6 +124,8 @@ class GroupDesign:
     combat: bool = False
     site_covariate: bool = False
     session_order: tuple | None = None
+    rois: tuple | None = STUDY_ROIS
+    hemispheres: tuple | None = ("L", "R")
     ci_method: str = "bootstrap"
     n_boot: int = 2000
     seed: int = 0
@@ -125,6 +137,8 @@ class GroupDesign:
         if self.tests == ("all",):
             set_("tests", ALL_TESTS)
         set_("measures", _tuple(self.measures))
+        set_("rois", _tuple(self.rois))
+        set_("hemispheres", _tuple(self.hemispheres))
         set_("session_order", _tuple(self.session_order))
         paths = []
         for p in self.mediation_paths or ():
