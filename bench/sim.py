@@ -1,4 +1,4 @@
-"""Speed of the cohort simulator: ``python -m qsmdask.sim.benchmark [--update-docs]``.
+"""Speed of the cohort simulator: ``python bench/sim.py [--update-docs]``.
 
 Runs, side by side in one process tree:
 
@@ -28,7 +28,7 @@ from qsmdask.sim import phantom, simulate_cohort
 
 
 def _report_module():
-    path = Path(__file__).resolve().parents[2] / "bench" / "_report.py"
+    path = Path(__file__).resolve().parent / "_report.py"
     if not path.exists():
         return None
     spec = importlib.util.spec_from_file_location("_qsmdask_bench_report", path)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     else:
         table = "\n".join(str(r) for r in rows) + "\n"
     body = (f"## Cohort simulator (`qsmdask.sim`)\n\n"
-            f"Command: `python -m qsmdask.sim.benchmark --update-docs`. Machine: {machine}.\n\n"
+            f"Command: `python bench/sim.py --update-docs`. Machine: {machine}.\n\n"
             f"{table}\n"
             f"Serial vs 2-process pool, measured side by side: speed-up "
             f"{rows[1]['wall_s'] / rows[2]['wall_s']:.2f}x; pool output byte-identical to serial: "
