@@ -6,10 +6,12 @@ Thin by design: discovery, resume decisions and every computation come from
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.futures import as_completed
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
@@ -57,6 +59,19 @@ def _transient(state) -> bool:
     return False
 
 
+def _progress_line(i: int, n: int, key: str, status: str, elapsed_s: float) -> None:
+    """One line per finished subject-session on stderr: count, ETA, outcome."""
+    eta = elapsed_s / i * (n - i)
+    bar = "#" * int(20 * i / n) + "." * (20 - int(20 * i / n))
+    print(f"[{bar}] {i}/{n}  {key}: {status}  (elapsed {_hms(elapsed_s)}, ETA {_hms(eta)})",
+          file=sys.stderr, flush=True)
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 def _first_error(futures):
     """The original exception of the first failed stage of a subject-session's chain."""
     for fut in futures:
@@ -97,16 +112,20 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     for row in plan.invalid:
         log.error("%s %s cannot be read: %s", row["participant_id"], row["session_id"], row["message"])
     t0 = time.monotonic()
-    for i, (ss, futs) in enumerate(chains, 1):
-        futs[-1].wait()
-        if futs[-1].state.is_completed():
-            done.append(futs[-1].result())
+    by_final = {futs[-1]: (ss, futs) for ss, futs in chains}
+    for i, fut in enumerate(as_completed(list(by_final)), 1):
+        ss, futs = by_final[fut]
+        fut.wait()
+        if fut.state.is_completed():
+            done.append(fut.result())
+            status = "done"
         else:
-            err = _first_error(futs)
-            row = wf.failure_row(ss, err)
+            row = wf.failure_row(ss, _first_error(futs))
             failed.append(row)
+            status = f"FAILED at {row['stage']}"
             log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])
-        update_progress_artifact(progress, progress=100.0 * i / max(len(chains), 1))
+        update_progress_artifact(progress, progress=100.0 * i / len(chains))
+        _progress_line(i, len(chains), ss.key, status, time.monotonic() - t0)
     if not chains:
         update_progress_artifact(progress, progress=100.0)
 
