@@ -37,7 +37,12 @@ DOC = ROOT / "docs" / "reliability.md"
 COLUMNS = ["scenario", "what was done", "expected", "observed", "rows lost", "rows duplicated", "result"]
 
 
+_WORK = [""]  # scenario folder, shown as WORK in the table
+
+
 def _row(name, done, expected, observed, ok, lost="n/a", dup="n/a"):
+    if _WORK[0]:
+        observed = observed.replace(_WORK[0], "WORK")
     return {"scenario": name, "what was done": done, "expected": expected, "observed": observed,
             "rows lost": lost, "rows duplicated": dup, "result": "pass" if ok else "FAIL"}
 
@@ -132,7 +137,7 @@ def run_local_scenarios(work: Path, bids: Path, rows: list):
 
     out = work / "out_locked"
     with OutputLock(out):
-        r = subprocess.run(rf.cli_cmd(bids, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(rf.cli_cmd(bids, out), cwd=rf.CODE[0], env=env, capture_output=True, text=True, timeout=300)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     ok = r.returncode == 1 and "another qsmdask run" in r.stderr and files == ["logs/qsmdask.lock"]
     rows.append(_row("second run on a locked output", "CLI started while another process holds the output lock",
@@ -141,7 +146,7 @@ def run_local_scenarios(work: Path, bids: Path, rows: list):
 
     blocker = work / "a_file"
     blocker.write_text("x")
-    r = subprocess.run(rf.cli_cmd(bids, blocker / "out"), cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run(rf.cli_cmd(bids, blocker / "out"), cwd=rf.CODE[0], env=env, capture_output=True, text=True,
                        timeout=300)
     ok = r.returncode == 1 and "cannot create the output folder" in r.stderr and r.stderr.count("\n") == 1
     rows.append(_row("unwritable output location", "output folder under a regular file (root ignores chmod)",
@@ -166,7 +171,7 @@ def run_local_scenarios(work: Path, bids: Path, rows: list):
     ok = (not left and all("No space left" in m for m in msgs) and "sub-01_Chimap.nii.gz" in msgs[0]
           and "sub-01_roi.parquet" in msgs[1])
     rows.append(_row("full disk while writing", "ENOSPC injected at fsync in the derivatives writer (image, ROI table)",
-                     "OSError naming the file; no partial or temp file", f"{msgs[0].split(': ')[-1][-60:]}; "
+                     "OSError naming the file; no partial or temp file", f"{msgs[0]}; {msgs[1]}; "
                      f"files left {left}", ok))
 
     src = bids / "sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz"
@@ -193,8 +198,10 @@ def main(argv=None) -> int:
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="qsmdask-reliability-"))
     work.mkdir(parents=True, exist_ok=True)
+    _WORK[0] = str(work)
     machine = machine_description()
     t_start = time.monotonic()
+    rf.CODE[0] = rf.snapshot_code(work / "code")  # one version of the code for every run
     api = ensure_prefect_api(port=_free_port(), home=work / "prefect", timeout_s=240)
     rows, timings = [], {}
     try:
@@ -213,7 +220,10 @@ def main(argv=None) -> int:
         "Prefect server, a Dask LocalCluster of 2 worker processes, a simulated cohort "
         f"({args.subjects} subjects, 1 session, 4 mm voxels, no T1w). ROI rows are counted against the "
         "uninterrupted run (key: participant, session, atlas, ROI, hemisphere, level, label, name, measure); numbers "
-        "are compared with rtol 1e-5.",
+        "are compared with rtol 1e-5. Every run uses one snapshot of the code (the checkout is edited "
+        "while the scenarios run) and `ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1` (ANTs registration is "
+        "reproducible run to run only with one ITK thread; without it two uninterrupted runs already "
+        "differ by tens of voxels per ROI).",
         "",
         "Reproduce: `python bench/reliability.py` (about "
         f"{total / 60:.0f} min here). The same scenarios run as tests: `python -m pytest "

@@ -37,6 +37,20 @@ def make_cohort(root: Path, n_subjects: int = N_SUBJECTS) -> Path:
     return root
 
 
+def snapshot_code(dest: Path) -> Path:
+    """Copy of the working tree's code (qsmdask/, flows/) that every run of a scenario set uses.
+
+    The checkout is shared and edited while the scenarios run; comparing a faulted run with a
+    reference run is only meaningful when both run the same code.
+    """
+    for pkg in ("qsmdask", "flows"):
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+CODE = [REPO]  # where the CLI's code comes from (set to a snapshot by the fixtures and the bench)
+
+
 def cli_env(api_url: str) -> dict:
     env = os.environ.copy()
     env.update({"PREFECT_API_URL": api_url, "PREFECT_API_KEY": SECRET, "PYTHONUNBUFFERED": "1",
@@ -44,7 +58,7 @@ def cli_env(api_url: str) -> dict:
                 # ANTs registration is reproducible run to run only with one ITK thread
                 # (qsmdask.registration docs); without it two uninterrupted runs differ.
                 "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"})
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(CODE[0]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -55,7 +69,7 @@ def cli_cmd(bids: Path, out: Path, *extra: str) -> list[str]:
 
 def start_cli(bids, out, api_url, *extra) -> subprocess.Popen:
     """The CLI as its own process group (so a SIGKILL can take the whole run down)."""
-    return subprocess.Popen(cli_cmd(bids, out, *extra), cwd=REPO, env=cli_env(api_url), text=True,
+    return subprocess.Popen(cli_cmd(bids, out, *extra), cwd=CODE[0], env=cli_env(api_url), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -287,7 +301,9 @@ def remove_echo_time(bids: Path, sub: str = "sub-02") -> Path:
 # ---------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return make_cohort(tmp_path_factory.mktemp("rel") / "bids")
+    CODE[0] = snapshot_code(tmp_path_factory.mktemp("rel_code"))
+    yield make_cohort(tmp_path_factory.mktemp("rel") / "bids")
+    CODE[0] = REPO
 
 
 @pytest.fixture(scope="module")
