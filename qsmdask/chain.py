@@ -1,8 +1,9 @@
 """The QSM reconstruction chain: magnitude + wrapped multi-echo phase -> susceptibility.
 
-Steps: brain mask -> per-echo phase unwrapping -> magnitude-weighted linear fit
-over echo time (with phase offset) -> field in ppm -> background field removal
--> dipole inversion.  Pure numpy/scipy; all options live in :class:`ChainConfig`.
+Steps: brain mask -> phase-quality refinement of the mask (aliased voxels next to
+air and bone out) -> phase unwrapping (default: echo-difference phase in space,
+echoes in time) -> magnitude-weighted linear fit over echo time (with phase
+offset) -> field in ppm -> background field removal -> dipole inversion.  Pure numpy/scipy; all options live in :class:`ChainConfig`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["ChainConfig", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
 MASK_METHODS = ("threshold", "bet")
-UNWRAP_METHODS = ("laplacian", "region_growing")
+UNWRAP_METHODS = ("temporal", "laplacian", "region_growing")
 BGREMOVE_METHODS = ("vsharp", "sharp", "pdf")
 INVERSION_METHODS = ("tkd", "tv", "iterative_tkd")
 
@@ -37,10 +38,21 @@ class ChainConfig:
     bet_fraction : fractional intensity threshold of the surface-model mask
         (the reference study used 0.2).
     mask_open_mm : radius (mm) of the morphological opening/closing of the mask.
-    unwrap_method : "laplacian" (Schofield & Zhu 2003) or "region_growing"
-        (quality-guided path following; exact for strong but valid wraps).
-    laplacian_form : "sincos" or "gradient" (see :func:`qsmdask.unwrap.wrapped_laplacian`).
-    fit_offset : fit a phase offset (intercept) in the multi-echo fit.
+    quality_mask : drop voxels with aliased wrapped phase from the mask before
+        unwrapping (:func:`qsmdask.mask.phase_quality_mask`, on the phase that is
+        unwrapped in space); without it a Laplacian unwrapper spreads their error
+        over the brain.
+    quality_max_gradient_rad : largest trusted wrapped neighbour difference (rad).
+    unwrap_method : "temporal" (echo-difference phase Laplacian-unwrapped, echoes
+        unwrapped in time: fewest spatial wraps, no phase offset;
+        :func:`qsmdask.unwrap.temporal_unwrap`), "laplacian" (every echo by
+        Schofield & Zhu 2003) or "region_growing" (quality-guided path following;
+        exact for strong but valid wraps).
+    laplacian_form : "gradient" (wrapped differences: exact below pi per voxel, which the
+        quality mask ensures) or "sincos" (Schofield & Zhu; underestimates steep phase)
+        (see :func:`qsmdask.unwrap.wrapped_laplacian`).
+    fit_offset : fit a phase offset (intercept) in the multi-echo fit (always fitted
+        with "temporal" unwrapping, whose echoes carry the first echo's wrapped phase).
     bgremove_method : "vsharp" (variable radius, keeps the brain edge), "sharp" or
         "pdf" (projection onto dipole fields; no erosion).
     sharp_radius_mm : SMV radius (mm) of SHARP, and the largest radius of V-SHARP
@@ -65,8 +77,10 @@ class ChainConfig:
     mask_threshold_fraction: float | None = None
     bet_fraction: float = 0.2
     mask_open_mm: float = 2.0
-    unwrap_method: str = "laplacian"
-    laplacian_form: str = "sincos"
+    quality_mask: bool = True
+    quality_max_gradient_rad: float = 1.0
+    unwrap_method: str = "temporal"
+    laplacian_form: str = "gradient"
     fit_offset: bool = True
     bgremove_method: str = "vsharp"
     sharp_radius_mm: float = 6.0
@@ -95,6 +109,9 @@ class ChainConfig:
             raise ValueError(f"mask_threshold_fraction must be None or in (0, 1), got {f!r}")
         if not (0 < self.bet_fraction < 1):
             raise ValueError(f"bet_fraction must be in (0, 1), got {self.bet_fraction!r}")
+        q = self.quality_max_gradient_rad
+        if not (np.isfinite(q) and 0 < q < np.pi):
+            raise ValueError(f"quality_max_gradient_rad must be in (0, pi), got {q!r}")
         if self.mask_open_mm < 0:
             raise ValueError(f"mask_open_mm must be >= 0, got {self.mask_open_mm!r}")
         if not self.sharp_radius_mm > 0:
@@ -149,7 +166,9 @@ class ReconResult:
     mask : bool, the final (eroded) mask.
     local_field_ppm : float32 background-removed field, 0 outside ``mask``.
     field_ppm : float32 total field from the echo fit, 0 outside the brain mask.
-    brain_mask : bool, the brain mask before background-removal erosion.
+    brain_mask : bool, the brain mask (from the magnitude, or as given).
+    quality_mask : bool, ``brain_mask`` without the voxels of unreliable phase: the
+        region that was unwrapped and background-corrected (``mask`` is its erosion).
     qc : dict of floats (volumes, field ranges, fit residual, timings).
     config : the :class:`ChainConfig` used.
     """
@@ -161,6 +180,7 @@ class ReconResult:
     qc: dict[str, float]
     config: ChainConfig
     brain_mask: np.ndarray | None = field(default=None, repr=False)
+    quality_mask: np.ndarray | None = field(default=None, repr=False)
 
 
 def _as4d(x, name):
@@ -234,18 +254,37 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
             raise ValueError(f"mask shape {brain.shape} differs from image shape {mag.shape[:3]}")
     if not brain.any():
         raise ValueError("the brain mask is empty (check the magnitude image)")
+    # 1b. phase-quality refinement: voxels whose wrapped phase is aliased (steep field next
+    # to air and bone) would spread their error over the brain through the unwrapping
+    temporal = cfg.unwrap_method == "temporal" and phs.shape[3] > 1
+    whole_brain = brain
+    if cfg.quality_mask:
+        if temporal:
+            qphase = unwrap.echo_difference_phase(phs, te, magnitude=mag)[0]
+        else:
+            qphase = phs[..., int(np.argmax(te))]  # the echo with the most wraps
+        brain = maskmod.phase_quality_mask(qphase, whole_brain,
+                                           max_gradient_rad=cfg.quality_max_gradient_rad)
+        del qphase
+        if not brain.any():
+            raise ValueError("no voxel of reliable phase is left in the brain mask "
+                             "(quality_max_gradient_rad too small, or phase is noise)")
     timings["time_mask_s"] = time.perf_counter() - t0
 
-    # 2. unwrap each echo
+    # 2. unwrap
     t1 = time.perf_counter()
-    unwrapped = np.empty(phs.shape, dtype=np.float32)
-    for e in range(phs.shape[3]):
-        if cfg.unwrap_method == "region_growing":
-            unwrapped[..., e] = unwrap.region_growing_unwrap(phs[..., e], magnitude=mag[..., e], mask=brain)
-        else:
-            unwrapped[..., e] = unwrap.laplacian_unwrap(phs[..., e], vs, mask=brain,
-                                                        method=cfg.laplacian_form,
-                                                        fft_workers=cfg.fft_workers)
+    if cfg.unwrap_method == "temporal":
+        unwrapped = unwrap.temporal_unwrap(phs, te, vs, magnitude=mag, mask=brain,
+                                           laplacian_form=cfg.laplacian_form, fft_workers=cfg.fft_workers)
+    else:
+        unwrapped = np.empty(phs.shape, dtype=np.float32)
+        for e in range(phs.shape[3]):
+            if cfg.unwrap_method == "region_growing":
+                unwrapped[..., e] = unwrap.region_growing_unwrap(phs[..., e], magnitude=mag[..., e], mask=brain)
+            else:
+                unwrapped[..., e] = unwrap.laplacian_unwrap(phs[..., e], vs, mask=brain,
+                                                            method=cfg.laplacian_form,
+                                                            fft_workers=cfg.fft_workers)
     if cfg.unwrap_method == "region_growing" and phs.shape[3] > 1:
         # echoes are grown from different seeds: remove their relative 2 pi offsets using
         # the wrapped echo-to-echo phase evolution (unambiguous when < pi per echo step)
@@ -259,7 +298,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     # 3. echo fit -> field in ppm
     t2 = time.perf_counter()
     slope, offset, resid = unwrap.fit_phase_slope(unwrapped, te, magnitude=mag, mask=brain,
-                                                  fit_offset=cfg.fit_offset)
+                                                  fit_offset=cfg.fit_offset or temporal)
     field_ppm = unwrap.phase_slope_to_ppm(slope, b0_tesla=b0_tesla, phase_sign=cfg.phase_sign)
     del unwrapped
     timings["time_fit_s"] = time.perf_counter() - t2
@@ -298,7 +337,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     lf = local[eroded]
     cv = chi[eroded]
     qc = {
-        "mask_volume_ml": float(brain.sum()) * voxel_ml,
+        "mask_volume_ml": float(whole_brain.sum()) * voxel_ml,
+        "quality_mask_volume_ml": float(brain.sum()) * voxel_ml,
         "eroded_mask_volume_ml": float(eroded.sum()) * voxel_ml,
         "n_echoes": float(phs.shape[3]),
         "field_p01_ppm": float(np.percentile(fb, 1)),
@@ -317,4 +357,4 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     qc.update({k: float(v) for k, v in timings.items()})
     return ReconResult(chi_ppm=chi, mask=eroded, local_field_ppm=local,
                        field_ppm=np.where(brain, field_ppm, 0).astype(np.float32), qc=qc,
-                       config=cfg, brain_mask=brain)
+                       config=cfg, brain_mask=whole_brain, quality_mask=brain)
