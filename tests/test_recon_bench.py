@@ -1,4 +1,4 @@
-"""Smoke test of bench/recon.py (--quick: one small phantom, no docs update)."""
+"""Smoke test of bench/recon.py (--quick: one small phantom, no simulated head, no docs update)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def test_bench_recon_quick(capsys):
     spec = importlib.util.spec_from_file_location("bench_recon", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--quick", "--skip-timing"]) == 0
+    assert mod.main(["--quick", "--skip-timing", "--skip-heads"]) == 0
     out = capsys.readouterr().out
     assert "## recon" in out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 1 mm iso 64^3")]
