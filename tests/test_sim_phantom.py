@@ -84,13 +84,45 @@ def test_phase_wrapped_and_consistent_with_true_field(sim):
     for e, te in enumerate(sim.echo_times_s):
         true = w * te * sim.field_ppm + sim.phase_offset_rad
         np.testing.assert_allclose(true, sim.true_phase_rad[..., e], atol=1e-3)
-        resid = np.angle(np.exp(1j * (sim.phase_rad[..., e] - true)))[brain]
-        # noise-only residual: SD ~ sigma / magnitude
-        expected = sim.info["noise_sigma"] / np.median(sim.magnitude[..., e][brain])
+        # noise-only residual: SD ~ sigma / magnitude (voxels not darkened by dephasing)
+        bright = brain & (sim.magnitude[..., e] > 0.5 * np.median(sim.magnitude[..., e][brain]))
+        assert bright.sum() > 0.9 * brain.sum()
+        resid = np.angle(np.exp(1j * (sim.phase_rad[..., e] - true)))[bright]
+        expected = sim.info["noise_sigma"] / np.median(sim.magnitude[..., e][bright])
         assert np.std(resid) < 2.0 * expected
         assert abs(np.mean(resid)) < 0.01
     # later echoes wrap: the true phase spans more than 2 pi over the head
     assert np.ptp(sim.true_phase_rad[..., -1][sim.tissue > 0]) > 2 * np.pi
+
+
+def test_gre_intravoxel_dephasing_is_sinc_of_phase_ramp():
+    shape = (12, 10, 8)
+    slope_ppm = 0.05  # per voxel along x
+    field = np.broadcast_to(slope_ppm * np.arange(shape[0], dtype=np.float32)[:, None, None], shape)
+    kw = dict(m0=np.ones(shape, np.float32), r2star=np.zeros(shape, np.float32), field_ppm=field,
+              phase_offset_rad=np.zeros(shape, np.float32), echo_times_s=(0.005, 0.02), b0_tesla=3.0,
+              noise_sigma=0.0)
+    mag, _, _ = P.gre_signal(rng=np.random.default_rng(0), **kw)
+    w = 2 * np.pi * P.GAMMA_HZ_PER_T * 3.0 * 1e-6
+    for e, te in enumerate((0.005, 0.02)):
+        dphi = w * te * slope_ppm  # phase change across one voxel
+        want = abs(np.sin(dphi / 2) / (dphi / 2))
+        np.testing.assert_allclose(mag[2:-2, :, :, e], want, rtol=1e-4)
+    assert mag[..., 1].mean() < mag[..., 0].mean() < 1.0  # later echoes darker
+    flat, _, _ = P.gre_signal(rng=np.random.default_rng(0), dephasing=False, **kw)
+    np.testing.assert_allclose(flat, 1.0, rtol=1e-6)
+
+
+def test_dephasing_darkens_steep_field_next_to_air(sim):
+    g = np.zeros(sim.field_ppm.shape, np.float32)
+    for a in range(3):
+        g = np.maximum(g, np.abs(np.gradient(sim.field_ppm, axis=a)))
+    w = 2 * np.pi * P.GAMMA_HZ_PER_T * sim.b0_tesla * 1e-6
+    steep = (sim.tissue > 0) & (w * sim.echo_times_s[-1] * g > 2.5)
+    flat = sim.brain & (w * sim.echo_times_s[-1] * g < 0.3)
+    assert steep.sum() > 10 and flat.sum() > 100
+    ratio = sim.magnitude[..., -1] / np.maximum(sim.magnitude[..., 0], 1e-6)
+    assert np.median(ratio[steep]) < 0.6 * np.median(ratio[flat])
 
 
 def test_background_field_strong_outside_brain_and_local_field_weak(sim):
