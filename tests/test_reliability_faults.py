@@ -397,9 +397,6 @@ def test_bad_subjects_fail_alone(cohort, prefect_api, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="discovery (find_subject_sessions in plan_participants) raises for the "
-                   "whole cohort on one subject's sidecar or file-name fault: exit 1, nothing processed, "
-                   "instead of a failure row for that subject and exit 3")
 @pytest.mark.parametrize("fault", ["missing EchoTime", "unparseable name"])
 def test_discovery_fault_in_one_subject_fails_alone(cohort, prefect_api, tmp_path, fault):
     bids = tmp_path / "bids"
@@ -413,3 +410,4 @@ def test_discovery_fault_in_one_subject_fails_alone(cohort, prefect_api, tmp_pat
     assert r["rc"] == 3 and r["counts"] == (1, 0, 1)
     f = failures(tmp_path / "out")
     assert list(f["participant_id"]) == ["sub-02"] and "sub-02" in f["file"].iloc[0]
+    assert f["stage"].iloc[0] == "discover" and f["error_type"].iloc[0] == "InputError"
