@@ -118,6 +118,10 @@ def _setup_logging(debug: bool):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "true")
     if not debug:
+        # the CLI prints its own progress and failure table: Prefect's console handler (in this
+        # process and, through the environment, in every Dask worker) shows only critical
+        # messages, while the API handler still sends every log to the Prefect UI
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
             logging.getLogger(name).setLevel(logging.WARNING)

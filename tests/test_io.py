@@ -97,6 +97,9 @@ def test_vendor_phase_rescaled_and_garbage_rejected():
     assert note and "4096" in note
     assert rad.min() >= -np.pi - 1e-6 and rad.max() < np.pi
     assert np.isclose(rad[1], 0.0, atol=1e-3)
+    ge = np.array([-3141, -1000, 0, 2000, 3141], dtype=np.float32)
+    rad, note = phase_to_radians(ge, "ge.nii")
+    assert "milliradians" in note and np.allclose(rad, ge / 1000)
     with pytest.raises(InputError, match="neither radians"):
         phase_to_radians(np.array([0.5, 7.3, 12.1], np.float32), "p.nii")
 

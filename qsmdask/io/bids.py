@@ -284,8 +284,10 @@ class MEGREData:
 def phase_to_radians(phase: np.ndarray, path) -> tuple[np.ndarray, str | None]:
     """Return phase in radians, rescaling vendor integer ranges; reject anything else.
 
-    Radians: values within [-pi, pi] (a little slack). Vendor ranges: integer-valued images
-    spanning e.g. [-4096, 4095] or [0, 4095] are mapped linearly onto [-pi, pi).
+    Radians: values within [-pi, pi] (a little slack). Vendor ranges: integer milliradians
+    (GE, about +-3142) are divided by 1000; other integer-valued images spanning e.g.
+    [-4096, 4095] or [0, 4095] (Siemens) are mapped linearly onto [-pi, pi). Whole degrees
+    and anything else are rejected.
     """
     lo, hi = float(phase.min()), float(phase.max())
     tol = 1e-3
@@ -297,6 +299,11 @@ def phase_to_radians(phase: np.ndarray, path) -> tuple[np.ndarray, str | None]:
         # a whole-degree phase image would otherwise pass as a 9-bit vendor range (512 levels)
         raise InputError(path, f"phase values span [{lo:g}, {hi:g}]: looks like degrees; "
                                "qsmdask needs radians [-pi, pi] or a vendor integer range")
+    mrad = 1000 * math.pi
+    if integer_valued and lo >= -mrad - 2 and hi <= mrad + 2 and max(-lo, hi) >= 0.9 * mrad:
+        # GE stores phase in milliradians (about +-3142)
+        return (phase.astype(np.float64) / 1000.0).astype(np.float32), \
+            "phase rescaled from milliradians (GE) to radians"
     if integer_valued and span >= 255:
         # smallest power-of-two range that contains the data (12-bit Siemens: 4096 levels)
         levels = 2 ** int(math.ceil(math.log2(span + 1)))
