@@ -25,7 +25,6 @@ def tiny_cohort(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
 def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api, capsys):
     out = tmp_path / "derivatives"
     rc = main(["run", str(tiny_cohort), str(out), "participant", "--n-workers", "2"])

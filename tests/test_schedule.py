@@ -8,7 +8,6 @@ import time
 import pytest
 
 
-@pytest.mark.slow
 def test_cron_deployment_creates_scheduled_runs(prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
