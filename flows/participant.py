@@ -63,8 +63,9 @@ def _progress_line(i: int, n: int, key: str, status: str, elapsed_s: float) -> N
     """One line per finished subject-session on stderr: count, ETA, outcome."""
     eta = elapsed_s / i * (n - i)
     bar = "#" * int(20 * i / n) + "." * (20 - int(20 * i / n))
-    print(f"[{bar}] {i}/{n}  {key}: {status}  (elapsed {_hms(elapsed_s)}, ETA {_hms(eta)})",
-          file=sys.stderr, flush=True)
+    # written to the stream, not print(): the flow's log_prints would turn it into a log record
+    sys.stderr.write(f"[{bar}] {i}/{n}  {key}: {status}  (elapsed {_hms(elapsed_s)}, ETA {_hms(eta)})\n")
+    sys.stderr.flush()
 
 
 def _hms(s: float) -> str:
