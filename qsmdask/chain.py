@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from qsmdask import bgremove, inversion, mask as maskmod, unwrap
+from qsmdask.kernels import check_b0_dir, check_voxel_size
 
 __all__ = ["ChainConfig", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
@@ -232,13 +233,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         raise ValueError(f"echo_times_s has {te.size} entries for {phs.shape[3]} echoes")
     if np.any(~np.isfinite(te)) or np.any(te <= 0):
         raise ValueError(f"echo_times_s must be positive seconds, got {te.tolist()}")
-    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
-    if vs.shape != (3,) or np.any(~np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
-    b = np.asarray(b0_dir, dtype=float).reshape(-1)
-    if b.shape != (3,) or not np.all(np.isfinite(b)) or np.linalg.norm(b) == 0:
-        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
-    b = b / np.linalg.norm(b)
+    vs = check_voxel_size(voxel_size_mm)
+    b = check_b0_dir(b0_dir)
     if not (np.isfinite(b0_tesla) and b0_tesla > 0):
         raise ValueError(f"b0_tesla must be > 0, got {b0_tesla!r}")
     cfg = config

@@ -13,6 +13,8 @@ import numpy as np
 import scipy.fft
 
 __all__ = [
+    "check_voxel_size",
+    "check_b0_dir",
     "b0_direction_from_affine",
     "voxel_size_from_affine",
     "kspace_grid",
@@ -27,6 +29,23 @@ __all__ = [
     "distance_to_edge_mm",
     "PaddedFFT",
 ]
+
+
+def check_voxel_size(voxel_size_mm) -> np.ndarray:
+    """``voxel_size_mm`` as three positive finite floats, or ValueError naming the parameter."""
+    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
+    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
+    return vs
+
+
+def check_b0_dir(b0_dir) -> np.ndarray:
+    """``b0_dir`` normalised to a unit 3-vector, or ValueError naming the parameter."""
+    b = np.asarray(b0_dir, dtype=float).reshape(-1)
+    n = np.linalg.norm(b) if b.shape == (3,) else 0.0
+    if b.shape != (3,) or not np.isfinite(n) or n == 0:
+        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    return b / n
 
 
 def voxel_size_from_affine(affine) -> tuple[float, float, float]:
@@ -90,11 +109,7 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, real: bool = 
     -------
     ndarray of ``dtype``; field_ppm = IFFT(D * FFT(chi_ppm)).
     """
-    b = np.asarray(b0_dir, dtype=float)
-    nb = np.linalg.norm(b)
-    if b.shape != (3,) or not np.isfinite(nb) or nb == 0:
-        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
-    b = b / nb
+    b = check_b0_dir(b0_dir)
     kx, ky, kz = kspace_grid(shape, voxel_size_mm, real=real, dtype=np.float64)
     kb = kx * b[0] + ky * b[1] + kz * b[2]
     k2 = kx**2 + ky**2 + kz**2

@@ -6,7 +6,7 @@ import numpy as np
 import scipy.fft
 
 from qsmdask.bgremove.sharp import _check
-from qsmdask.kernels import PaddedFFT, dipole_kernel
+from qsmdask.kernels import PaddedFFT, check_b0_dir, dipole_kernel
 
 __all__ = ["pdf"]
 
@@ -42,9 +42,7 @@ def pdf(field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), weight=None, 
     MRI using projection onto dipole fields (PDF). NMR Biomed 2011;24:1129-1136.
     """
     f, m, vs = _check(field_ppm, mask, voxel_size_mm)
-    b = np.asarray(b0_dir, dtype=float).reshape(-1)
-    if b.shape != (3,) or np.linalg.norm(b) == 0:
-        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    b = check_b0_dir(b0_dir)
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     fft = PaddedFFT(f.shape, pad_voxels, workers=fft_workers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsmdask.kernels import PaddedFFT, erode_mask_mm, smv_kernel
+from qsmdask.kernels import PaddedFFT, check_voxel_size, erode_mask_mm, smv_kernel
 
 __all__ = ["sharp"]
 
@@ -16,9 +16,7 @@ def _check(field_ppm, mask, voxel_size_mm):
     m = np.asarray(mask, dtype=bool)
     if m.shape != f.shape:
         raise ValueError(f"mask shape {m.shape} differs from field_ppm shape {f.shape}")
-    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
-    if vs.shape != (3,) or np.any(~np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
+    vs = check_voxel_size(voxel_size_mm)
     return f, m, vs
 
 

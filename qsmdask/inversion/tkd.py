@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsmdask.kernels import PaddedFFT, dipole_kernel
+from qsmdask.kernels import PaddedFFT, check_b0_dir, check_voxel_size, dipole_kernel
 
 __all__ = ["tkd", "check_inversion_inputs"]
 
@@ -16,14 +16,10 @@ def check_inversion_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
     m = np.asarray(mask, dtype=bool)
     if m.shape != f.shape:
         raise ValueError(f"mask shape {m.shape} differs from local_field_ppm shape {f.shape}")
-    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
-    if vs.shape != (3,) or np.any(~np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
-    b = np.asarray(b0_dir, dtype=float).reshape(-1)
-    if b.shape != (3,) or not np.all(np.isfinite(b)) or np.linalg.norm(b) == 0:
-        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    vs = check_voxel_size(voxel_size_mm)
+    b = check_b0_dir(b0_dir)
     f = np.where(m, f, 0).astype(np.float32)
-    return f, m, vs, b / np.linalg.norm(b)
+    return f, m, vs, b
 
 
 def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), threshold: float = 0.19,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from qsmdask.kernels import check_voxel_size  # noqa: F401  (re-exported for the mask modules)
+
 
 def check_volume(x, name: str) -> np.ndarray:
     a = np.asarray(x)
@@ -16,13 +18,6 @@ def check_volume(x, name: str) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         a = np.where(np.isfinite(a), a, 0).astype(np.float32)
     return a
-
-
-def check_voxel_size(voxel_size_mm) -> np.ndarray:
-    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
-    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
-    return vs
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

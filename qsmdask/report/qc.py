@@ -24,19 +24,14 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from ..kernels import check_voxel_size
+
 __all__ = ["CHI_WINDOW_PPM", "qc_figure", "qc_numbers"]
 
 #: Display window of susceptibility maps (ppm): deep grey matter iron stays in range.
 CHI_WINDOW_PPM = (-0.15, 0.25)
 
 _VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
-
-
-def _voxel_size(voxel_size_mm) -> np.ndarray:
-    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
-    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
-    return vs
 
 
 def _volume(x, name: str, shape=None) -> np.ndarray:
@@ -118,7 +113,7 @@ def qc_figure(magnitude, mask, field_ppm, local_field_ppm, chi_ppm, *, voxel_siz
     bytes
         The PNG file.
     """
-    vs = _voxel_size(voxel_size_mm)
+    vs = check_voxel_size(voxel_size_mm)
     mag = _volume(magnitude, "magnitude")
     shape = mag.shape
     m = _volume(mask, "mask", shape).astype(bool)
@@ -215,7 +210,7 @@ def qc_numbers(mask, chi_ppm, *, voxel_size_mm, labels=None,
         and with labels ``atlas_in_mask_fraction`` (labelled voxels inside the mask /
         labelled voxels) and ``atlas_labels_present`` (distinct labels inside the mask).
     """
-    vs = _voxel_size(voxel_size_mm)
+    vs = check_voxel_size(voxel_size_mm)
     m = _volume(mask, "mask").astype(bool)
     chi = _volume(chi_ppm, "chi_ppm", m.shape)
     lo, hi = (float(v) for v in chi_window_ppm)

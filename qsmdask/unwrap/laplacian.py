@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
+from qsmdask.kernels import check_voxel_size
+
 __all__ = ["laplacian_unwrap", "wrapped_laplacian"]
 
 _METHODS = ("sincos", "gradient")
@@ -118,9 +120,7 @@ def laplacian_unwrap(phase_rad, voxel_size_mm, *, mask=None, method: str = "sinc
     phi = np.asarray(phase_rad)
     if phi.ndim != 3:
         raise ValueError(f"phase_rad must be 3-D, got shape {phi.shape}")
-    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
-    if vs.shape != (3,) or np.any(~np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
+    vs = check_voxel_size(voxel_size_mm)
     if int(fft_workers) < 1:
         raise ValueError(f"fft_workers must be >= 1, got {fft_workers!r}")
     lap = wrapped_laplacian(phi.astype(np.float32), vs, method=method)
