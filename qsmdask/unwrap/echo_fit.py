@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GAMMA_HZ_PER_T", "fit_phase_slope", "phase_slope_to_ppm"]
+__all__ = ["GAMMA_HZ_PER_T", "check_echo_inputs", "fit_phase_slope", "phase_slope_to_ppm"]
 
 GAMMA_HZ_PER_T = 42.576e6
+
+
+def check_echo_inputs(phase_rad, echo_times_s, magnitude=None):
+    """Validated multi-echo inputs: ``(phase (x, y, z, echo) float32, echo times float64,
+    magnitude (x, y, z, echo) float32, ones when None)``; 3-D inputs count as one echo."""
+    phi = np.asarray(phase_rad, dtype=np.float32)
+    if phi.ndim == 3:
+        phi = phi[..., None]
+    if phi.ndim != 4:
+        raise ValueError(f"phase_rad must be (x, y, z, echo), got shape {phi.shape}")
+    te = np.asarray(echo_times_s, dtype=np.float64).reshape(-1)
+    if te.size != phi.shape[3]:
+        raise ValueError(f"echo_times_s has {te.size} entries for {phi.shape[3]} echoes")
+    if np.any(~np.isfinite(te)) or np.any(te <= 0):
+        raise ValueError(f"echo_times_s must be positive seconds, got {te.tolist()}")
+    if magnitude is None:
+        return phi, te, np.ones(phi.shape, dtype=np.float32)
+    mag = np.asarray(magnitude, dtype=np.float32)
+    if mag.ndim == 3:
+        mag = mag[..., None]
+    if mag.shape != phi.shape:
+        raise ValueError(f"magnitude shape {mag.shape} differs from phase_rad shape {phi.shape}")
+    return phi, te, mag
 
 
 def fit_phase_slope(phase_rad, echo_times_s, *, magnitude=None, mask=None, fit_offset: bool = True):
@@ -34,24 +57,8 @@ def fit_phase_slope(phase_rad, echo_times_s, *, magnitude=None, mask=None, fit_o
     Wu B et al. Fast and tissue-optimized mapping of magnetic susceptibility and T2*
     with multi-echo and multi-shot spirals. NeuroImage 2012;59:297-305 (weighted fit).
     """
-    phi = np.asarray(phase_rad, dtype=np.float32)
-    if phi.ndim == 3:
-        phi = phi[..., None]
-    if phi.ndim != 4:
-        raise ValueError(f"phase_rad must be (x, y, z, echo), got shape {phi.shape}")
-    te = np.asarray(echo_times_s, dtype=np.float64).reshape(-1)
-    if te.size != phi.shape[3]:
-        raise ValueError(f"echo_times_s has {te.size} entries for {phi.shape[3]} echoes")
-    if np.any(~np.isfinite(te)) or np.any(te <= 0):
-        raise ValueError(f"echo_times_s must be positive seconds, got {te.tolist()}")
-    if magnitude is None:
-        w = np.ones(phi.shape, dtype=np.float32)
-    else:
-        w = np.asarray(magnitude, dtype=np.float32)
-        if w.ndim == 3:
-            w = w[..., None]
-        if w.shape != phi.shape:
-            raise ValueError(f"magnitude shape {w.shape} differs from phase_rad shape {phi.shape}")
+    phi, te, w = check_echo_inputs(phase_rad, echo_times_s, magnitude)
+    if magnitude is not None:
         w = np.square(w)
     # Rescale TE to O(1) for float32 accuracy.
     scale = float(te.max())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qsmdask.unwrap.echo_fit import check_echo_inputs
 from qsmdask.unwrap.laplacian import laplacian_unwrap
 
 __all__ = ["echo_difference_phase", "temporal_unwrap"]
@@ -19,28 +20,10 @@ def _wrap(x):
 
 
 def _check(phase_rad, echo_times_s, magnitude):
-    phi = np.asarray(phase_rad, dtype=np.float32)
-    if phi.ndim == 3:
-        phi = phi[..., None]
-    if phi.ndim != 4:
-        raise ValueError(f"phase_rad must be (x, y, z, echo), got shape {phi.shape}")
-    te = np.asarray(echo_times_s, dtype=float).reshape(-1)
-    if te.size != phi.shape[3]:
-        raise ValueError(f"echo_times_s has {te.size} entries for {phi.shape[3]} echoes")
-    if np.any(~np.isfinite(te)) or np.any(te <= 0):
-        raise ValueError(f"echo_times_s must be positive seconds, got {te.tolist()}")
+    phi, te, mag = check_echo_inputs(phase_rad, echo_times_s, magnitude)
     if te.size > 1 and np.any(np.diff(te) <= 0):
         raise ValueError(f"echo_times_s must be strictly increasing, got {te.tolist()}")
-    if magnitude is None:
-        mag = np.ones(phi.shape, dtype=np.float32)
-    else:
-        mag = np.asarray(magnitude, dtype=np.float32)
-        if mag.ndim == 3:
-            mag = mag[..., None]
-        if mag.shape != phi.shape:
-            raise ValueError(f"magnitude shape {mag.shape} differs from phase_rad shape {phi.shape}")
-        mag = np.abs(mag)
-    return phi, te, mag
+    return phi, te, np.abs(mag)
 
 
 def _uniform(te) -> bool:
