@@ -9,12 +9,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from qsmdask.io.derivatives import DerivativesWriter
 from qsmdask.io.tables import write_parquet
-from qsmdask.atlas import load_atlas
 from qsmdask.report import build_cohort_report
 from qsmdask.workflows.voxelwise import VoxelwiseOptions, run_voxelwise
 from qsmdask.stats import run_group_analysis
 from qsmdask.stats.design import GroupDesign
-from qsmdask.workflows.cohort import load_group_inputs
+from qsmdask.workflows.cohort import load_group_inputs, participant_atlas
 
 
 @flow(name="qsmdask-group", log_prints=True)
@@ -46,7 +45,7 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
     if vw.pop("enabled", True):
         opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
         try:
-            res = run_voxelwise(output_dir, participants, options=opts, atlas=_participant_atlas(output_dir))
+            res = run_voxelwise(output_dir, participants, options=opts, atlas=participant_atlas(output_dir))
         except Exception as e:  # the ROI statistics above stand on their own
             log.error("voxel-wise analysis failed: %s: %s", type(e).__name__, e)
             res = {"skipped": f"failed: {type(e).__name__}: {e}"}
@@ -65,13 +64,3 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
     return written
 
 
-
-def _participant_atlas(output_dir):
-    """The atlas the participant level used (from its recorded configuration), else the default."""
-    import json
-    try:
-        c = json.loads((Path(output_dir) / "logs" / "qsmdask_config.json").read_text())["config"]
-    except (OSError, KeyError, ValueError):
-        c = {}
-    return load_atlas(c.get("atlas", "aal"), labels_tsv=c.get("atlas_labels_tsv"),
-                      groups_tsv=c.get("atlas_groups_tsv"))

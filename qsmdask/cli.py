@@ -11,7 +11,6 @@ Exit codes: 0 success; 1 error (bad input, bad configuration, crash); 2 usage er
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

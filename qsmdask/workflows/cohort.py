@@ -13,7 +13,8 @@ from ..io.derivatives import DerivativesWriter
 from ..io.tables import read_parquet_folder, write_parquet
 from .participant import is_up_to_date, resume_key
 
-__all__ = ["CohortPlan", "plan_participants", "write_failures", "summarise", "load_group_inputs"]
+__all__ = ["CohortPlan", "plan_participants", "write_failures", "summarise", "load_group_inputs",
+           "participant_atlas"]
 
 FAILURE_COLUMNS = ["participant_id", "session_id", "stage", "file", "error_type", "message"]
 
@@ -92,3 +93,17 @@ def writer_for(output_dir, bids_dir, config: PipelineConfig) -> DerivativesWrite
     w = DerivativesWriter(output_dir)
     w.write_dataset_description(source_dataset=bids_dir)
     return w
+
+
+def participant_atlas(output_dir):
+    """The atlas the participant level used (from its recorded configuration), else the default."""
+    import json
+
+    from ..atlas import load_atlas
+
+    try:
+        c = json.loads((Path(output_dir) / "logs" / "qsmdask_config.json").read_text())["config"]
+    except (OSError, KeyError, ValueError):
+        c = {}
+    return load_atlas(c.get("atlas", "aal"), labels_tsv=c.get("atlas_labels_tsv"),
+                      groups_tsv=c.get("atlas_groups_tsv"))

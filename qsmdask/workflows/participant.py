@@ -15,10 +15,8 @@ Any failure is raised as :class:`StageError` carrying the stage and the file inv
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from ..config import PipelineConfig
 from ..io import zarrstore
 from ..io.bids import SubjectSession, load_megre
 from ..io.derivatives import DerivativesWriter
-from ..io.nifti import InputError, load_nifti
+from ..io.nifti import load_nifti
 from ..kernels import b0_direction_from_affine, voxel_size_from_affine
 
 __all__ = ["StageError", "ingest", "reconstruct", "standardise_and_measure", "write_outputs",
