@@ -33,7 +33,7 @@ from _report import machine_description, markdown_table, update_section  # noqa:
 
 from qsmdask import inversion  # noqa: E402
 from qsmdask.chain import ChainConfig, reconstruct  # noqa: E402
-from tests.test_recon_phantom import make_phantom  # noqa: E402
+from qsmdask.sim.geometric import make_phantom  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "qsm2016"
 

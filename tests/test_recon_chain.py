@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsmdask.chain import ChainConfig, ReconResult, reconstruct
-from tests.test_recon_phantom import make_phantom
+from qsmdask.sim.geometric import make_phantom
 
 
 @pytest.fixture(scope="module")

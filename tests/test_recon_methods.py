@@ -8,7 +8,7 @@ import pytest
 from qsmdask import inversion
 from qsmdask.chain import ChainConfig, reconstruct
 from qsmdask.mask import bet_mask, threshold_mask
-from tests.test_recon_phantom import make_phantom
+from qsmdask.sim.geometric import make_phantom
 
 
 def _dice(a, b):

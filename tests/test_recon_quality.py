@@ -8,7 +8,7 @@ import pytest
 from qsmdask import unwrap
 from qsmdask.chain import ChainConfig, reconstruct
 from qsmdask.mask import max_wrapped_gradient, phase_quality_mask
-from tests.test_recon_phantom import make_phantom
+from qsmdask.sim.geometric import make_phantom
 
 
 def _grid(n=40):

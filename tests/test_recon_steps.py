@@ -9,7 +9,7 @@ from scipy import ndimage
 from qsmdask import bgremove, inversion, unwrap
 from qsmdask.kernels import erode_mask_mm, laplacian_kernel, smv_kernel
 from qsmdask.mask import threshold_mask
-from tests.test_recon_phantom import make_phantom
+from qsmdask.sim.geometric import make_phantom
 
 
 @pytest.fixture(scope="module")

@@ -260,8 +260,13 @@ def test_report_reads_group_design_and_runs_from_command_line(tmp_path, capsys):
 
 def test_methods_paragraph_follows_configuration():
     text, cited = methods_paragraph({"chain": {}, "atlas": "/data/BN_Atlas_274_noCb_uint16.nii.gz"})
-    assert "V-SHARP" in text and "Brainnetome" in text
-    assert cited[:3] == ["otsu1979", "schofield2003", "wu2012"]
+    assert "Laplacian boundary value" in text and "Brainnetome" in text
+    assert "total-variation" in text and "Bregman" in text and "lambda 0.002" in text
+    assert cited[:5] == ["otsu1979", "schofield2003", "zhou2014", "bilgic2014", "osher2005"]
+    study, cited = methods_paragraph({"chain": {"mask_method": "bet", "unwrap_method": "laplacian",
+                                                "bgremove_method": "vsharp", "inversion_method": "tkd"}})
+    assert "V-SHARP" in study and "thresholded k-space division" in study and "0.2" in study
+    assert cited[:4] == ["smith2002", "schofield2003", "wu2012", "schweser2011"]
     numbers = [int(n) for n in re.findall(r"\[(\d+)", text)]
     assert numbers == sorted(numbers)  # references numbered in order of first citation
 

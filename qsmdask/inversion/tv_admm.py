@@ -13,7 +13,8 @@ __all__ = ["tv_admm"]
 
 def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam: float = 1e-3,
             magnitude=None, data_weight=None, edge_fraction: float = 0.3, rho: float | None = None,
-            max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, pad_voxels=(16, 16, 16),
+            max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, bregman_iterations: int = 0,
+            bregman_max_iter: int | None = None, pad_voxels=(16, 16, 16),
             fft_workers: int = 1) -> np.ndarray:
     """Weighted total-variation dipole inversion (ADMM, every update closed form).
 
@@ -41,6 +42,12 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         ``data_weight`` unused; better on the 2016 data and phantoms here);
         True: data term only inside the (weighted) mask (extra splitting,
         4 FFTs per iteration).
+    bregman_iterations : Bregman (debiasing) steps after the first solve (>= 0): the field
+        residual inside the mask, f - D chi, is added back to the data and the problem
+        is solved again from the previous state.  Total variation shrinks the contrast
+        of compact structures by an amount proportional to ``lam``; one step restores
+        most of it (deep-grey ROI means) at the price of some noise and streaking.
+    bregman_max_iter : ADMM iterations of each Bregman step (default ``max_iter``).
     rho : ADMM penalty (default 100 * lam for the gradient split; the data split uses 1).
     max_iter : maximum iterations (>= 1); 30 and 50 scored the same on the 2016 data.
     tol : stop when the relative change of chi falls below this.
@@ -66,6 +73,11 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction!r}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    if int(bregman_iterations) < 0:
+        raise ValueError(f"bregman_iterations must be >= 0, got {bregman_iterations!r}")
+    step_iter = int(max_iter if bregman_max_iter is None else bregman_max_iter)
+    if step_iter < 1:
+        raise ValueError(f"bregman_max_iter must be >= 1, got {bregman_max_iter!r}")
     rho1 = float(rho) if rho is not None else 100.0 * lam
     if rho1 <= 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
@@ -122,39 +134,49 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         den0[0, 0, 0] = 1.0
         inv_denom = (1.0 / den0).astype(np.float32)
         inv_denom[0, 0, 0] = 0.0
-    for it in range(int(max_iter)):
-        np.subtract(z, u, out=q)
-        gradient_adjoint(q, vs, out=adj)
-        if mask_data:
-            spec = fwd(y - v)
-            spec *= d_r2
-            spec += np.float32(rho1) * fwd(adj)
-        else:
-            spec = fwd(adj)
-            spec *= np.float32(rho1)
-            spec += dfp
-        spec *= inv_denom
-        chi_new = inv(spec)
-        if mask_data:
+    target = fp  # the data of the current Bregman step (the field plus added-back residuals)
+    for outer in range(int(bregman_iterations) + 1):
+        if outer > 0:  # add the residual inside the mask back to the data
+            spec = fwd(chi)
             spec *= d
-            dchi = inv(spec)
-        change = float(np.linalg.norm(chi_new - chi) / max(np.linalg.norm(chi_new), 1e-12))
-        chi = chi_new
-        # gradient split: isotropic shrinkage (per-axis, edge-weighted with a magnitude prior)
-        gradient(chi, vs, out=q)
-        q += u
-        if e is None:
-            np.sqrt(np.einsum("a...,a...->...", q, q), out=nrm)
-            scale = np.maximum(nrm - thr, 0)
-            scale /= np.maximum(nrm, np.float32(1e-12))
-            np.multiply(q, scale, out=z)
-        else:
-            np.multiply(np.sign(q), np.maximum(np.abs(q) - thr * e, 0), out=z)
-        np.subtract(q, z, out=u)
-        if mask_data:  # data split: pointwise weighted least squares
-            y = (w2f + rho2 * (dchi + v)) * wden
-            v += dchi
-            v -= y
-        if it > 0 and change < tol:
-            break
+            resid = np.where(w > 0, fp - inv(spec), 0).astype(np.float32)
+            target = (target + resid).astype(np.float32)
+            w2f = (w2 * target).astype(np.float32)
+            if not mask_data:
+                dfp = (d * fwd(target)).astype(np.complex64)
+        for it in range(int(max_iter) if outer == 0 else step_iter):
+            np.subtract(z, u, out=q)
+            gradient_adjoint(q, vs, out=adj)
+            if mask_data:
+                spec = fwd(y - v)
+                spec *= d_r2
+                spec += np.float32(rho1) * fwd(adj)
+            else:
+                spec = fwd(adj)
+                spec *= np.float32(rho1)
+                spec += dfp
+            spec *= inv_denom
+            chi_new = inv(spec)
+            if mask_data:
+                spec *= d
+                dchi = inv(spec)
+            change = float(np.linalg.norm(chi_new - chi) / max(np.linalg.norm(chi_new), 1e-12))
+            chi = chi_new
+            # gradient split: isotropic shrinkage (per-axis, edge-weighted with a magnitude prior)
+            gradient(chi, vs, out=q)
+            q += u
+            if e is None:
+                np.sqrt(np.einsum("a...,a...->...", q, q), out=nrm)
+                scale = np.maximum(nrm - thr, 0)
+                scale /= np.maximum(nrm, np.float32(1e-12))
+                np.multiply(q, scale, out=z)
+            else:
+                np.multiply(np.sign(q), np.maximum(np.abs(q) - thr * e, 0), out=z)
+            np.subtract(q, z, out=u)
+            if mask_data:  # data split: pointwise weighted least squares
+                y = (w2f + rho2 * (dchi + v)) * wden
+                v += dchi
+                v -= y
+            if it > 0 and change < tol:
+                break
     return np.where(m, chi[fft.slices], 0).astype(np.float32)

@@ -976,26 +976,58 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     s = []
     s.append(f"Quantitative susceptibility maps were reconstructed with qsmdask {__version__}"
              + ("" if recorded else " (configuration not recorded; defaults shown)") + ".")
-    if ch.mask_threshold_fraction is None:
+    if ch.mask_method == "bet":
+        mask = (f"with a surface-model brain extraction {cite('smith2002')} (fractional intensity "
+                f"threshold {ch.bet_fraction:g}) of the first-echo magnitude")
+    elif ch.mask_threshold_fraction is None:
         mask = f"by Otsu thresholding {cite('otsu1979')} of the first-echo magnitude"
     else:
         mask = (f"by thresholding the first-echo magnitude at {ch.mask_threshold_fraction:g} of "
                 "its robust maximum")
     s.append(f"A brain mask was obtained {mask}, followed by morphological opening and closing "
-             f"with a {ch.mask_open_mm:g} mm sphere.")
-    s.append(f"The phase of each echo was unwrapped with the Laplacian method {cite('schofield2003')} "
-             f"({ch.laplacian_form} form), and the field was estimated by a magnitude-weighted "
+             f"with a {ch.mask_open_mm:g} mm sphere"
+             + (", and voxels with aliased wrapped phase (neighbour differences above "
+                f"{ch.quality_max_gradient_rad:g} rad) were excluded" if ch.quality_mask else "") + ".")
+    if ch.unwrap_method == "temporal":
+        unwrap = (f"The phase difference between consecutive echoes was unwrapped with the Laplacian "
+                  f"method {cite('schofield2003')} ({ch.laplacian_form} form) and the echoes were "
+                  "unwrapped in time from it")
+    elif ch.unwrap_method == "laplacian":
+        unwrap = (f"The phase of each echo was unwrapped with the Laplacian method "
+                  f"{cite('schofield2003')} ({ch.laplacian_form} form)")
+    else:
+        unwrap = "The phase of each echo was unwrapped by quality-guided region growing"
+    s.append(f"{unwrap}, and the field was estimated by a magnitude-weighted "
              f"linear fit over echo time{' with a phase offset' if ch.fit_offset else ''}"
              + (" using the left-handed sign convention" if ch.phase_sign == -1 else "") + ".")
-    if ch.bgremove_method == "vsharp":
+    if ch.bgremove_method == "lbv":
+        s.append(f"Background fields were removed by solving the Laplacian boundary value problem "
+                 f"(LBV) {cite('zhou2014')}.")
+    elif ch.bgremove_method == "vsharp":
         s.append(f"Background fields were removed with V-SHARP {cite('wu2012')}, the variable-"
                  f"kernel variant of SHARP {cite('schweser2011')}, with spherical kernels up to "
                  f"{ch.sharp_radius_mm:g} mm and truncation {ch.sharp_threshold:g}.")
+    elif ch.bgremove_method == "pdf":
+        s.append(f"Background fields were removed by projection onto dipole fields (PDF) "
+                 f"{cite('liu2011')}.")
     else:
         s.append(f"Background fields were removed with SHARP {cite('schweser2011')} (radius "
                  f"{ch.sharp_radius_mm:g} mm, truncation {ch.sharp_threshold:g}).")
-    s.append(f"Susceptibility was computed by thresholded k-space division (TKD) "
-             f"{cite('shmueli2009', 'tang2013')} with threshold {ch.tkd_threshold:g}.")
+    if ch.inversion_method == "tv":
+        tv_ref = cite('bilgic2014')  # cited before the Bregman reference, in reading order
+        breg = (f", followed by {ch.tv_bregman_iterations} Bregman debiasing step(s) "
+                f"{cite('osher2005')} of {ch.tv_bregman_max_iter} iterations"
+                if ch.tv_bregman_iterations else "")
+        s.append(f"Susceptibility was computed by total-variation regularised dipole inversion "
+                 f"solved by ADMM {tv_ref} (lambda {ch.tv_lambda:g}, {ch.tv_max_iter} "
+                 f"iterations{breg}).")
+    elif ch.inversion_method == "iterative_tkd":
+        s.append(f"Susceptibility was computed by the iterative thresholded k-space division of "
+                 f"Tang et al. {cite('tang2013')} (threshold {ch.tkd_threshold:g}, "
+                 f"{ch.iterative_tkd_max_iter} iterations).")
+    else:
+        s.append(f"Susceptibility was computed by thresholded k-space division (TKD) "
+                 f"{cite('shmueli2009')} with threshold {ch.tkd_threshold:g}.")
     reg = {"affine": "affine", "rigid": "rigid", "syn": "symmetric diffeomorphic (SyN)"}[pc.registration]
     s.append(f"Images were registered to the MNI152 2009 template {cite('fonov2011')} "
              f"({pc.template_resolution_mm} mm) with ANTs {reg} registration {cite('avants2008')} "

@@ -58,4 +58,16 @@ REFERENCES: dict[str, str] = {
                  "inference. NeuroImage 44(1):83-98.",
     "hallgren1958": "Hallgren B, Sourander P (1958). The effect of age on the non-haemin iron in "
                     "the human brain. J Neurochem 3(1):41-51.",
+    "smith2002": "Smith SM (2002). Fast robust automated brain extraction. Hum Brain Mapp "
+                 "17(3):143-155.",
+    "zhou2014": "Zhou D, Liu T, Spincemaille P, Wang Y (2014). Background field removal by solving "
+                "the Laplacian boundary value problem. NMR Biomed 27(3):312-319.",
+    "liu2011": "Liu T, Khalidov I, de Rochefort L, et al. (2011). A novel background field removal "
+               "method for MRI using projection onto dipole fields (PDF). NMR Biomed 24(9):1129-1136.",
+    "bilgic2014": "Bilgic B, Fan AP, Polimeni JR, et al. (2014). Fast quantitative susceptibility "
+                  "mapping with L1-regularization and automatic parameter selection. Magn Reson Med "
+                  "72(5):1444-1459.",
+    "osher2005": "Osher S, Burger M, Goldfarb D, Xu J, Yin W (2005). An iterative regularization "
+                 "method for total variation-based image restoration. Multiscale Model Simul "
+                 "4(2):460-489.",
 }
