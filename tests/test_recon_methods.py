@@ -116,6 +116,28 @@ def test_rescale_phase_vendor_ranges():
         rescale_phase(np.array([]))
 
 
+def test_rescale_phase_is_the_one_detector_of_the_bids_reader():
+    """One table for the library and the reader: 12-bit signed is not read as GE milliradians,
+    unknown ranges are rejected (strict) or min/max-rescaled with a note (strict=False)."""
+    from qsmdask.io.bids import phase_to_radians
+    from qsmdask.unwrap import rescale_phase
+
+    twelve = np.arange(-2048, 2048, dtype=np.int16)
+    rad, note = rescale_phase(twelve)
+    assert "4096 levels, 12-bit signed" in note and np.isclose(rad[2048], 0.0, atol=1e-6)
+    rad_reader, note_reader = phase_to_radians(twelve, "p.nii")
+    np.testing.assert_array_equal(rad, rad_reader)
+    assert note_reader == note
+    assert phase_to_radians(np.array([-1.0, 2.0]), "p.nii")[1] is None  # radians: no note
+    odd = np.array([0.5, 7.3, 12.1])
+    with pytest.raises(ValueError, match="neither radians"):
+        rescale_phase(odd)
+    rad, note = rescale_phase(odd, strict=False)
+    assert "not recognised" in note and np.isclose(rad.min(), -np.pi)
+    with pytest.raises(ValueError, match="non-finite"):
+        rescale_phase(np.array([0.0, np.nan]))
+
+
 def test_pdf_background_removal(noisy):
     from qsmdask import bgremove
     from qsmdask.kernels import erode_mask_mm

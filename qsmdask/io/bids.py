@@ -282,40 +282,19 @@ class MEGREData:
 
 
 def phase_to_radians(phase: np.ndarray, path) -> tuple[np.ndarray, str | None]:
-    """Return phase in radians, rescaling vendor integer ranges; reject anything else.
+    """Return phase in radians (and a note when it was rescaled); reject unknown ranges.
 
-    Radians: values within [-pi, pi] (a little slack). Vendor ranges: integer milliradians
-    (GE, about +-3142) are divided by 1000; other integer-valued images spanning e.g.
-    [-4096, 4095] or [0, 4095] (Siemens) are mapped linearly onto [-pi, pi). Whole degrees
-    and anything else are rejected.
+    The detection is :func:`qsmdask.unwrap.rescale_phase` (strict): radians, GE
+    milliradians and power-of-two vendor integer ranges are accepted; degrees and
+    anything else raise :class:`InputError` naming ``path``.
     """
-    lo, hi = float(phase.min()), float(phase.max())
-    tol = 1e-3
-    if lo >= -math.pi - tol and hi <= math.pi + tol:
-        return phase.astype(np.float32, copy=False), None
-    integer_valued = np.allclose(phase, np.round(phase), atol=1e-3)
-    span = hi - lo
-    if 300 <= span <= 360 + tol and lo >= -180 - tol and hi <= 360 + tol:
-        # a whole-degree phase image would otherwise pass as a 9-bit vendor range (512 levels)
-        raise InputError(path, f"phase values span [{lo:g}, {hi:g}]: looks like degrees; "
-                               "qsmdask needs radians [-pi, pi] or a vendor integer range")
-    mrad = 1000 * math.pi
-    if integer_valued and lo >= -mrad - 2 and hi <= mrad + 2 and max(-lo, hi) >= 0.9 * mrad:
-        # GE stores phase in milliradians (about +-3142)
-        return (phase.astype(np.float64) / 1000.0).astype(np.float32), \
-            "phase rescaled from milliradians (GE) to radians"
-    if integer_valued and span >= 255:
-        # smallest power-of-two range that contains the data (12-bit Siemens: 4096 levels)
-        levels = 2 ** int(math.ceil(math.log2(span + 1)))
-        base = 0.0 if lo >= 0 else -levels / 2
-        if lo < 0 and hi < levels / 2:
-            base = -levels / 2
-        rad = (phase.astype(np.float64) - base) / levels * 2 * math.pi - math.pi
-        note = (f"phase rescaled from vendor integer range [{base:g}, {base + levels - 1:g}] "
-                f"({levels} levels) to radians")
-        return rad.astype(np.float32), note
-    raise InputError(path, f"phase values span [{lo:g}, {hi:g}]: neither radians [-pi, pi] "
-                           "nor a vendor integer range")
+    from ..unwrap.rescale import RADIANS_NOTE, rescale_phase
+
+    try:
+        rad, note = rescale_phase(phase, strict=True)
+    except ValueError as e:
+        raise InputError(path, str(e)) from None
+    return rad, (None if note == RADIANS_NOTE else note)
 
 
 def load_megre(ss: SubjectSession) -> MEGREData:

@@ -1,61 +1,94 @@
-"""Detect vendor phase encodings and rescale them to radians."""
+"""Detect how a phase image is stored and rescale it to radians (the one detector).
+
+Used by the BIDS reader (:func:`qsmdask.io.bids.phase_to_radians`, which names the file in
+its errors) and available to library users with arrays from elsewhere.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["rescale_phase"]
+__all__ = ["rescale_phase", "RADIANS_NOTE"]
 
-# (name, lo, hi): nominal stored range of one 2 pi cycle
-_RANGES = (
-    ("Siemens 12-bit signed (-4096..4095)", -4096.0, 4096.0),
-    ("Siemens/Philips 12-bit unsigned (0..4095)", 0.0, 4096.0),
-    ("GE milliradians (-3142..3142)", -1000 * np.pi, 1000 * np.pi),
-    ("16-bit signed (-32768..32767)", -32768.0, 32768.0),
-    ("16-bit unsigned (0..65535)", 0.0, 65536.0),
-)
+RADIANS_NOTE = "phase already in radians [-pi, pi]"
+
+# names of common power-of-two integer encodings of one 2 pi cycle: (levels, first value) -> name
+_VENDOR_NAMES = {
+    (8192, -4096): "Siemens 12-bit signed",
+    (4096, 0): "Siemens/Philips 12-bit unsigned",
+    (4096, -2048): "12-bit signed",
+    (65536, -32768): "16-bit signed",
+    (65536, 0): "16-bit unsigned",
+    (256, 0): "8-bit unsigned",
+}
 
 
-def rescale_phase(phase, *, tolerance_rad: float = 0.05) -> tuple[np.ndarray, str]:
-    """Return phase in radians and a note saying what was detected.
+def rescale_phase(phase, *, strict: bool = True, tolerance_rad: float = 1e-3) -> tuple[np.ndarray, str]:
+    """Return the phase in radians and a note saying how it was stored.
 
-    - values already within [-pi, pi] (or [0, 2 pi]) are taken as radians
-      (only cast to float32; [0, 2 pi] is shifted to [-pi, pi));
-    - integer-valued data are mapped from the tightest nominal vendor range
-      that contains them (Siemens 12-bit -4096..4095 or 0..4095, GE
-      milliradians, 16-bit) linearly onto [-pi, pi);
-    - anything else is mapped from its own minimum/maximum onto [-pi, pi)
-      (the note says so: a per-volume constant offset is harmless because the
-      echo fit absorbs it, but then check the scale).
+    Recognised, in this order:
+
+    - radians within [-pi, pi] (``tolerance_rad`` slack): returned as float32;
+    - radians within [0, 2 pi]: shifted to [-pi, pi);
+    - whole degrees (a span of 300-360 within [-180, 360]): rejected, because they
+      would otherwise pass as a 9-bit integer range;
+    - GE milliradians (integers within +-3144 that reach 90 % of +-3142): divided by 1000;
+    - other integer-valued data spanning at least 255: the smallest power-of-two range
+      that contains them (e.g. Siemens -4096..4095 or 0..4095, 12-bit -2048..2047) is
+      mapped linearly onto [-pi, pi).
+
+    Anything else raises ValueError when ``strict`` (the default; the BIDS reader uses
+    this) or, with ``strict=False``, is mapped from its own minimum and maximum onto
+    [-pi, pi) with a note saying so (a per-volume offset is absorbed by the echo fit, the
+    scale is a guess).
 
     Parameters
     ----------
     phase : array of phase values (any shape).
+    strict : reject unrecognised ranges (True) or min/max-rescale them (False).
     tolerance_rad : slack when deciding that data are already radians.
 
     Returns
     -------
-    (phase_rad float32, note str)
+    (phase_rad float32, note str); the note is :data:`RADIANS_NOTE` when nothing changed.
     """
     x = np.asarray(phase)
     if x.size == 0:
         raise ValueError("phase is empty")
     xf = x.astype(np.float64)
     finite = np.isfinite(xf)
-    if not finite.any():
-        raise ValueError("phase has no finite values")
-    lo, hi = float(xf[finite].min()), float(xf[finite].max())
-    pi = np.pi
-    if lo >= -pi - tolerance_rad and hi <= pi + tolerance_rad:
-        return np.clip(xf, -pi, pi).astype(np.float32), "phase already in radians [-pi, pi]"
-    if lo >= -tolerance_rad and hi <= 2 * pi + tolerance_rad:
+    if not finite.all():
+        raise ValueError("phase has non-finite values (NaN or inf)")
+    lo, hi = float(xf.min()), float(xf.max())
+    pi, tol = math.pi, float(tolerance_rad)
+    if lo >= -pi - tol and hi <= pi + tol:
+        return np.clip(xf, -pi, pi).astype(np.float32), RADIANS_NOTE
+    if lo >= -tol and hi <= 2 * pi + tol:
         return (((xf + pi) % (2 * pi)) - pi).astype(np.float32), "phase in radians [0, 2 pi]; shifted to [-pi, pi)"
-    is_int = np.issubdtype(x.dtype, np.integer) or np.allclose(xf[finite], np.round(xf[finite]))
-    if is_int:
-        for name, rlo, rhi in sorted(_RANGES, key=lambda r: r[2] - r[1]):  # tightest first
-            if lo >= rlo - 1 and hi <= rhi:
-                rad = (xf - rlo) / (rhi - rlo) * 2 * pi - pi
-                return rad.astype(np.float32), f"integer phase, {name}, rescaled to radians"
+    span = hi - lo
+    if 300 <= span <= 360 + tol and lo >= -180 - tol and hi <= 360 + tol:
+        raise ValueError(f"phase values span [{lo:g}, {hi:g}]: looks like degrees; "
+                         "qsmdask needs radians [-pi, pi] or a vendor integer range")
+    integer_valued = bool(np.allclose(xf, np.round(xf), atol=1e-3))
+    mrad = 1000 * pi
+    if integer_valued and lo >= -mrad - 2 and hi <= mrad + 2 and max(-lo, hi) >= 0.9 * mrad:
+        return (xf / 1000.0).astype(np.float32), "phase rescaled from milliradians (GE) to radians"
+    if integer_valued and span >= 255:
+        levels = 2 ** int(math.ceil(math.log2(span + 1)))
+        base = 0.0 if lo >= 0 else -levels / 2
+        if lo < base or hi > base + levels - 1:  # e.g. -10..4090 does not fit a signed 4096 range
+            levels *= 2
+            base = 0.0 if lo >= 0 else -levels / 2
+        name = _VENDOR_NAMES.get((levels, int(base)))
+        rad = (xf - base) / levels * 2 * pi - pi
+        return rad.astype(np.float32), (
+            f"phase rescaled from vendor integer range [{base:g}, {base + levels - 1:g}] ({levels} levels"
+            + (f", {name}" if name else "") + ") to radians")
+    if strict:
+        raise ValueError(f"phase values span [{lo:g}, {hi:g}]: neither radians [-pi, pi] "
+                         "nor a vendor integer range")
     rad = (xf - lo) / max(hi - lo, 1e-12) * 2 * pi - pi
     return rad.astype(np.float32), (f"phase range [{lo:g}, {hi:g}] not recognised; rescaled from its "
                                     "min/max to [-pi, pi)")
