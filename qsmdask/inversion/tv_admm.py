@@ -56,7 +56,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
 
     Returns
     -------
-    float32 (x, y, z) susceptibility (ppm), 0 outside the mask.
+    float32 (x, y, z) susceptibility (ppm), 0 outside the mask.  The problem is solved on
+    the mask's bounding box plus ``pad_voxels`` (not the whole field of view).
 
     References
     ----------
@@ -81,6 +82,21 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     rho1 = float(rho) if rho is not None else 100.0 * lam
     if rho1 <= 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
+    for name, arr in (("data_weight", data_weight), ("magnitude", magnitude)):
+        if arr is not None and np.shape(arr) != f.shape:
+            raise ValueError(f"{name} shape {np.shape(arr)} differs from the field's {f.shape}")
+    # work on the mask's bounding box (everything outside the mask is zero data): the
+    # padded FFT grid then follows the brain, not the field of view
+    full_shape = f.shape
+    if not m.any():
+        return np.zeros(full_shape, dtype=np.float32)
+    idx = np.nonzero(m)
+    bb = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    f, m = f[bb], m[bb]
+    if data_weight is not None:
+        data_weight = np.asarray(data_weight)[bb]
+    if magnitude is not None:
+        magnitude = np.asarray(magnitude)[bb]
     rho2 = 1.0
     fft = PaddedFFT(f.shape, pad_voxels, workers=fft_workers)
     d = dipole_kernel(fft.padded_shape, vs, b, real=True)
@@ -179,4 +195,6 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
                 v -= y
             if it > 0 and change < tol:
                 break
-    return np.where(m, chi[fft.slices], 0).astype(np.float32)
+    out = np.zeros(full_shape, dtype=np.float32)
+    out[bb] = np.where(m, chi[fft.slices], 0)
+    return out
