@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ from qsmdask.io import zarrstore
 from qsmdask.io.bids import (find_subject_sessions, load_megre, parse_bids_name, phase_to_radians,
                              read_participants, validate_label)
 from qsmdask.io.derivatives import DerivativesWriter, bids_stem
-from qsmdask.io.nifti import InputError, load_nifti, save_nifti
+from qsmdask.io.nifti import InputError, atomic_write_bytes, load_nifti, save_nifti
 from qsmdask.io.tables import read_parquet_folder, write_parquet
 
 from .conftest import write_megre_subject
@@ -184,3 +186,22 @@ def test_output_lock_excludes_a_second_run(tmp_path):
                 pass
     with OutputLock(tmp_path):  # released after the first run
         pass
+
+
+def test_lock_sweeps_temporary_files_of_killed_writes(tmp_path):
+    """A write killed before its rename leaves .<name>.<random>.tmp; the next run's lock removes it."""
+    import tempfile
+
+    from qsmdask.io.lock import OutputLock
+
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    done = atomic_write_bytes(anat / "sub-01_Chimap.nii.gz", b"complete")
+    fd, left = tempfile.mkstemp(prefix=".sub-01_roi.parquet.", suffix=".tmp", dir=anat)  # as the writer names it
+    os.write(fd, b"half a file")
+    os.close(fd)
+    hidden = anat / ".keep"  # other dot files are not ours: kept
+    hidden.write_text("x")
+    with OutputLock(tmp_path) as lock:
+        assert lock.swept == [Path(left)]
+    assert not Path(left).exists() and done.read_bytes() == b"complete" and hidden.exists()

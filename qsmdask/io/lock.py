@@ -14,11 +14,16 @@ class OutputLockedError(RuntimeError):
 
 
 class OutputLock:
-    """``with OutputLock(output_dir):`` holds ``OUTPUT_DIR/logs/qsmdask.lock`` (fcntl, released on exit or crash)."""
+    """``with OutputLock(output_dir):`` holds ``OUTPUT_DIR/logs/qsmdask.lock`` (fcntl, released on exit or crash).
+
+    Once the lock is held no other run writes to the folder, so the temporary files of
+    writes killed in an earlier run are swept then (``swept``: the removed paths).
+    """
 
     def __init__(self, output_dir):
         self.path = Path(output_dir) / "logs" / "qsmdask.lock"
         self._fd = None
+        self.swept: list[Path] = []
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +38,8 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        from .nifti import sweep_temp_files
+        self.swept = sweep_temp_files(self.path.parent.parent)
         return self
 
     def __exit__(self, *exc):

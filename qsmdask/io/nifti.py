@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 
 __all__ = ["InputError", "atomic_write_bytes", "atomic_write_json", "save_nifti", "load_nifti",
-           "read_json"]
+           "read_json", "sweep_temp_files"]
 
 
 class InputError(ValueError):
@@ -46,6 +46,28 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             raise _named_os_error(e, path) from None
         raise
     return path
+
+
+def sweep_temp_files(root) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write_bytes` left under ``root``.
+
+    A write killed between creating its temporary file and the rename (SIGKILL, power
+    loss) leaves ``.<name>.<random>.tmp`` next to the target.  Call this only while no
+    writer is active in ``root`` (:class:`qsmdask.io.lock.OutputLock` does, right after
+    taking the lock).  Returns the removed paths.
+    """
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for p in root.rglob(".*.tmp"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass  # unreadable or vanished: leave it
+    return removed
 
 
 def _named_os_error(e: OSError, path: Path) -> OSError:
