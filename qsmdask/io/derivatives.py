@@ -2,11 +2,13 @@
 
 Every file the pipeline writes for a subject-session goes through :class:`DerivativesWriter`,
 so names, provenance (method, parameters, qsmdask version) and atomicity are uniform.
+Images, sidecars, figures, transforms and logs live under ``output_dir``; the Parquet tables
+(``roi/``, ``group/``, ``failures.parquet``) under ``tables_url``, which defaults to
+``output_dir`` and may be any fsspec URL (``file://``, ``memory://``, ``s3://``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from datetime import datetime, timezone
@@ -17,7 +19,7 @@ import pandas as pd
 
 from .. import __version__
 from .nifti import atomic_write_bytes, atomic_write_json, save_nifti
-from .tables import write_parquet
+from .tables import file_digest, join_url, local_path, read_parquet, table_exists, write_parquet
 
 __all__ = ["DerivativesWriter", "bids_stem", "PIPELINE_NAME"]
 
@@ -41,9 +43,14 @@ def bids_stem(subject: str, session: str = "", **entities) -> str:
 class DerivativesWriter:
     """Writes BIDS derivatives of qsmdask under ``output_dir``."""
 
-    def __init__(self, output_dir, *, config: dict | None = None):
+    def __init__(self, output_dir, *, config: dict | None = None, tables_url=None):
         self.root = Path(output_dir)
         self.config = config or {}
+        self.tables_root = join_url(tables_url) if tables_url else self.root
+
+    def table_location(self, *parts: str) -> Path | str:
+        """Where a table lives: a Path for local tables, a URL string for remote ones."""
+        return join_url(self.tables_root, *parts)
 
     # dataset level -------------------------------------------------------------------------
     def write_dataset_description(self, source_dataset=None) -> Path:
@@ -91,23 +98,66 @@ class DerivativesWriter:
     def save_bytes(self, subject, session, suffix, data: bytes, *, ext: str, **entities) -> Path:
         return atomic_write_bytes(self.image_path(subject, session, suffix, ext=ext, **entities), data)
 
-    def roi_path(self, subject: str, session: str = "") -> Path:
-        return self.root / "roi" / f"{bids_stem(subject, session)}_roi.parquet"
+    # tables -------------------------------------------------------------------------------
+    def roi_path(self, subject: str, session: str = "") -> Path | str:
+        """The ROI table of a subject-session (``<tables>/roi/sub-<l>[_ses-<s>]_roi.parquet``)."""
+        return self.table_location("roi", f"{bids_stem(subject, session)}_roi.parquet")
 
-    def save_roi_table(self, subject: str, session: str, df: pd.DataFrame) -> Path:
+    def roi_folder(self) -> Path | str:
+        return self.table_location("roi")
+
+    def group_folder(self) -> Path | str:
+        return self.table_location("group")
+
+    def failures_path(self) -> Path | str:
+        return self.table_location("failures.parquet")
+
+    def save_roi_table(self, subject: str, session: str, df: pd.DataFrame) -> Path | str:
         return write_parquet(df, self.roi_path(subject, session),
                              metadata={"qsmdask_version": __version__})
 
-    def write_manifest(self, subject: str, session: str, files: list[Path], *, config: dict,
+    def save_group_table(self, name: str, df: pd.DataFrame) -> Path | str:
+        """A group-level table, ``<tables>/group/<name>.parquet``."""
+        return write_parquet(df, self.table_location("group", f"{name}.parquet"),
+                             metadata={"qsmdask_version": __version__})
+
+    def read_failures(self) -> pd.DataFrame | None:
+        path = self.failures_path()
+        return read_parquet(path) if table_exists(path) else None
+
+    def save_failures(self, df: pd.DataFrame) -> Path | str:
+        return write_parquet(df, self.failures_path())
+
+    # manifest -----------------------------------------------------------------------------
+    def _entry_ref(self, f) -> dict:
+        """``{"path": relative}`` for files under ``output_dir``, else ``{"url": absolute URL}``."""
+        local = local_path(f)
+        if local is not None:
+            try:
+                return {"path": local.resolve().relative_to(self.root.resolve()).as_posix()}
+            except ValueError:
+                return {"url": local.resolve().as_uri()}
+        return {"url": str(f)}
+
+    def _entry_location(self, entry: dict) -> Path | str:
+        return self.root / entry["path"] if "path" in entry else entry["url"]
+
+    def write_manifest(self, subject: str, session: str, files: list, *, config: dict,
                        status: dict | None = None) -> Path:
-        """Manifest of a subject-session's outputs with SHA-256 checksums and the configuration."""
-        entries = []
-        for f in sorted(set(Path(p) for p in files)):
-            h = hashlib.sha256(f.read_bytes()).hexdigest()
-            entries.append({"path": f.relative_to(self.root).as_posix(), "sha256": h,
-                            "bytes": f.stat().st_size})
-        manifest = {"qsmdask_version": __version__, "files": entries, "config": config,
-                    **(status or {})}
+        """Manifest of a subject-session's outputs with SHA-256 checksums and the configuration.
+
+        ``files`` are paths (recorded relative to ``output_dir`` when under it) or fsspec
+        URLs (tables elsewhere, recorded as ``{"url": ...}``).
+        """
+        entries = {}
+        for f in files:
+            ref = self._entry_ref(f)
+            digest = file_digest(f)
+            if digest is None:
+                raise FileNotFoundError(f"{f}: output missing when writing the manifest")
+            entries[json.dumps(ref, sort_keys=True)] = {**ref, "sha256": digest[0], "bytes": digest[1]}
+        manifest = {"qsmdask_version": __version__, "files": [entries[k] for k in sorted(entries)],
+                    "config": config, **(status or {})}
         path = self.root / "logs" / "manifests" / f"{bids_stem(subject, session)}_manifest.json"
         return atomic_write_json(path, manifest)
 
@@ -123,9 +173,19 @@ class DerivativesWriter:
     def manifest_intact(self, manifest: dict) -> bool:
         """True when every file in the manifest exists with its recorded checksum."""
         for e in manifest.get("files", []):
-            f = self.root / e["path"]
-            if not f.exists() or f.stat().st_size != e["bytes"]:
+            loc = self._entry_location(e)
+            local = local_path(loc)
+            if local is not None and (not local.exists() or local.stat().st_size != e["bytes"]):
                 return False
-            if hashlib.sha256(f.read_bytes()).hexdigest() != e["sha256"]:
+            try:
+                digest = file_digest(loc)
+            except OSError:  # an unreachable object store: not intact, recompute
+                return False
+            if digest is None or digest != (e["sha256"], e["bytes"]):
                 return False
         return True
+
+    def manifest_lists(self, manifest: dict, location) -> bool:
+        """True when the manifest records the file at ``location`` (path or URL)."""
+        ref = self._entry_ref(location)
+        return any({k: e[k] for k in ("path", "url") if k in e} == ref for e in manifest.get("files", []))
