@@ -14,9 +14,11 @@ from flows.participant import participant_flow
 
 @flow(name="qsmdask-cohort", log_prints=True)
 def cohort_flow(bids_dir: str, output_dir: str, config: dict | None = None,
-                design: dict | None = None, participant_labels: list[str] | None = None) -> dict:
-    part = participant_flow(bids_dir, output_dir, participant_labels=participant_labels, config=config)
+                design: dict | None = None, participant_labels: list[str] | None = None,
+                tables_url: str | None = None) -> dict:
+    part = participant_flow(bids_dir, output_dir, participant_labels=participant_labels, config=config,
+                            tables_url=tables_url)
     group = {}
     if part["done"] or part["skipped"]:
-        group = group_flow(bids_dir, output_dir, design=design)
+        group = group_flow(bids_dir, output_dir, design=design, tables_url=tables_url)
     return {"participant": part, "group": group}

@@ -8,7 +8,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from qsmdask.io.derivatives import DerivativesWriter
-from qsmdask.io.tables import write_parquet
 from qsmdask.report import build_cohort_report
 from qsmdask.workflows.voxelwise import VoxelwiseOptions, run_voxelwise
 from qsmdask.stats import run_group_analysis
@@ -18,22 +17,25 @@ from qsmdask.workflows.cohort import load_group_inputs, participant_atlas
 
 @flow(name="qsmdask-group", log_prints=True)
 def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
-               voxelwise: dict | None = None) -> dict:
-    """Run every applicable analysis of ``design`` and write ``OUTPUT_DIR/group/<name>.parquet``.
+               voxelwise: dict | None = None, tables_url: str | None = None) -> dict:
+    """Run every applicable analysis of ``design`` and write ``<tables>/group/<name>.parquet``.
 
     ``voxelwise``: options of :class:`qsmdask.workflows.voxelwise.VoxelwiseOptions`
     (``{"enabled": False}`` skips the whole-brain permutation analysis).
+    ``tables_url``: where the ROI tables are read and the group tables written (path or
+    fsspec URL; default ``output_dir``).
     """
     log = get_run_logger()
-    roi, participants, sessions = load_group_inputs(bids_dir, output_dir)
+    roi, participants, sessions = load_group_inputs(bids_dir, output_dir, tables_url)
     gd = GroupDesign.from_dict(design) if design else GroupDesign()
-    DerivativesWriter(output_dir).write_run_config(
-        {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict()}, name="qsmdask_group_config.json")
+    writer = DerivativesWriter(output_dir, tables_url=tables_url)
+    writer.write_run_config(
+        {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict(),
+         "tables_url": tables_url}, name="qsmdask_group_config.json")
     tables = run_group_analysis(roi, participants, sessions, design=gd)
-    out = Path(output_dir) / "group"
     written = {}
     for name, df in tables.items():
-        written[name] = str(write_parquet(df, out / f"{name}.parquet"))
+        written[name] = str(writer.save_group_table(name, df))
         log.info("%s: %d rows -> %s", name, len(df), written[name])
     if "group_wilcoxon" in tables:
         t = tables["group_wilcoxon"]
@@ -45,7 +47,8 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
     if vw.pop("enabled", True):
         opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
         try:
-            res = run_voxelwise(output_dir, participants, options=opts, atlas=participant_atlas(output_dir))
+            res = run_voxelwise(output_dir, participants, options=opts, atlas=participant_atlas(output_dir),
+                                tables_url=tables_url)
         except Exception as e:  # the ROI statistics above stand on their own
             log.error("voxel-wise analysis failed: %s: %s", type(e).__name__, e)
             res = {"skipped": f"failed: {type(e).__name__}: {e}"}
@@ -55,7 +58,7 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
             log.info("voxel-wise: %d subjects, %d voxels, %d FWE-significant cluster(s)",
                      res["n_subjects"], res["n_voxels"], res["n_significant_clusters"])
             written.update({f"perm_{k}": v for k, v in res["written"].items()})
-    report = build_cohort_report(output_dir, bids_dir)
+    report = build_cohort_report(output_dir, bids_dir, tables_url=tables_url)
     log.info("cohort report: %s", report)
     create_markdown_artifact(key="qsmdask-report", markdown=(
         f"# qsmdask cohort report\n\n[{report}]({Path(report).resolve().as_uri()})\n\n"

@@ -18,9 +18,10 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from qsmdask.config import PipelineConfig
 from qsmdask.io.bids import read_participants
 from qsmdask.io.nifti import InputError
-from qsmdask.orchestration.cluster import ClusterConfig, make_task_runner
+from qsmdask.orchestration.cluster import (ClusterConfig, current_client, dashboard_link, make_task_runner,
+                                           memory_annotation, worker_memory_capacity)
 from qsmdask.workflows import participant as wf
-from qsmdask.workflows.cohort import plan_participants, summarise, write_failures, writer_for
+from qsmdask.workflows.cohort import check_memory, plan_participants, summarise, write_failures, writer_for
 
 
 @task(name="ingest", task_run_name="ingest-{ss.key}")
@@ -40,8 +41,8 @@ def standardise_task(meta, config):
 
 @task(name="write", task_run_name="write-{ss.key}", retries=2, retry_delay_seconds=2,
       retry_condition_fn=lambda task, run, state: _transient(state))
-def write_task(ss, meta, output_dir, config, key):
-    return wf.write_outputs(ss, meta, output_dir, config, resume=key)
+def write_task(ss, meta, output_dir, config, key, tables_url=None):
+    return wf.write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url)
 
 
 def _transient(state) -> bool:
@@ -86,32 +87,55 @@ def _first_error(futures):
     return RuntimeError("subject-session did not complete")
 
 
+def _cluster(log):
+    """Dashboard link and the largest worker MEMORY of the flow's Dask cluster (started here)."""
+    client = current_client()
+    if client is None:
+        return None, None
+    link = dashboard_link(client)
+    log.info("Dask dashboard: %s", link or "(none)")
+    capacity = worker_memory_capacity(client, fallback=ClusterConfig.from_env().worker_memory_bytes())
+    if capacity is None:
+        log.warning("the Dask workers declare no MEMORY resource: tasks are not limited by memory")
+    return link, capacity
+
+
 @flow(name="qsmdask-participant", log_prints=True,
       task_runner=make_task_runner(ClusterConfig.from_env()))
 def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[str] | None = None,
                      config: dict | None = None, force: bool = False,
-                     work_root: str | None = None) -> dict:
-    """Reconstruct and measure every subject-session that is new or changed."""
+                     work_root: str | None = None, tables_url: str | None = None) -> dict:
+    """Reconstruct and measure every subject-session that is new or changed.
+
+    ``tables_url``: where the Parquet tables go (path or fsspec URL; default ``output_dir``).
+    """
     log = get_run_logger()
     cfg = PipelineConfig.from_dict(config or {})
-    writer = writer_for(output_dir, bids_dir, cfg)
-    writer.write_run_config({"level": "participant", "bids_dir": str(bids_dir), "config": cfg.to_dict()})
-    plan = plan_participants(bids_dir, output_dir, cfg, participant_labels, force=force)
+    writer = writer_for(output_dir, bids_dir, cfg, tables_url)
+    writer.write_run_config({"level": "participant", "bids_dir": str(bids_dir), "config": cfg.to_dict(),
+                             "tables_url": tables_url})
+    plan = plan_participants(bids_dir, output_dir, cfg, participant_labels, force=force, tables_url=tables_url)
     log.info("%d subject-session(s) to process, %d up to date, %d unreadable", len(plan.todo),
              len(plan.skipped), len(plan.invalid))
     progress = create_progress_artifact(progress=0.0, description="subject-sessions finished (%)")
 
+    link, capacity = _cluster(log) if plan.todo else (None, None)
+    runnable, too_big = check_memory(plan.todo, capacity, template_resolution_mm=cfg.template_resolution_mm)
     chains = []
-    for ss, key in plan.todo:
+    for ss, key, need in runnable:
         m = ingest_task.submit(ss, wf.work_paths(ss, output_dir, work_root))
-        r = reconstruct_task.submit(m, cfg)
-        s = standardise_task.submit(r, cfg)
-        w = write_task.submit(ss, s, output_dir, cfg, key)
+        with memory_annotation(need):  # at most MEMORY / need of these at once on a worker
+            r = reconstruct_task.submit(m, cfg)
+            s = standardise_task.submit(r, cfg)
+        w = write_task.submit(ss, s, output_dir, cfg, key, tables_url)
         chains.append((ss, [m, r, s, w]))
 
-    done, failed = [], list(plan.invalid)
+    done, failed = [], list(plan.invalid) + too_big
     for row in plan.invalid:
         log.error("%s %s cannot be read: %s", row["participant_id"], row["session_id"], row["message"])
+    for row in too_big:
+        key = "_".join(x for x in (row["participant_id"], row["session_id"]) if x)
+        log.error("%s not submitted: %s", key, row["message"])
     t0 = time.monotonic()
     by_final = {futs[-1]: (ss, futs) for ss, futs in chains}
     for i, fut in enumerate(as_completed(list(by_final)), 1):
@@ -130,7 +154,7 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     if not chains:
         update_progress_artifact(progress, progress=100.0)
 
-    write_failures(output_dir, failed, attempted=[ss for ss, _ in plan.todo])
+    write_failures(output_dir, failed, attempted=[ss for ss, _ in plan.todo], tables_url=tables_url)
     try:
         participants = read_participants(bids_dir)
     except InputError:
@@ -141,8 +165,10 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     if failed:
         create_table_artifact(key="qsmdask-failures", table=failed,
                               description="Failed subject-sessions with the stage and error")
+    dashboard = f"<{link}>" if link else ("(none)" if plan.todo else "(no cluster started: nothing to compute)")
     create_markdown_artifact(key="qsmdask-outputs", markdown=(
         f"# qsmdask participant level\n\nOutputs: `{Path(output_dir).resolve()}`\n\n"
+        f"Tables: `{writer.tables_root}`\n\nDask dashboard: {dashboard}\n\n"
         f"done {len(done)}, skipped {len(plan.skipped)}, failed {len(failed)}, "
         f"{time.monotonic() - t0:.1f} s\n"))
     return {"done": done, "skipped": [s.key for s in plan.skipped], "failed": failed,

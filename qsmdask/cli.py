@@ -47,6 +47,35 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _tables_url(s: str) -> str:
+    """A local path or an fsspec URL whose filesystem is installed (not memory://: per process)."""
+    if "://" not in s:
+        return s
+    protocol = s.split("://", 1)[0]
+    if protocol == "memory":
+        raise argparse.ArgumentTypeError("memory:// lives inside one process, but the tables are written by "
+                                         "Dask worker processes; use a path, file:// or an object store")
+    import fsspec
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(f"{protocol}:// needs an extra package ({e})") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown storage protocol {protocol!r} in {s!r}") from None
+    return s
+
+
+def _bytes(s: str) -> str:
+    from dask.utils import parse_bytes
+    try:
+        ok = parse_bytes(s) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"not a memory size: {s!r} (e.g. 8GiB, 4GB, 2000000000)")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsmdask", description="Quantitative susceptibility mapping "
                                 "for research cohorts: BIDS in, brain-iron results out.")
@@ -107,7 +136,13 @@ def _cluster_args(p):
     g.add_argument("--n-workers", type=_positive_int, default=2, help="local Dask worker processes")
     g.add_argument("--scheduler-address", metavar="tcp://HOST:PORT",
                    help="use an existing Dask scheduler instead of a LocalCluster")
+    g.add_argument("--worker-memory", metavar="SIZE", type=_bytes,
+                   help="memory of each local Dask worker, e.g. 8GiB (default: total memory / --n-workers); "
+                        "subject-sessions run side by side only as far as their estimated memory fits")
     g.add_argument("--work-dir", metavar="URL", help="zarr work area (path or fsspec URL; default OUTPUT_DIR/work)")
+    g.add_argument("--tables-url", metavar="URL", type=_tables_url,
+                   help="where the Parquet tables (roi/, group/, failures.parquet) are written and read: "
+                        "path, file:// or object-store URL such as s3://bucket/prefix (default OUTPUT_DIR)")
     g.add_argument("--prefect-port", type=int, default=None, help="port of the local Prefect server (default 4200)")
     g.add_argument("--keep-server", action="store_true",
                    help="leave the local Prefect server (and its UI) running after the command")
@@ -116,7 +151,9 @@ def _cluster_args(p):
 def _setup_logging(debug: bool):
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG" if debug else "WARNING")
+    # INFO reaches the flow-run logs in the Prefect UI (the Dask dashboard link, counts); the
+    # console shows less (below)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG" if debug else "INFO")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "true")
     if not debug:
@@ -147,18 +184,26 @@ def _cluster_env(args):
     else:
         os.environ.setdefault("QSMDASK_CLUSTER", "local")
         os.environ["QSMDASK_N_WORKERS"] = str(args.n_workers)
+    if args.worker_memory:
+        os.environ["QSMDASK_WORKER_MEMORY"] = args.worker_memory
 
 
-def run_participant(bids_dir, output_dir, *, labels=None, config=None, force=False, work_dir=None) -> dict:
+def run_participant(bids_dir, output_dir, *, labels=None, config=None, force=False, work_dir=None,
+                    tables_url=None) -> dict:
     from flows.participant import participant_flow
     return participant_flow(str(bids_dir), str(output_dir), participant_labels=labels, config=config,
-                            force=force, work_root=work_dir)
+                            force=force, work_root=work_dir, tables_url=tables_url)
 
 
-def run_group(bids_dir, output_dir, *, design=None, n_perm: int = 1000) -> dict:
+def run_group(bids_dir, output_dir, *, design=None, n_perm: int = 1000, tables_url=None) -> dict:
     from flows.group import group_flow
     vw = {"enabled": n_perm > 0, "n_perm": max(n_perm, 1)}
-    return group_flow(str(bids_dir), str(output_dir), design=design, voxelwise=vw)
+    return group_flow(str(bids_dir), str(output_dir), design=design, voxelwise=vw, tables_url=tables_url)
+
+
+def _tables_root(output_dir, tables_url):
+    from .io.derivatives import DerivativesWriter
+    return DerivativesWriter(output_dir, tables_url=tables_url).tables_root
 
 
 def _print_failures(failed: list[dict]):
@@ -196,16 +241,20 @@ def _run_level(args, cfg, design) -> int:
     t0 = time.monotonic()
     if args.analysis_level == "participant":
         res = run_participant(args.bids_dir, args.output_dir, labels=args.participant_label,
-                              config=cfg.to_dict(), force=args.force, work_dir=args.work_dir)
+                              config=cfg.to_dict(), force=args.force, work_dir=args.work_dir,
+                              tables_url=args.tables_url)
         print(f"participant level: {len(res['done'])} done, {len(res['skipped'])} up to date, "
               f"{len(res['failed'])} failed in {time.monotonic() - t0:.0f} s -> {args.output_dir}")
         if res["failed"]:
             _print_failures(res["failed"])
             return EXIT_SUBJECTS_FAILED
         return EXIT_OK
-    written = run_group(args.bids_dir, args.output_dir, design=design, n_perm=args.n_perm)
+    written = run_group(args.bids_dir, args.output_dir, design=design, n_perm=args.n_perm,
+                        tables_url=args.tables_url)
     n_tables = len([k for k in written if k != "report"])
-    print(f"group level: {n_tables} table(s) in {args.output_dir / 'group'}; report {written.get('report')}")
+    group_dir = _tables_root(args.output_dir, args.tables_url)
+    print(f"group level: {n_tables} table(s) in {str(group_dir).rstrip('/')}/group; "
+          f"report {written.get('report')}")
     return EXIT_OK
 
 
@@ -219,7 +268,8 @@ def _cmd_serve(args) -> int:
     from flows.serve import serve
     print(f"serving the cohort flow on {args.bids_dir} with schedule '{args.cron}'; "
           f"runs are listed in the Prefect UI at {api.ui_url}", file=sys.stderr)
-    serve(str(args.bids_dir), str(args.output_dir), cron=args.cron, config=cfg.to_dict(), design=design)
+    serve(str(args.bids_dir), str(args.output_dir), cron=args.cron, config=cfg.to_dict(), design=design,
+          tables_url=args.tables_url)
     return EXIT_OK
 
 
@@ -235,7 +285,6 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    import pandas as pd
     from .sim import simulate_cohort
 
     out = Path(args.out_dir)
@@ -247,16 +296,18 @@ def _cmd_demo(args) -> int:
                         effect_ppm=args.effect_ppm)
     _cluster_env(args)
     _start_api(args)
-    res = run_participant(bids, deriv, work_dir=args.work_dir)
-    written = run_group(bids, deriv, n_perm=args.n_perm)
+    res = run_participant(bids, deriv, work_dir=args.work_dir, tables_url=args.tables_url)
+    written = run_group(bids, deriv, n_perm=args.n_perm, tables_url=args.tables_url)
+    tables = str(_tables_root(deriv, args.tables_url)).rstrip("/")
     print(f"\nqsmdask demo finished in {time.monotonic() - t0:.0f} s")
     print(f"  BIDS input (with ground truth in derivatives/qsmdask-sim): {bids}")
     print(f"  susceptibility maps, masks, transforms:                    {deriv}/sub-*/")
-    print(f"  ROI tables (Parquet, one per subject-session):              {deriv / 'roi'}")
-    print(f"  group statistics (Parquet):                                 {deriv / 'group'}")
+    print(f"  ROI tables (Parquet, one per subject-session):              {tables}/roi")
+    print(f"  group statistics (Parquet):                                 {tables}/group")
     print(f"  cohort report (open in a browser):                          {written.get('report')}")
     if "group_wilcoxon" in written:
-        t = pd.read_parquet(written["group_wilcoxon"])
+        from .io.tables import read_parquet
+        t = read_parquet(written["group_wilcoxon"])
         t = t[t["level"] == "group"] if "level" in t.columns else t
         t = t[(t["p_corrected"] < 0.05)]
         cols = [c for c in ("session_id", "roi", "hemisphere", "n", "p", "p_corrected", "effect_size")

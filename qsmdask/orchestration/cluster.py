@@ -1,12 +1,23 @@
-"""Dask cluster configuration for the Prefect task runner (configuration, not code)."""
+"""Dask cluster configuration for the Prefect task runner (configuration, not code).
+
+Memory-aware scheduling: every worker declares a Dask resource ``MEMORY`` (bytes it may
+use, equal to its memory limit) and the participant flow annotates its heavy tasks with
+their estimated peak (:func:`memory_annotation`); the scheduler then runs at most as many
+of them on a worker at once as fit in its ``MEMORY``, whatever its thread count.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 
-__all__ = ["ClusterConfig", "make_task_runner"]
+__all__ = ["ClusterConfig", "make_task_runner", "task_runner_kwargs", "MEMORY_RESOURCE", "memory_annotation",
+           "worker_memory_capacity", "current_client", "dashboard_link"]
+
+MEMORY_RESOURCE = "MEMORY"
+KUBE_WORKER_MEMORY = "8GiB"  # the worker container limit of deploy/base/dask-cluster.yaml
 
 
 @dataclass(frozen=True)
@@ -15,12 +26,16 @@ class ClusterConfig:
 
     kind : "local" (a LocalCluster), "address" (an existing scheduler) or "kubernetes"
         (``dask_kubernetes.operator.KubeCluster`` with adaptive scaling).
+    memory_limit : memory of one worker: "auto" (local: total memory / n_workers;
+        kubernetes: 8 GiB, as the deploy/ manifests), bytes or a string like "4GiB".
+        Local and Kubernetes workers get it as their memory limit and as the ``MEMORY``
+        resource; the workers of an existing scheduler declare their own.
     """
 
     kind: str = "local"
     n_workers: int = 2
     threads_per_worker: int = 1
-    memory_limit: str = "auto"
+    memory_limit: str | int = "auto"
     processes: bool = True
     address: str | None = None
     kube_name: str = "qsmdask"
@@ -31,11 +46,13 @@ class ClusterConfig:
     @classmethod
     def from_env(cls, environ=None) -> "ClusterConfig":
         """From ``QSMDASK_CLUSTER`` (local|address|kubernetes), ``QSMDASK_DASK_ADDRESS``,
-        ``QSMDASK_N_WORKERS``, ``QSMDASK_KUBE_IMAGE``, ``QSMDASK_ADAPT_MAX`` (deployments)."""
+        ``QSMDASK_N_WORKERS``, ``QSMDASK_WORKER_MEMORY``, ``QSMDASK_KUBE_IMAGE``,
+        ``QSMDASK_ADAPT_MAX`` (deployments)."""
         env = os.environ if environ is None else environ
         address = env.get("QSMDASK_DASK_ADDRESS") or None
         kind = env.get("QSMDASK_CLUSTER") or ("address" if address else "local")
         return cls(kind=kind, address=address, n_workers=int(env.get("QSMDASK_N_WORKERS", 2)),
+                   memory_limit=env.get("QSMDASK_WORKER_MEMORY") or "auto",
                    kube_image=env.get("QSMDASK_KUBE_IMAGE", cls.kube_image),
                    adapt_max=int(env.get("QSMDASK_ADAPT_MAX", cls.adapt_max)))
 
@@ -46,22 +63,97 @@ class ClusterConfig:
             raise ValueError("cluster kind 'address' needs address='tcp://host:8786'")
         if self.n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {self.n_workers}")
+        if self.memory_limit != "auto":
+            from dask.utils import parse_bytes
+            try:
+                ok = parse_bytes(self.memory_limit) > 0
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"memory_limit must be 'auto', a number of bytes or a size like '4GiB', "
+                                 f"got {self.memory_limit!r}")
+
+    def worker_memory_bytes(self) -> int | None:
+        """Memory of one worker in bytes (None for an existing scheduler: its workers say)."""
+        from dask.utils import parse_bytes
+
+        if self.memory_limit != "auto":
+            return int(parse_bytes(self.memory_limit))
+        if self.kind == "local":
+            from distributed.system import MEMORY_LIMIT  # total memory, cgroup limits honoured
+            return int(MEMORY_LIMIT // self.n_workers)
+        if self.kind == "kubernetes":
+            return int(parse_bytes(KUBE_WORKER_MEMORY))
+        return None
+
+
+def task_runner_kwargs(cfg: ClusterConfig) -> dict:
+    """Keyword arguments of ``prefect_dask.DaskTaskRunner`` for ``cfg``."""
+    if cfg.kind == "address":
+        return {"address": cfg.address}
+    memory = cfg.worker_memory_bytes()
+    if cfg.kind == "kubernetes":
+        env = {k: v for k, v in os.environ.items() if k in ("PREFECT_API_URL", "PREFECT_API_KEY")}
+        return {"cluster_class": "dask_kubernetes.operator.KubeCluster",
+                "cluster_kwargs": {"name": cfg.kube_name, "image": cfg.kube_image, "env": env,
+                                   "resources": {"requests": {"memory": str(memory)},
+                                                 "limits": {"memory": str(memory)}},
+                                   "worker_command": ["dask-worker", "--memory-limit", str(memory),
+                                                      "--resources", f"{MEMORY_RESOURCE}={memory}"]},
+                "adapt_kwargs": {"minimum": cfg.adapt_min, "maximum": cfg.adapt_max}}
+    kwargs = {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
+              "processes": cfg.processes, "dashboard_address": ":0", "silence_logs": logging.WARNING,
+              "resources": {MEMORY_RESOURCE: memory}}
+    if cfg.processes:
+        kwargs["memory_limit"] = memory
+    return {"cluster_class": "distributed.LocalCluster", "cluster_kwargs": kwargs}
 
 
 def make_task_runner(cfg: ClusterConfig):
     """A prefect_dask.DaskTaskRunner for ``cfg``; workers inherit PREFECT_API_URL from this process."""
     from prefect_dask import DaskTaskRunner
 
-    if cfg.kind == "address":
-        return DaskTaskRunner(address=cfg.address)
-    if cfg.kind == "kubernetes":
-        env = {k: v for k, v in os.environ.items() if k in ("PREFECT_API_URL", "PREFECT_API_KEY")}
-        return DaskTaskRunner(
-            cluster_class="dask_kubernetes.operator.KubeCluster",
-            cluster_kwargs={"name": cfg.kube_name, "image": cfg.kube_image, "env": env},
-            adapt_kwargs={"minimum": cfg.adapt_min, "maximum": cfg.adapt_max})
-    kwargs = {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
-              "processes": cfg.processes, "dashboard_address": ":0", "silence_logs": logging.WARNING}
-    if cfg.processes:
-        kwargs["memory_limit"] = cfg.memory_limit
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return DaskTaskRunner(**task_runner_kwargs(cfg))
+
+
+def memory_annotation(nbytes: int | None):
+    """Context in which submitted Dask tasks (Prefect ``task.submit`` included) need ``nbytes``
+    of the worker resource ``MEMORY``; a no-op for None."""
+    if not nbytes:
+        return contextlib.nullcontext()
+    import dask
+    return dask.annotate(resources={MEMORY_RESOURCE: int(nbytes)})
+
+
+def worker_memory_capacity(client, fallback: int | None = None) -> int | None:
+    """The largest ``MEMORY`` resource any worker of ``client`` declares.
+
+    ``fallback`` (the configured worker memory) stands in while an adaptive cluster has no
+    worker yet; None when the workers declare no ``MEMORY`` (then tasks are not annotated,
+    since a task asking for a resource no worker has would never run).
+    """
+    workers = (client.scheduler_info(n_workers=-1) or {}).get("workers", {})
+    if not workers:
+        return fallback
+    values = [w.get("resources", {}).get(MEMORY_RESOURCE) for w in workers.values()]
+    values = [v for v in values if v]
+    return int(max(values)) if values else None
+
+
+def current_client():
+    """The Dask client of the running flow's task runner, or None (no flow, not on Dask)."""
+    try:
+        from prefect.context import FlowRunContext
+        ctx = FlowRunContext.get()
+        runner = getattr(ctx, "task_runner", None) if ctx else None
+        return getattr(runner, "client", None) if runner is not None else None
+    except Exception:  # noqa: BLE001 - a missing dashboard must never break a run
+        return None
+
+
+def dashboard_link(client) -> str | None:
+    """The scheduler's dashboard URL, or None when it has none."""
+    try:
+        return client.dashboard_link or None
+    except Exception:  # noqa: BLE001
+        return None

@@ -166,19 +166,23 @@ def _version(dist: str) -> str:
 class _Inputs:
     """Everything the report reads, each item None (with a reason) when unavailable."""
 
-    def __init__(self, output_dir: Path, bids_dir, perm_results):
-        from ..io.tables import read_parquet_folder
+    def __init__(self, output_dir: Path, bids_dir, perm_results, tables_url=None):
+        from ..io.derivatives import DerivativesWriter
+        from ..io.tables import read_parquet, read_parquet_folder, table_exists
 
         self.output_dir = output_dir
         self.problems: dict[str, str] = {}
         self.config = self._json(output_dir / "logs" / "qsmdask_config.json", "config")
         if bids_dir is None and self.config and self.config.get("bids_dir"):
             bids_dir = self.config["bids_dir"]
+        if tables_url is None and self.config:
+            tables_url = self.config.get("tables_url")
         self.bids_dir = Path(bids_dir) if bids_dir else None
+        writer = DerivativesWriter(output_dir, tables_url=tables_url)
         self.roi = None
-        roi_dir = output_dir / "roi"
+        roi_dir = writer.roi_folder()
         try:
-            roi = read_parquet_folder(roi_dir) if roi_dir.is_dir() else pd.DataFrame()
+            roi = read_parquet_folder(roi_dir)
             if len(roi):
                 roi["session_id"] = roi.get("session_id", "").fillna("").astype(str) \
                     if "session_id" in roi.columns else ""
@@ -202,23 +206,20 @@ class _Inputs:
             except Exception as e:  # noqa: BLE001
                 self.problems["sessions"] = f"sessions.tsv unreadable ({e})"
         self.group_tables: dict[str, pd.DataFrame] = {}
-        gdir = output_dir / "group"
-        if gdir.is_dir():
-            for f in sorted(gdir.glob("*.parquet")):
-                if f.stem.startswith("perm_"):
-                    continue
-                try:
-                    self.group_tables[f.stem] = pd.read_parquet(f)
-                except Exception as e:  # noqa: BLE001
-                    self.problems[f"group:{f.stem}"] = f"{f.name} unreadable ({e})"
+        try:
+            for name, df in _read_group_tables(writer.group_folder(), self.problems).items():
+                self.group_tables[name] = df
+        except Exception as e:  # noqa: BLE001 - an unreachable table store
+            self.problems["group"] = f"group tables in {writer.group_folder()} not listed ({e})"
         self.failures = None
-        fpath = output_dir / "failures.parquet"
-        if fpath.exists():
-            try:
-                self.failures = pd.read_parquet(fpath)
-            except Exception as e:  # noqa: BLE001
-                self.problems["failures"] = f"{fpath.name} unreadable ({e})"
-        self.perm = _load_perm(output_dir / "group", perm_results, self.problems)
+        fpath = writer.failures_path()
+        try:
+            if table_exists(fpath):
+                self.failures = read_parquet(fpath)
+        except Exception as e:  # noqa: BLE001
+            self.problems["failures"] = f"{fpath} unreadable ({e})"
+        self.perm = _load_perm(output_dir / "group", perm_results, self.problems,
+                               clusters=writer.table_location("group", "perm_clusters.parquet"))
         self.design = self._design()
 
     def _json(self, path: Path, key: str):
@@ -268,7 +269,30 @@ class _Inputs:
         return out
 
 
-def _load_perm(gdir: Path, perm_results, problems) -> dict | None:
+def _read_group_tables(gdir, problems) -> dict:
+    """Every ``<name>.parquet`` of the group folder (path or URL) but the ``perm_*`` ones."""
+    from ..io.tables import local_path, read_parquet
+
+    local = local_path(gdir)
+    if local is not None:
+        files = [str(f) for f in sorted(local.glob("*.parquet"))] if local.is_dir() else []
+    else:
+        import fsspec
+        fs, p = fsspec.core.url_to_fs(str(gdir))
+        files = [fs.unstrip_protocol(f) for f in sorted(fs.glob(f"{p.rstrip('/')}/*.parquet"))]
+    out = {}
+    for f in files:
+        stem = f.rsplit("/", 1)[-1][:-len(".parquet")]
+        if stem.startswith("perm_"):
+            continue
+        try:
+            out[stem] = read_parquet(f)
+        except Exception as e:  # noqa: BLE001
+            problems[f"group:{stem}"] = f"{stem}.parquet unreadable ({e})"
+    return out
+
+
+def _load_perm(gdir: Path, perm_results, problems, clusters=None) -> dict | None:
     """Permutation outputs as {"t", "logp_fwe", "cluster_labels", "affine", "clusters", "source"}."""
     out: dict = {}
     if perm_results is not None:
@@ -321,14 +345,16 @@ def _load_perm(gdir: Path, perm_results, problems) -> dict | None:
                     out["cluster_labels"] = maps[k][0].astype(np.int64)
                     out.setdefault("affine", maps[k][1])
             out["source"] = ", ".join(f"group/{f.name}" for f in files)
-        ct = gdir / "perm_clusters.parquet"
-        if ct.exists():
-            try:
-                out["clusters"] = pd.read_parquet(ct)
+    if perm_results is None:
+        from ..io.tables import read_parquet, table_exists
+        ct = gdir / "perm_clusters.parquet" if clusters is None else clusters
+        try:
+            if table_exists(ct):
+                out["clusters"] = read_parquet(ct)
                 out.setdefault("source", "")
                 out["source"] = (out["source"] + ", " if out["source"] else "") + "group/perm_clusters.parquet"
-            except Exception as e:  # noqa: BLE001
-                problems["perm_clusters"] = f"{ct.name} unreadable ({e})"
+        except Exception as e:  # noqa: BLE001
+            problems["perm_clusters"] = f"perm_clusters.parquet unreadable ({e})"
     return out or None
 
 
@@ -1144,7 +1170,7 @@ pre{font-size:11px;background:#f4f4f4;padding:8px;overflow-x:auto}
 
 
 def build_cohort_report(output_dir, bids_dir=None, *, perm_results=None,
-                        title: str = "qsmdask cohort report") -> Path:
+                        title: str = "qsmdask cohort report", tables_url=None) -> Path:
     """Write the self-contained cohort report ``OUTPUT_DIR/report.html``.
 
     Parameters
@@ -1164,6 +1190,9 @@ def build_cohort_report(output_dir, bids_dir=None, *, perm_results=None,
         ``clusters`` (the cluster table).
     title : str
         Report title.
+    tables_url : path, fsspec URL or None
+        Where the Parquet tables (``roi/``, ``group/``, ``failures.parquet``) are; None:
+        the ``tables_url`` recorded in ``logs/qsmdask_config.json``, else ``output_dir``.
 
     Returns
     -------
@@ -1175,7 +1204,7 @@ def build_cohort_report(output_dir, bids_dir=None, *, perm_results=None,
     out_dir = Path(output_dir)
     if not out_dir.is_dir():
         raise ValueError(f"output_dir {out_dir} is not a folder")
-    inp = _Inputs(out_dir, bids_dir, perm_results)
+    inp = _Inputs(out_dir, bids_dir, perm_results, tables_url)
     body = []
     for sid, heading, fn in _SECTIONS:
         try:

@@ -10,11 +10,11 @@ import pandas as pd
 from ..config import PipelineConfig
 from ..io.bids import SubjectSession, find_subject_sessions, read_participants, read_sessions
 from ..io.derivatives import DerivativesWriter
-from ..io.tables import read_parquet_folder, write_parquet
-from .participant import is_up_to_date, resume_key
+from ..io.tables import read_parquet_folder
+from .participant import estimate_subject_memory_bytes, is_up_to_date, resume_key
 
-__all__ = ["CohortPlan", "plan_participants", "write_failures", "summarise", "load_group_inputs",
-           "participant_atlas"]
+__all__ = ["CohortPlan", "plan_participants", "check_memory", "write_failures", "summarise",
+           "load_group_inputs", "participant_atlas"]
 
 FAILURE_COLUMNS = ["participant_id", "session_id", "stage", "file", "error_type", "message"]
 
@@ -27,7 +27,7 @@ class CohortPlan:
 
 
 def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_labels=None, *,
-                      force: bool = False) -> CohortPlan:
+                      force: bool = False, tables_url=None) -> CohortPlan:
     """Split the cohort into subject-sessions to (re)compute and ones already up to date."""
     plan = CohortPlan()
     errors: list = []
@@ -39,17 +39,49 @@ def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_
                              "message": str(e)})
     for ss in found:
         key = resume_key(ss, config)
-        if not force and is_up_to_date(ss, output_dir, config, key):
+        if not force and is_up_to_date(ss, output_dir, config, key, tables_url=tables_url):
             plan.skipped.append(ss)
         else:
             plan.todo.append((ss, key))
     return plan
 
 
-def write_failures(output_dir, rows: list[dict], *, attempted: list[SubjectSession]) -> Path:
-    """Update ``OUTPUT_DIR/failures.parquet``: drop attempted subject-sessions, add this run's failures."""
-    path = Path(output_dir) / "failures.parquet"
-    old = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=FAILURE_COLUMNS)
+def check_memory(todo: list[tuple[SubjectSession, str]], capacity_bytes: int | None, *,
+                 template_resolution_mm: int = 2
+                 ) -> tuple[list[tuple[SubjectSession, str, int | None]], list[dict]]:
+    """Split ``todo`` into runnable ``(ss, key, estimate)`` and failure rows (stage "plan").
+
+    ``capacity_bytes`` is the largest ``MEMORY`` resource of any worker (None: the workers
+    declare none, so nothing is checked and nothing is annotated). A subject-session whose
+    estimate (:func:`qsmdask.workflows.participant.estimate_subject_memory_bytes`) exceeds it
+    would wait for a worker forever; it fails here instead. An unreadable header gives no
+    estimate: ingest then reports the file properly.
+    """
+    from dask.utils import format_bytes
+
+    runnable, rows = [], []
+    for ss, key in todo:
+        need = (estimate_subject_memory_bytes(ss, template_resolution_mm=template_resolution_mm)
+                if capacity_bytes else None)
+        if need is not None and need > capacity_bytes:
+            rows.append({"participant_id": ss.participant_id, "session_id": ss.session_id, "stage": "plan",
+                         "file": str(ss.echoes[0].magnitude), "error_type": "MemoryError",
+                         "message": (f"estimated peak memory {format_bytes(need)} for the GRE grid of "
+                                     f"{ss.echoes[0].magnitude.name} exceeds the largest worker's MEMORY "
+                                     f"resource {format_bytes(capacity_bytes)}; give workers more memory "
+                                     "(--worker-memory, fewer workers per machine) to process it")})
+        else:
+            runnable.append((ss, key, need))
+    return runnable, rows
+
+
+def write_failures(output_dir, rows: list[dict], *, attempted: list[SubjectSession],
+                   tables_url=None) -> Path | str:
+    """Update ``failures.parquet`` (under ``tables_url``, default ``OUTPUT_DIR``): drop attempted
+    subject-sessions, add this run's failures."""
+    writer = DerivativesWriter(output_dir, tables_url=tables_url)
+    old = writer.read_failures()
+    old = pd.DataFrame(columns=FAILURE_COLUMNS) if old is None else old
     tried = {(s.participant_id, s.session_id) for s in attempted}
     tried |= {(r["participant_id"], r["session_id"]) for r in rows}
     if len(old):
@@ -57,7 +89,7 @@ def write_failures(output_dir, rows: list[dict], *, attempted: list[SubjectSessi
         old = old[keep]
     new = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
     df = pd.concat([old, new], ignore_index=True) if len(old) else new
-    return write_parquet(df.astype(str), path)
+    return writer.save_failures(df.astype(str))
 
 
 def summarise(done: list[dict], skipped: list[SubjectSession], failed: list[dict],
@@ -80,17 +112,17 @@ def summarise(done: list[dict], skipped: list[SubjectSession], failed: list[dict
     return out
 
 
-def load_group_inputs(bids_dir, output_dir):
+def load_group_inputs(bids_dir, output_dir, tables_url=None):
     """ROI table (all subject-sessions), participants and sessions for the group level."""
-    roi_dir = Path(output_dir) / "roi"
+    roi_dir = DerivativesWriter(output_dir, tables_url=tables_url).roi_folder()
     roi = read_parquet_folder(roi_dir)
     if roi.empty:
         raise FileNotFoundError(f"{roi_dir}: no ROI tables; run the participant level first")
     return roi, read_participants(bids_dir), read_sessions(bids_dir)
 
 
-def writer_for(output_dir, bids_dir, config: PipelineConfig) -> DerivativesWriter:
-    w = DerivativesWriter(output_dir)
+def writer_for(output_dir, bids_dir, config: PipelineConfig, tables_url=None) -> DerivativesWriter:
+    w = DerivativesWriter(output_dir, tables_url=tables_url)
     w.write_dataset_description(source_dataset=bids_dir)
     return w
 

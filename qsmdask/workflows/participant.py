@@ -31,7 +31,8 @@ from ..io.nifti import load_nifti
 from ..kernels import b0_direction_from_affine, voxel_size_from_affine
 
 __all__ = ["StageError", "ingest", "reconstruct", "standardise_and_measure", "write_outputs",
-           "process_subject_session", "resume_key", "is_up_to_date", "failure_row"]
+           "process_subject_session", "resume_key", "is_up_to_date", "failure_row",
+           "estimate_task_memory_bytes", "estimate_subject_memory_bytes"]
 
 
 class StageError(RuntimeError):
@@ -89,14 +90,21 @@ def resume_key(ss: SubjectSession, config: PipelineConfig) -> str:
     return h.hexdigest()
 
 
-def is_up_to_date(ss: SubjectSession, output_dir, config: PipelineConfig, key: str | None = None) -> bool:
-    """True when this subject-session's outputs exist, are intact and match the resume key."""
-    writer = DerivativesWriter(output_dir)
+def is_up_to_date(ss: SubjectSession, output_dir, config: PipelineConfig, key: str | None = None, *,
+                  tables_url=None) -> bool:
+    """True when this subject-session's outputs exist, are intact and match the resume key.
+
+    The manifest must also list the ROI table where ``tables_url`` puts it now (a run with
+    another tables location recomputes the subject-session).
+    """
+    writer = DerivativesWriter(output_dir, tables_url=tables_url)
     manifest = writer.read_manifest(ss.subject, ss.session)
     if not manifest or manifest.get("status") != "done":
         return False
     key = key or resume_key(ss, config)
-    return manifest.get("resume_key") == key and writer.manifest_intact(manifest)
+    return (manifest.get("resume_key") == key
+            and writer.manifest_lists(manifest, writer.roi_path(ss.subject, ss.session))
+            and writer.manifest_intact(manifest))
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,15 +193,16 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
 
 
 def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineConfig, *,
-                  resume: str | None = None, keep_work: bool = False) -> dict:
+                  resume: str | None = None, keep_work: bool = False, tables_url=None) -> dict:
     """Write every derivative of the subject-session with the one writer, then its manifest.
 
     The manifest is written last, so a subject-session counts as done only when all its
     files are in place; the zarr work group is removed afterwards unless ``keep_work``.
+    The ROI table goes to ``tables_url`` (path or fsspec URL; default ``output_dir``).
     """
     with _stage(ss.key, "write"):
         cfg = config.to_dict()
-        writer = DerivativesWriter(output_dir)
+        writer = DerivativesWriter(output_dir, tables_url=tables_url)
         url = meta["work_url"]
         affine = np.asarray(meta["affine"])
         sources = [str(e.phase) for e in ss.echoes]
@@ -270,6 +279,65 @@ def _atlas_desc(atlas: str) -> str:
     return "".join(ch for ch in name if ch.isalnum()) or "atlas"
 
 
+# Peak memory of the heavy stages, measured with bench/memory.py (peak resident-set rise of a
+# stage over its start; simulated heads with a T1w, 3 echoes; 2 cores, Python 3.11):
+#   GRE grid 75x75x53 (3 mm) / 112x112x80 (2 mm) / 149x149x107 (1.5 mm), 2 mm template:
+#   reconstruct  35 / 125 / 312 MiB   = 41 / 43 / 46 bytes per voxel x echo
+#   standardise 402 / 402 / 462 MiB   = ~400 MiB (registration and template-space arrays)
+#                                        + ~26 bytes per GRE voxel
+#   1 mm template, 3 mm grid: standardise 704 MiB (the fixed part grows with the template)
+RECON_BYTES_PER_VOXEL_ECHO = 48
+STANDARDISE_BYTES_PER_VOXEL = 26
+STANDARDISE_FIXED_BYTES = {2: 400 * 2**20, 1: 720 * 2**20}  # by template resolution (mm)
+MEMORY_SAFETY_FACTOR = 1.5
+
+
+def estimate_task_memory_bytes(shape, *, template_resolution_mm: int = 2,
+                               safety_factor: float = MEMORY_SAFETY_FACTOR) -> int:
+    """Estimated peak memory in bytes of one reconstruct or standardise task.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The GRE grid, ``(x, y, z)`` or ``(x, y, z, echoes)`` (from the NIfTI headers).
+    template_resolution_mm : {1, 2}
+        The configuration's template resolution (sets the registration's fixed part).
+    safety_factor : float
+        Multiplier on the measured model (allocator slack, other data sets, T1w size).
+
+    Returns
+    -------
+    int
+        ``safety_factor * max(48 B * voxels * echoes, fixed + 26 B * voxels)``: the larger of
+        the reconstruct and standardise peaks measured by ``bench/memory.py``, with fixed =
+        400 MiB for the 2 mm template (720 MiB for 1 mm). Monotone in every dimension.
+    """
+    dims = tuple(int(s) for s in shape)
+    if len(dims) not in (3, 4) or min(dims) < 1:
+        raise ValueError(f"shape must be (x, y, z) or (x, y, z, echoes) with positive sizes, got {tuple(shape)}")
+    if template_resolution_mm not in STANDARDISE_FIXED_BYTES:
+        raise ValueError(f"template_resolution_mm must be 1 or 2, got {template_resolution_mm!r}")
+    voxels = dims[0] * dims[1] * dims[2]
+    echoes = dims[3] if len(dims) == 4 else 1
+    recon = RECON_BYTES_PER_VOXEL_ECHO * voxels * echoes
+    standardise = STANDARDISE_FIXED_BYTES[template_resolution_mm] + STANDARDISE_BYTES_PER_VOXEL * voxels
+    return int(safety_factor * max(recon, standardise))
+
+
+def estimate_subject_memory_bytes(ss: SubjectSession, *, template_resolution_mm: int = 2) -> int | None:
+    """:func:`estimate_task_memory_bytes` for a subject-session, from its first magnitude's
+    NIfTI header (nothing else is read); None when the header cannot be read."""
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(ss.echoes[0].magnitude)).shape[:3]
+    except Exception:  # noqa: BLE001 - ingest reports unreadable files with their name
+        return None
+    if len(shape) != 3:
+        return None
+    return estimate_task_memory_bytes((*shape, len(ss.echoes)), template_resolution_mm=template_resolution_mm)
+
+
 def work_paths(ss: SubjectSession, output_dir, work_root: str | None = None) -> dict:
     """Where a subject-session's intermediate zarr group, transforms and ROI table live.
 
@@ -285,10 +353,10 @@ def work_paths(ss: SubjectSession, output_dir, work_root: str | None = None) -> 
 
 
 def process_subject_session(ss: SubjectSession, output_dir, config: PipelineConfig, *,
-                            work_root: str | None = None) -> dict:
+                            work_root: str | None = None, tables_url=None) -> dict:
     """Run all stages for one subject-session in this process (library use and tests)."""
     key = resume_key(ss, config)
     meta = ingest(ss, work_paths(ss, output_dir, work_root))
     meta = reconstruct(meta, config)
     meta = standardise_and_measure(meta, config)
-    return write_outputs(ss, meta, output_dir, config, resume=key)
+    return write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url)

@@ -3,8 +3,9 @@
 Loads every subject's smoothed MNI-space Chimap of one session, stacks them into a chunked
 zarr array (subjects x voxels), fits the GLM ``chi ~ group + age + sex + medication [+ site]``
 and runs Freedman-Lane permutation inference (max-T, cluster extent/mass, optional TFCE),
-distributed over a Dask client when one is given. Saves NIfTI maps and the cluster table
-under ``OUTPUT_DIR/group/`` (``perm_*.nii.gz``, ``perm_clusters.parquet``).
+distributed over a Dask client when one is given. Saves the NIfTI maps under
+``OUTPUT_DIR/group/`` (``perm_*.nii.gz``) and the cluster table with the other Parquet
+tables (``<tables>/group/perm_clusters.parquet``; tables default to ``OUTPUT_DIR``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import pandas as pd
 
 from ..io.derivatives import DerivativesWriter
 from ..io.nifti import load_nifti, save_nifti
-from ..io.tables import write_parquet
 
 __all__ = ["VoxelwiseOptions", "run_voxelwise"]
 
@@ -82,7 +82,7 @@ def _estimable_design(make, group, cov: dict):
 
 
 def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseOptions = VoxelwiseOptions(),
-                  client=None, atlas=None) -> dict:
+                  client=None, atlas=None, tables_url=None) -> dict:
     """Run the voxel-wise group comparison; returns paths of what it wrote and a summary."""
     from ..perm import two_group_design
     from ..perm.distributed import permutation_test_dask
@@ -139,10 +139,10 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
             vol = vol.astype(np.int16)
         written[name] = str(save_nifti(gdir / f"perm_{name}.nii.gz", vol.astype(vol.dtype), affine))
     clusters = res.clusters if res.clusters is not None else pd.DataFrame()
-    written["clusters"] = str(write_parquet(clusters.astype({c: str for c in clusters.columns
-                                                              if clusters[c].dtype == object}),
-                                            gdir / "perm_clusters.parquet"))
-    DerivativesWriter(out).write_run_config(
+    writer = DerivativesWriter(out, tables_url=tables_url)
+    written["clusters"] = str(writer.save_group_table(
+        "perm_clusters", clusters.astype({c: str for c in clusters.columns if clusters[c].dtype == object})))
+    writer.write_run_config(
         {"level": "group-voxelwise", "subjects": ids, "n_patients": int(group.sum()),
          "covariates": sorted(cov), "covariates_dropped": dropped, "n_voxels": int(mask.sum()), "options": options.__dict__},
         name="qsmdask_voxelwise_config.json")
