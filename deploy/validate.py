@@ -13,7 +13,8 @@ What is checked (every failure is reported, the exit status is 1 when any):
 * policy: every pod runs as non-root uid 10001 with RuntimeDefault seccomp, every container
   drops ALL capabilities, forbids privilege escalation, has a read-only root filesystem
   with /tmp on an emptyDir, and requests and limits CPU and memory; no Secret objects and no
-  literal credentials; one image reference across manifests, job template and prefect.yaml;
+  literal credentials; Dask workers declare ``--resources MEMORY=<bytes>`` no larger than
+  their container memory limit; one image reference across manifests, job template and prefect.yaml;
   the Prefect deployment's entrypoint, parameters, cron schedule and work pool are coherent.
 
 Usage (from the repository root)::
@@ -230,6 +231,40 @@ def check_pod_security(pod: dict) -> list[str]:
     return problems
 
 
+_QUANTITY = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_quantity(q) -> int:
+    """Bytes of a Kubernetes memory quantity (``8Gi``, ``4G``, ``512Mi``, ``1000``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|M|G|T)?\s*", str(q))
+    if not m:
+        raise ValueError(f"not a memory quantity: {q!r}")
+    return int(float(m.group(1)) * _QUANTITY[m.group(2) or ""])
+
+
+def check_worker_memory_resource(obj: dict) -> list[str]:
+    """Dask workers must declare ``--resources MEMORY=<bytes>`` within their memory limit
+    (the participant flow's memory-aware scheduling; a worker without it runs no annotated task)."""
+    if obj.get("kind") not in ("DaskCluster", "DaskWorkerGroup"):
+        return []
+    pod = (obj.get("spec") or {}).get("worker", {}).get("spec") or {}
+    problems = []
+    for c in pod.get("containers") or []:
+        args = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+        name = c.get("name", "?")
+        declared = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--resources"]
+        memory = [int(r.split("=", 1)[1]) for d in declared for r in d.replace(",", " ").split()
+                  if r.startswith("MEMORY=") and r.split("=", 1)[1].isdigit()]
+        if not memory:
+            problems.append(f"container {name}: worker args lack --resources MEMORY=<bytes>")
+            continue
+        limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        if limit is not None and memory[0] > parse_quantity(limit):
+            problems.append(f"container {name}: MEMORY={memory[0]} exceeds the memory limit {limit}")
+    return problems
+
+
 def container_images(obj: dict) -> set[str]:
     return {c["image"] for _, pod in pod_specs(obj)
             for c in (pod.get("initContainers") or []) + (pod.get("containers") or [])}
@@ -314,6 +349,7 @@ def validate_objects(objs: list[dict], *, crd_schemas: dict | None, k8s_version:
             problems.append(f"{label}: literal Secret in the manifests; create it out of band")
         for where, pod in pod_specs(obj):
             problems += [f"{label} {where}: {p}" for p in check_pod_security(pod)]
+        problems += [f"{label} spec/worker/spec: {p}" for p in check_worker_memory_resource(obj)]
     return problems
 
 

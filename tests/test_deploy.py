@@ -359,3 +359,20 @@ def test_ci_docker_script_is_safe_and_runs_the_image_hardened():
         assert flag in text, flag
     assert "demo /tmp/out" in text and "deploy/validate.py" in text
     assert "kubernetes-validate --strict" in text
+
+
+def test_dask_workers_declare_memory_within_their_limit(rendered):
+    """The participant flow's memory-aware scheduling needs MEMORY on every worker."""
+    base = [o for o in yaml.safe_load_all((DEPLOY / "base" / "dask-cluster.yaml").read_text()) if o]
+    cluster = _one(base, "DaskCluster")
+    assert V.check_worker_memory_resource(cluster) == []
+    for overlay, objs in rendered.items():  # the dev overlay halves the limit and MEMORY together
+        assert V.check_worker_memory_resource(_one(objs, "DaskCluster")) == [], overlay
+    c = cluster["spec"]["worker"]["spec"]["containers"][0]
+    assert V.parse_quantity(c["resources"]["limits"]["memory"]) == 8 * 2**30
+    c["resources"]["limits"]["memory"] = "4Gi"
+    assert "exceeds the memory limit" in V.check_worker_memory_resource(cluster)[0]
+    i = c["args"].index("--resources")
+    del c["args"][i:i + 2]
+    assert "lack --resources MEMORY" in V.check_worker_memory_resource(cluster)[0]
+    assert V.parse_quantity("512Mi") == 2**29 and V.parse_quantity("4G") == 4 * 10**9
