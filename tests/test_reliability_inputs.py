@@ -72,6 +72,22 @@ def test_vendor_integer_phase_rescaled_with_note_through_load(tmp_path):
     assert any("rescaled" in n and p.name in n for n in d.notes)
 
 
+def test_phase_encoding_detected_once_over_all_echoes(tmp_path):
+    """A short first echo of 12-bit signed phase may hold only positive values; read alone it
+    would pass as unsigned and get another offset than the later echoes."""
+    root = _bids(tmp_path, n_echoes=2)
+    true = [np.full((12, 12, 10), 0.2), np.linspace(-1.5, 2.5, 1440).reshape(12, 12, 10)]
+    for k, t in enumerate(true, 1):
+        enc = np.round(t * 2048 / np.pi).astype(np.int16)  # -2048..2047 per 2 pi
+        enc.flat[0] = 300  # the first echo stays positive
+        t.flat[0] = 300 * np.pi / 2048
+        save_nifti(root / f"sub-01/anat/sub-01_echo-{k}_part-phase_MEGRE.nii.gz", enc, np.diag([1.0, 1.0, 2.0, 1.0]))
+    d = load_megre(find_subject_sessions(root)[0])
+    for k, t in enumerate(true):
+        np.testing.assert_allclose(d.phase_rad[..., k], t, atol=2e-3)
+    assert sum("12-bit signed" in n for n in d.notes) == 1  # one note for all echoes
+
+
 @pytest.mark.parametrize("lo,hi", [(-180, 180), (0, 359)])
 def test_phase_in_degrees_rejected(lo, hi):
     deg = np.arange(lo, hi + 1, dtype=np.float32)

@@ -298,7 +298,12 @@ def phase_to_radians(phase: np.ndarray, path) -> tuple[np.ndarray, str | None]:
 
 
 def load_megre(ss: SubjectSession) -> MEGREData:
-    """Read and validate all echoes of a subject-session."""
+    """Read and validate all echoes of a subject-session.
+
+    The phase encoding (radians or a vendor integer range) is detected once over all
+    echoes together, so every echo gets the same scale and offset even when single
+    echoes do not span their range.
+    """
     mags, phases, notes = [], [], []
     affine = shape = None
     ref = None
@@ -317,14 +322,21 @@ def load_megre(ss: SubjectSession) -> MEGREData:
             notes.append(f"{e.magnitude.name}: negative magnitude values replaced by absolute values")
         if not np.any(m):
             raise InputError(e.magnitude, "magnitude image is all zero")
-        p, note = phase_to_radians(p, e.phase)
-        if note:
-            notes.append(f"{e.phase.name}: {note}")
         mags.append(m)
         phases.append(p)
     if min(shape) < 8:
         raise InputError(ref, f"image shape {shape} too small for QSM (need >= 8 voxels per axis)")
-    return MEGREData(np.stack(mags, -1).astype(np.float32), np.stack(phases, -1).astype(np.float32),
+    paths = [e.phase for e in ss.echoes]
+    try:
+        phase_rad, note = phase_to_radians(np.stack(phases, -1), paths[0])
+    except InputError as joint:
+        for p, path in zip(phases, paths):  # name the echo that is wrong on its own
+            phase_to_radians(p, path)
+        raise InputError(paths[0], f"{joint.problem} "
+                                   f"(the {len(paths)} phase echoes together)") from None
+    if note:
+        notes.append(f"{', '.join(p.name for p in paths)}: {note}")
+    return MEGREData(np.stack(mags, -1).astype(np.float32), phase_rad.astype(np.float32),
                      np.array([e.echo_time_s for e in ss.echoes]), ss.echoes[0].b0_tesla, affine, notes)
 
 

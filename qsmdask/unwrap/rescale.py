@@ -14,6 +14,10 @@ __all__ = ["rescale_phase", "RADIANS_NOTE"]
 
 RADIANS_NOTE = "phase already in radians [-pi, pi]"
 
+# numbers of integer levels per 2 pi cycle that scanners and converters use (8-bit exports,
+# 12-bit Siemens/Philips, Siemens signed -4096..4095, 16-bit)
+_LEVELS = (256, 4096, 8192, 65536)
+
 # names of common power-of-two integer encodings of one 2 pi cycle: (levels, first value) -> name
 _VENDOR_NAMES = {
     (8192, -4096): "Siemens 12-bit signed",
@@ -35,9 +39,11 @@ def rescale_phase(phase, *, strict: bool = True, tolerance_rad: float = 1e-3) ->
     - whole degrees (a span of 300-360 within [-180, 360]): rejected, because they
       would otherwise pass as a 9-bit integer range;
     - GE milliradians (integers within +-3144 that reach 90 % of +-3142): divided by 1000;
-    - other integer-valued data spanning at least 255: the smallest power-of-two range
-      that contains them (e.g. Siemens -4096..4095 or 0..4095, 12-bit -2048..2047) is
-      mapped linearly onto [-pi, pi).
+    - other integer-valued data spanning at least 255: the smallest vendor range of 256,
+      4096, 8192 or 65536 levels that contains them (signed ranges centred on 0, e.g.
+      Siemens -4096..4095 or 0..4095, 12-bit -2048..2047) is mapped linearly onto
+      [-pi, pi).  A 12-bit image whose phase does not use its whole range is still read
+      as 12-bit (the levels are a vendor property, not a data one).
 
     Anything else raises ValueError when ``strict`` (the default; the BIDS reader uses
     this) or, with ``strict=False``, is mapped from its own minimum and maximum onto
@@ -76,16 +82,21 @@ def rescale_phase(phase, *, strict: bool = True, tolerance_rad: float = 1e-3) ->
     if integer_valued and lo >= -mrad - 2 and hi <= mrad + 2 and max(-lo, hi) >= 0.9 * mrad:
         return (xf / 1000.0).astype(np.float32), "phase rescaled from milliradians (GE) to radians"
     if integer_valued and span >= 255:
-        levels = 2 ** int(math.ceil(math.log2(span + 1)))
-        base = 0.0 if lo >= 0 else -levels / 2
-        if lo < base or hi > base + levels - 1:  # e.g. -10..4090 does not fit a signed 4096 range
-            levels *= 2
+        for levels in _LEVELS:  # the smallest vendor range that contains the data
             base = 0.0 if lo >= 0 else -levels / 2
-        name = _VENDOR_NAMES.get((levels, int(base)))
-        rad = (xf - base) / levels * 2 * pi - pi
-        return rad.astype(np.float32), (
-            f"phase rescaled from vendor integer range [{base:g}, {base + levels - 1:g}] ({levels} levels"
-            + (f", {name}" if name else "") + ") to radians")
+            if lo >= base and hi <= base + levels - 1:
+                break
+        else:
+            levels = 0
+        if levels:
+            name = _VENDOR_NAMES.get((levels, int(base)))
+            rad = (xf - base) / levels * 2 * pi - pi
+            used = (span + 1) / levels
+            caution = (f"; the data use only {100 * used:.0f} % of that range, so its signedness and "
+                       "scale are inferred: check" if used < 0.5 else "")
+            return rad.astype(np.float32), (
+                f"phase rescaled from vendor integer range [{base:g}, {base + levels - 1:g}] ({levels} levels"
+                + (f", {name}" if name else "") + ") to radians" + caution)
     if strict:
         raise ValueError(f"phase values span [{lo:g}, {hi:g}]: neither radians [-pi, pi] "
                          "nor a vendor integer range")
