@@ -107,16 +107,14 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     w = m.astype(np.float32)
     if data_weight is not None:
         dw = np.asarray(data_weight, dtype=np.float32)
-        if dw.shape != f.shape or np.any(dw < 0):
-            raise ValueError("data_weight must be non-negative with the field's shape")
+        if np.any(dw < 0):
+            raise ValueError("data_weight must be non-negative")
         w = w * dw / max(float(dw[m].mean()), 1e-12)
     w = fft.pad(w)
     w2 = w * w
     fp = fft.pad(f)
     if magnitude is not None:
         mag = np.asarray(magnitude, dtype=np.float32)
-        if mag.shape != f.shape:
-            raise ValueError(f"magnitude shape {mag.shape} differs from the field's {f.shape}")
         e = edge_weights(fft.pad(mag * m), fft.pad(m.astype(np.float32)) > 0, vs,
                          edge_fraction=edge_fraction)
     else:
