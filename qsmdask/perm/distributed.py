@@ -1,6 +1,6 @@
 """Dask fan-out of the permutation test: permutation batches as tasks.
 
-The reduced-model residuals (n x V float32) are computed once on the client
+The reduced-model residuals (m x V float32) are computed once on the client
 from the stacked zarr array and broadcast to the workers; each task runs a
 deterministic batch (seeded by ``(seed, batch_index)``), so the result does
 not depend on the number of workers or on task placement.
@@ -12,17 +12,16 @@ import numpy as np
 
 from qsmdask.perm.glm import Design
 from qsmdask.perm.permute import (NullAccumulator, PermutationOptions, PermutationResult, batch_sizes,
-                                  finalize, null_batch, prepare_model)
+                                  finalize, null_batches, prepare_model,
+                                  product_group_batches)
 
 __all__ = ["permutation_test_dask"]
 
 
 def _run_batches(prepared, options, jobs):
-    """Run consecutive batches; return their maxima (concatenated) and summed counts."""
-    acc = NullAccumulator()
-    for i, b in jobs:
-        acc.add(i, null_batch(prepared, options, i, b))
-    return acc.result()
+    """Run consecutive batches on one thread (Dask owns the parallelism); return their
+    maxima (concatenated) and summed counts."""
+    return null_batches(prepared, options, jobs, n_threads=1)
 
 
 def _load(data):
@@ -54,7 +53,8 @@ def permutation_test_dask(data, design: Design, *, mask=None, client=None, n_per
     client : ``distributed.Client``; None uses the current client if any, else the
         local threaded scheduler
     batches_per_task : permutation batches per Dask task (task granularity only;
-        results are identical for any value)
+        results are identical for any value; voxel-only inference rounds it up to whole
+        product groups, :func:`qsmdask.perm.permute.product_group_batches`)
     other parameters : as :func:`qsmdask.perm.permute.permutation_test`
 
     Returns
@@ -78,6 +78,10 @@ def permutation_test_dask(data, design: Design, *, mask=None, client=None, n_per
     prepared = prepare_model(y, design, mask=mask, options=options)
     del y
     jobs = list(enumerate(batch_sizes(options.n_perm, options.batch_size)))
+    if options.inference == ("voxel",):
+        # whole product groups per task, so every permutation goes through the same product
+        per = product_group_batches(options.batch_size)
+        batches_per_task = -(-int(batches_per_task) // per) * per
     groups = [jobs[i:i + batches_per_task] for i in range(0, len(jobs), batches_per_task)]
     if client is None:
         try:

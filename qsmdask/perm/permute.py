@@ -14,6 +14,22 @@ where ``U`` is an orthonormal basis of ``span(X)`` whose first column is
 batch of B permutations the rows ``(P' U)'`` are stacked and one product
 ``(B p x n) @ (n x V)`` gives every t map of the batch.
 
+Two exact reductions keep that product at its floor. ``R`` lies in the
+``m = n - rank(Z)`` dimensional complement of the nuisance space, so it is
+stored in an orthonormal basis ``Q`` of that complement (``R = Q W``, ``W``
+m x V) and each row is ``(P' U)' Q`` (length m, not n). The intercept row is
+dropped when the intercept is a nuisance regressor (it is permutation
+invariant and orthogonal to ``R``). The exact Freedman-Lane statistic still
+needs all ``p`` rows per permutation (the tested effect and the refit of the
+nuisance regressors on the permuted data, as nilearn's ``permuted_ols``
+computes them); a single row would give Kennedy's statistic, whose null is
+too narrow (anti-conservative).
+
+For max-T the product is done in voxel blocks that stay in cache, with the
+statistics (maximum per permutation, exceedance count per voxel) reduced per
+block and the blocks shared among threads (BLAS single-threaded inside, so
+the threads do not oversubscribe the cores).
+
 Each batch of permutations is generated from ``numpy.random.default_rng((seed,
 batch_index))`` so a run is reproducible and identical however the batches are
 distributed (see :mod:`qsmdask.perm.distributed`).
@@ -30,6 +46,8 @@ neuroimaging. Hum Brain Mapp 15:1-25.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +64,13 @@ __all__ = [
     "PermutationResult",
     "prepare_model",
     "random_permutations",
+    "permutation_rows",
+    "voxel_null_block",
     "batch_t",
     "null_batch",
+    "null_batches",
+    "product_group_batches",
+    "BLOCK_VOXELS",
     "NullAccumulator",
     "finalize",
     "permutation_test",
@@ -112,9 +135,9 @@ class PermutationOptions:
 class PreparedModel:
     """Everything a permutation batch needs (picklable, shipped once to Dask workers)."""
 
-    residuals: np.ndarray   # (n, V) float32, reduced-model residuals R
+    residuals: np.ndarray   # (m, V) float32, reduced-model residuals W = Q' R (scaled per voxel)
     basis: np.ndarray       # (n, p) float32, orthonormal basis U of span(X), U[:,0] = a/|a|
-    ss: np.ndarray          # (V,) float32, ||R||^2 per voxel
+    ss: np.ndarray          # (V,) float32, ||W||^2 = ||R||^2 per voxel
     dof: int
     design: Design
     coords: np.ndarray      # (V, 3) int voxel coordinates of the masked voxels
@@ -122,6 +145,7 @@ class PreparedModel:
     cluster_t: float        # cluster-forming threshold in t
     pairs: np.ndarray | None = None  # neighbour pairs for TFCE (None unless TFCE requested)
     floor: np.ndarray | None = None  # (V,) float32 lower bound of the residual sum of squares
+    complement: np.ndarray | None = None  # (n, m) float64 orthonormal Q (None: identity, m = n)
 
 
 def _as_data(data, design: Design):
@@ -169,6 +193,14 @@ def _nuisance_and_basis(design: Design):
     return z, basis
 
 
+def _complement_basis(z):
+    """Orthonormal basis Q (n, m) of the complement of span(Z), or None when Z is empty."""
+    if not z.shape[1]:
+        return None
+    q = linalg.null_space(linalg.orth(z).T)
+    return np.ascontiguousarray(q)
+
+
 def prepare_model(data, design: Design, *, mask, options: PermutationOptions) -> PreparedModel:
     """Residualise the data on the nuisance model and precompute the observed t map.
 
@@ -182,10 +214,9 @@ def prepare_model(data, design: Design, *, mask, options: PermutationOptions) ->
     y = _as_data(data, design)
     coords = _mask_coords(mask, y.shape[1])
     z, basis = _nuisance_and_basis(design)
-    r = np.array(y, dtype=np.float64, copy=True)
-    if z.shape[1]:
-        zq = linalg.orth(z)
-        r -= zq @ (zq.T @ r)
+    q = _complement_basis(z)
+    # W = Q' Y = Q' R: the reduced-model residuals in coordinates of the complement of span(Z)
+    r = np.array(y, dtype=np.float64, copy=True) if q is None else q.T @ np.asarray(y, dtype=np.float64)
     # per-voxel scaling keeps float32 well conditioned; t is scale invariant
     scale = np.sqrt(np.einsum("ij,ij->j", r, r))
     scale[scale == 0] = 1.0
@@ -197,7 +228,8 @@ def prepare_model(data, design: Design, *, mask, options: PermutationOptions) ->
                              ss=ss, dof=design.dof, design=design, coords=coords,
                              t_obs=np.zeros(0, np.float32),
                              cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
-                                                           two_sided=options.two_sided))
+                                                           two_sided=options.two_sided),
+                             complement=q)
     prepared.floor = (np.float32(1e-12) * ss + np.float32(1e-30)).astype(np.float32)
     if "tfce" in options.inference:
         prepared.pairs = neighbour_pairs(coords, connectivity_structure(options.connectivity))
@@ -236,6 +268,24 @@ def random_permutations(design: Design, n: int, rng: np.random.Generator) -> np.
     return out
 
 
+def permutation_rows(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
+    """Rows ``(p * B, m)`` float32 of the product that gives ``g = U' P R`` for a batch.
+
+    Row ``k * B + b`` is column ``k`` of the design basis ``U`` permuted (or sign
+    flipped) by ``perms[b]``, expressed in the residual coordinates (times ``Q``):
+    the first ``B`` rows give the tested effect, the others the nuisance refit.
+    """
+    u = prepared.basis.astype(np.float64)
+    if np.issubdtype(perms.dtype, np.floating):
+        rows = u[None, :, :] * perms[:, :, None].astype(np.float64)
+    else:
+        rows = u[perms]                              # (B, n, p)
+    rows = rows.transpose(2, 0, 1)                   # (p, B, n)
+    if prepared.complement is not None:
+        rows = rows @ prepared.complement            # (p, B, m)
+    return np.ascontiguousarray(rows.reshape(-1, rows.shape[-1]), dtype=np.float32)
+
+
 def batch_t(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
     """t maps (B, V) float32 for a batch of permutations (int) or sign flips (float).
 
@@ -248,54 +298,144 @@ def batch_t(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
     return num
 
 
-def _batch_parts(prepared: PreparedModel, perms: np.ndarray, *, scaled: bool = True,
-                 squared: bool = False):
+def _batch_parts(prepared: PreparedModel, perms: np.ndarray, *, scaled: bool = True):
     """Numerator g_1 (B, V) and residual variance (B, V) of the permuted fits (t = g_1 / sqrt(var)).
 
-    ``scaled=False`` leaves the variance as a residual sum of squares (not divided by
-    the dof); ``squared=True`` returns g_1^2 instead of g_1 (fewer passes for max |t|).
+    ``scaled=False`` leaves the variance as a residual sum of squares (not divided by the dof).
     """
-    u = prepared.basis
-    p = u.shape[1]
-    if np.issubdtype(perms.dtype, np.floating):
-        rows = u[None, :, :] * perms[:, :, None]
-    else:
-        rows = u[perms]                              # (B, n, p)
-    s = np.ascontiguousarray(rows.transpose(0, 2, 1).reshape(-1, u.shape[0]))
-    g = (s @ prepared.residuals).reshape(perms.shape[0], p, -1)   # (B, p, V)
-    if squared:
-        num = np.square(g[:, 0, :])
-        var = np.einsum("bpv,bpv->bv", g[:, 1:, :], g[:, 1:, :]) if p > 1 else np.zeros_like(num)
-        var += num
-    else:
-        num = g[:, 0, :].copy()
-        var = np.einsum("bpv,bpv->bv", g, g)
+    nb = perms.shape[0]
+    p = prepared.basis.shape[1]
+    g = permutation_rows(prepared, perms) @ prepared.residuals   # (p B, V)
+    num = g[:nb].copy()
+    np.square(g, out=g)
+    var = np.subtract(prepared.ss[None, :], g[:nb])
+    for k in range(1, p):
+        var -= g[k * nb:(k + 1) * nb]
     del g
-    np.subtract(prepared.ss[None, :], var, out=var)
     np.maximum(var, prepared.floor[None, :], out=var)
     if scaled:
         var *= np.float32(1.0 / prepared.dof)
     return num, var
 
 
-def _batch_voxel_null(prepared: PreparedModel, perms: np.ndarray, two_sided: bool):
-    """Max statistic per permutation and per-voxel exceedance counts without forming t.
+def voxel_null_block(rows: np.ndarray, residuals: np.ndarray, ss: np.ndarray, floor: np.ndarray,
+                     observed: np.ndarray, n_perm: int, *, two_sided: bool,
+                     max_out: np.ndarray | None = None, count_out: np.ndarray | None = None,
+                     block_voxels: int = 1024):
+    """Max-T null statistics of ``n_perm`` permutations on a set of voxels, in cache-sized blocks.
 
-    Two-sided: compares t^2 = g_1^2 / var (no square root, no abs pass).
+    Parameters
+    ----------
+    rows : (p * n_perm, m) float32, from :func:`permutation_rows`
+    residuals : (m, V) float32 (any voxel slice of ``PreparedModel.residuals``)
+    ss, floor : (V,) float32, the matching slices of ``PreparedModel.ss`` / ``.floor``
+    observed : (V,) float32, the observed statistic in the kernel's scale:
+        ``t_obs**2 / dof`` (two-sided) or ``t_obs * |t_obs| / dof`` (one-sided)
+    n_perm : permutations in ``rows``
+    max_out : (n_perm,) float32, updated in place with the maximum over these voxels
+    count_out : (V,) int32/int64, incremented in place with the number of permutations
+        whose statistic is >= ``observed``
+    block_voxels : voxels per block (the block's products stay in cache). For results that are
+        bit-identical however the voxels are split, pass slices starting at multiples of
+        :data:`BLOCK_VOXELS` and keep the default.
+
+    Returns
+    -------
+    (max_out, count_out): the maximum is in the kernel's scale (``t**2 / dof``, or
+    ``t |t| / dof`` one-sided); convert with :func:`kernel_to_t`.
     """
-    if two_sided:
-        num, var = _batch_parts(prepared, perms, scaled=False, squared=True)
-        num /= var                                   # t^2 / dof
-        obs = np.square(prepared.t_obs) / np.float32(prepared.dof)
-        mx = np.sqrt(num.max(axis=1).astype(np.float64) * prepared.dof)
-    else:
-        num, var = _batch_parts(prepared, perms)
-        np.sqrt(var, out=var)
-        num /= var
-        obs = prepared.t_obs
-        mx = num.max(axis=1).astype(np.float64)
-    cnt = (num >= obs[None, :]).sum(axis=0, dtype=np.int32)
-    return mx, cnt
+    m, nv = residuals.shape
+    p = rows.shape[0] // n_perm
+    if rows.shape != (p * n_perm, m):
+        raise ValueError(f"rows must have shape (p * {n_perm}, {m}), got {rows.shape}")
+    if max_out is None:
+        max_out = np.full(n_perm, -np.inf, np.float32)
+    if count_out is None:
+        count_out = np.zeros(nv, np.int64)
+    bv = max(1, min(int(block_voxels), nv))
+    g = np.empty((p * n_perm, bv), np.float32)
+    den = np.empty((n_perm, bv), np.float32)
+    num = np.empty((n_perm, bv), np.float32) if not two_sided else None
+    ge = np.empty((n_perm, bv), bool)
+    for v0 in range(0, nv, bv):
+        v1 = min(nv, v0 + bv)
+        w = v1 - v0
+        gb, db, eb = g[:, :w], den[:, :w], ge[:, :w]
+        np.matmul(rows, residuals[:, v0:v1], out=gb)
+        if not two_sided:
+            nb = num[:, :w]
+            np.abs(gb[:n_perm], out=nb)
+            nb *= gb[:n_perm]                        # g1 |g1|: the sign of t, the scale of t^2
+        np.square(gb, out=gb)
+        np.subtract(ss[v0:v1], gb[:n_perm], out=db)
+        for k in range(1, p):
+            db -= gb[k * n_perm:(k + 1) * n_perm]
+        np.maximum(db, floor[v0:v1], out=db)
+        np.divide(gb[:n_perm] if two_sided else num[:, :w], db, out=db)
+        np.maximum(max_out, db.max(axis=1), out=max_out)
+        np.greater_equal(db, observed[v0:v1], out=eb)
+        count_out[v0:v1] += eb.view(np.uint8).sum(axis=0, dtype=np.int32)
+    return max_out, count_out
+
+
+def kernel_to_t(stat, dof: int, two_sided: bool) -> np.ndarray:
+    """Inverse of the kernel scale of :func:`voxel_null_block` (float64 t, |t| when two-sided)."""
+    s = np.asarray(stat, dtype=np.float64) * dof
+    return np.sqrt(s) if two_sided else np.sign(s) * np.sqrt(np.abs(s))
+
+
+def observed_kernel_stat(prepared: PreparedModel, two_sided: bool) -> np.ndarray:
+    """The observed t in the scale :func:`voxel_null_block` compares against."""
+    t = prepared.t_obs
+    inv = np.float32(1.0 / prepared.dof)
+    return (np.square(t) * inv) if two_sided else (t * np.abs(t) * inv)
+
+
+def default_threads() -> int:
+    """Cores this process may use (the default ``n_threads`` of the in-process test)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# voxels per block of the max-T product. BLAS may round an element differently depending
+# on where it falls in the product's tiling, so blocks start at fixed multiples of this
+# (threads and voxel chunks take whole blocks): results do not depend on the split.
+BLOCK_VOXELS = 1024
+
+
+def _voxel_null(prepared: PreparedModel, perms: np.ndarray, two_sided: bool, n_threads: int = 1):
+    """Max statistic per permutation and per-voxel exceedance counts (exact Freedman-Lane t).
+
+    The voxel blocks (:data:`BLOCK_VOXELS`) are shared among ``n_threads`` threads with
+    single-threaded BLAS; maxima and integer counts do not depend on the number of threads.
+    """
+    nb = perms.shape[0]
+    rows = permutation_rows(prepared, perms)
+    obs = observed_kernel_stat(prepared, two_sided)
+    nv = prepared.residuals.shape[1]
+    cnt = np.zeros(nv, np.int64)
+    n_blocks = -(-nv // BLOCK_VOXELS)
+    n_threads = max(1, min(int(n_threads), n_blocks))
+    edges = np.linspace(0, n_blocks, n_threads + 1).astype(int) * BLOCK_VOXELS
+
+    def part(i):
+        sl = slice(int(edges[i]), int(min(edges[i + 1], nv)))
+        mx, _ = voxel_null_block(rows, prepared.residuals[:, sl], prepared.ss[sl], prepared.floor[sl],
+                                 obs[sl], nb, two_sided=two_sided, count_out=cnt[sl],
+                                 block_voxels=BLOCK_VOXELS)
+        return mx
+
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        if n_threads == 1:
+            maxima = [part(0)]
+        else:
+            with ThreadPoolExecutor(n_threads) as ex:
+                maxima = list(ex.map(part, range(n_threads)))
+    mx = np.max(np.stack(maxima), axis=0)
+    return kernel_to_t(mx, prepared.dof, two_sided), cnt
 
 
 def batch_sizes(n_perm: int, batch_size: int) -> list[int]:
@@ -304,18 +444,65 @@ def batch_sizes(n_perm: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index: int,
-               n_in_batch: int) -> dict:
-    """Null statistics of one deterministic batch of permutations.
+# permutations per matrix product in the max-T kernel: consecutive batches are stacked into
+# one product (its efficiency grows with its row count). BLAS may round a row differently
+# depending on the product's shape, so the stacking is canonical: batch i always goes into
+# product group i // product_group_batches(batch_size), whoever computes it.
+_PERMS_PER_PRODUCT = 256
 
-    Returns a dict with ``max_t`` (B,), ``count_unc`` (V,) int32 counts of
+
+def product_group_batches(batch_size: int) -> int:
+    """Batches stacked into one max-T product (batch ``i`` belongs to group ``i // this``)."""
+    return max(1, _PERMS_PER_PRODUCT // int(batch_size))
+
+
+def null_batches(prepared: PreparedModel, options: PermutationOptions, jobs, *,
+                 n_threads: int = 1) -> dict:
+    """Null statistics of batches ``jobs = [(batch_index, size), ...]`` in increasing index order.
+
+    Returns the batches' results combined (maxima concatenated in job order, counts
+    summed). Voxel-only inference stacks the batches of one canonical product group
+    (:func:`product_group_batches`) into one matrix product: results are bit-identical
+    however the jobs are split among calls, as long as each call gets whole groups.
+    """
+    jobs = [(int(i), int(b)) for i, b in jobs]
+    if not jobs:
+        raise ValueError("jobs must not be empty")
+    if options.inference != ("voxel",):
+        acc = NullAccumulator()
+        for i, b in jobs:
+            acc.add(i, null_batch(prepared, options, i, b))
+        return acc.result()
+    per = product_group_batches(options.batch_size)
+    maxima, count = [], None
+    k = 0
+    while k < len(jobs):
+        grp = jobs[k][0] // per
+        perms = []
+        while k < len(jobs) and jobs[k][0] // per == grp:
+            i, b = jobs[k]
+            perms.append(random_permutations(prepared.design, b, np.random.default_rng((int(options.seed), i))))
+            k += 1
+        mx, cnt = _voxel_null(prepared, np.concatenate(perms), options.two_sided, n_threads)
+        maxima.append(mx)
+        count = cnt if count is None else count + cnt
+    return {"max_t": np.concatenate(maxima), "count_unc": count}
+
+
+def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index: int,
+               n_in_batch: int, *, n_threads: int = 1) -> dict:
+    """Null statistics of one deterministic batch of permutations (in a product of its own;
+    :func:`null_batches` stacks batches into canonical products, which may differ from this
+    in the last bit of a maximum).
+
+    Returns a dict with ``max_t`` (B,), ``count_unc`` (V,) int counts of
     permuted statistics at least as extreme as the observed one per voxel,
     and, as requested, ``max_size``, ``max_mass``, ``max_tfce`` (B,).
     """
     rng = np.random.default_rng((int(options.seed), int(batch_index)))
     perms = random_permutations(prepared.design, n_in_batch, rng)
     if options.inference == ("voxel",):
-        mx, cnt = _batch_voxel_null(prepared, perms, options.two_sided)
+        mx, cnt = _voxel_null(prepared, perms, options.two_sided, n_threads)
         return {"max_t": mx, "count_unc": cnt}
     t = batch_t(prepared, perms)
     stat = np.abs(t) if options.two_sided else t
@@ -472,7 +659,7 @@ def permutation_test(data, design: Design, *, mask, n_perm: int = 5000, seed: in
                      two_sided: bool = True, inference=("voxel",), cluster_p: float = 0.005,
                      min_cluster_voxels: int = 10, connectivity: int = 6, tfce_E: float = 0.5,
                      tfce_H: float = 2.0, tfce_dh="auto", batch_size: int = 32, affine=None,
-                     atlas=None, atlas_names=None) -> PermutationResult:
+                     atlas=None, atlas_names=None, n_threads: int | None = None) -> PermutationResult:
     """Voxel-wise permutation test of a GLM contrast (Freedman-Lane), in-process.
 
     Parameters
@@ -484,18 +671,23 @@ def permutation_test(data, design: Design, *, mask, n_perm: int = 5000, seed: in
     tfce_E, tfce_H, tfce_dh, batch_size : see :class:`PermutationOptions`
     affine : voxel -> MNI mm affine for the cluster table
     atlas, atlas_names : atlas label volume on the mask grid and label names (optional)
+    n_threads : threads sharing the voxels of the max-T products (default: the cores this
+        process may use; results are identical for any value)
 
     Returns
     -------
     PermutationResult
     """
+    if n_threads is None:
+        n_threads = default_threads()
+    if int(n_threads) != n_threads or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
     options = PermutationOptions(n_perm=n_perm, seed=seed, batch_size=batch_size, two_sided=two_sided,
                                  inference=inference, cluster_p=cluster_p,
                                  min_cluster_voxels=min_cluster_voxels, connectivity=connectivity,
                                  tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh)
     prepared = prepare_model(data, design, mask=mask, options=options)
-    acc = NullAccumulator()
-    for i, b in enumerate(batch_sizes(options.n_perm, options.batch_size)):
-        acc.add(i, null_batch(prepared, options, i, b))
-    return finalize(prepared, options, acc.result(), mask=mask, affine=affine,
+    jobs = list(enumerate(batch_sizes(options.n_perm, options.batch_size)))
+    null = null_batches(prepared, options, jobs, n_threads=int(n_threads))
+    return finalize(prepared, options, null, mask=mask, affine=affine,
                     atlas=atlas, atlas_names=atlas_names)
