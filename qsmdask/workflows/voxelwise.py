@@ -1,9 +1,10 @@
 """Whole-brain voxel-wise analysis of the template-space chi maps (the study's SnPM analysis).
 
-Loads every subject's smoothed MNI-space Chimap of one session, stacks them into a chunked
-zarr array (subjects x voxels), fits the GLM ``chi ~ group + age + sex + medication [+ site]``
-and runs Freedman-Lane permutation inference (max-T, cluster extent/mass, optional TFCE),
-distributed over a Dask client when one is given. Saves the NIfTI maps under
+Adds every subject-session's smoothed MNI-space Chimap to the cohort stack (a zarr array
+keyed by subject-session, chunked subject blocks x voxel blocks, written one subject block per
+task and never held in memory whole), selects one session's rows, fits the GLM ``chi ~ group + age + sex + medication [+ site]``
+and runs Freedman-Lane permutation inference (max-T, cluster extent/mass, optional TFCE) over
+the stack's voxel blocks, distributed over a Dask client when one is given. Saves the NIfTI maps under
 ``OUTPUT_DIR/group/`` (``perm_*.nii.gz``) and the cluster table with the other Parquet
 tables (``<tables>/group/perm_clusters.parquet``; tables default to ``OUTPUT_DIR``).
 """
@@ -19,7 +20,7 @@ import pandas as pd
 from ..io.derivatives import DerivativesWriter
 from ..io.nifti import load_nifti, save_nifti
 
-__all__ = ["VoxelwiseOptions", "run_voxelwise"]
+__all__ = ["VoxelwiseOptions", "run_voxelwise", "update_voxelwise_stack", "load_template_map"]
 
 SPACE = "MNI152NLin2009aSym"
 
@@ -81,53 +82,132 @@ def _estimable_design(make, group, cov: dict):
         dropped.append(names.pop())
 
 
+def _template_map_source(path: Path) -> tuple[str, tuple[str, str]]:
+    """(fingerprint, source) of one smoothed template-space Chimap and its brain mask."""
+    mask_path = Path(str(path).replace("_desc-smooth_Chimap", "_desc-brain_mask"))
+    parts = []
+    for f in (path, mask_path):
+        st = f.stat()
+        parts.append(f"{st.st_size}-{st.st_mtime_ns}")
+    return "/".join(parts), (str(path), str(mask_path))
+
+
+def load_template_map(source) -> tuple[np.ndarray, np.ndarray]:
+    """Loader of the cohort stack: (smoothed chi map, brain mask) of one subject-session."""
+    chi_path, mask_path = source
+    values, _, _ = load_nifti(chi_path)
+    inside = load_nifti(mask_path)[0] > 0
+    return values, inside
+
+
+def _stack_voxels(shape, affine) -> np.ndarray:
+    """The stack's voxel set: the MNI template brain mask on that grid, else the whole grid."""
+    from ..atlas import load_template_mask
+    for res in (2, 1):
+        try:
+            m, a = load_template_mask(res)
+        except Exception:  # noqa: BLE001 - template data missing: use the whole grid
+            break
+        if m.shape == tuple(shape) and np.allclose(a, affine, atol=1e-3):
+            return m
+    return np.ones(shape, bool)
+
+
+def _session_key(path: Path) -> tuple[str, str]:
+    """(participant_id, subject-session key) from a derivatives file name."""
+    name = path.name
+    sub = name.split("_")[0]
+    ses = name.split("_ses-")[1].split("_")[0] if "_ses-" in name else ""
+    return sub, f"{sub}_ses-{ses}" if ses else sub
+
+
+def update_voxelwise_stack(output_dir, *, client=None) -> tuple[str, dict]:
+    """Add or replace every subject-session's template-space map in the cohort stack.
+
+    The stack (``OUTPUT_DIR/work/voxelwise_stack.zarr``) is keyed by subject-session and
+    chunked by subject blocks x voxel blocks; one task per changed subject block writes it
+    (on the Dask ``client`` when given), so the cohort is never held in memory and a rerun
+    writes only new or changed subject-sessions. Returns (store, update summary).
+    """
+    from ..perm.stack import create_cohort_stack, update_cohort_stack
+    out = Path(output_dir)
+    files = sorted(out.glob(f"sub-*/**/anat/*_space-{SPACE}_desc-smooth_Chimap.nii.gz"))
+    store = str(out / "work" / "voxelwise_stack.zarr")
+    if not files:
+        return store, {"blocks": 0, "rows": 0, "failed": {}}
+    entries = {}
+    for f in files:
+        try:
+            entries[_session_key(f)[1]] = _template_map_source(f)
+        except OSError:
+            continue  # a map without its brain mask is not stacked
+    import nibabel as nib
+    img = nib.load(str(files[0]))
+    shape, affine = img.shape[:3], img.affine
+    voxels = _stack_voxels(shape, affine)
+    try:
+        create_cohort_stack(store, voxels, affine=affine)
+    except ValueError:  # another grid than the stack's: rebuild it
+        import shutil
+        shutil.rmtree(store, ignore_errors=True)
+        create_cohort_stack(store, voxels, affine=affine)
+    return store, update_cohort_stack(store, entries, load_template_map, client=client)
+
+
 def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseOptions = VoxelwiseOptions(),
                   client=None, atlas=None, tables_url=None) -> dict:
-    """Run the voxel-wise group comparison; returns paths of what it wrote and a summary."""
+    """Run the voxel-wise group comparison; returns paths of what it wrote and a summary.
+
+    Out of core: the maps go into the cohort stack (:func:`update_voxelwise_stack`), and the
+    GLM and permutations run over its voxel blocks (:func:`qsmdask.perm.distributed.permutation_test_stack`).
+    """
     from ..perm import two_group_design
-    from ..perm.distributed import permutation_test_dask
-    from ..perm.stack import stack_maps_to_zarr
+    from ..perm.distributed import permutation_test_stack, stack_analysis_mask
+    from ..perm.stack import stack_rows
 
     out = Path(output_dir)
-    pattern = f"sub-*/**/anat/*_space-{SPACE}_desc-smooth_Chimap.nii.gz"
-    files = sorted(out.glob(pattern))
+    store, update = update_voxelwise_stack(out, client=client)
+    if not Path(store).exists():
+        return {"skipped": "voxel-wise analysis needs >= 4 subjects with template-space maps, found 0"}
+    rows = stack_rows(store)
+    sessions = {}
+    for key in rows:
+        sub, _, ses = key.partition("_ses-")
+        sessions.setdefault(ses, []).append(key)
     if options.session:
-        files = [f for f in files if f"_ses-{options.session.removeprefix('ses-')}_" in f.name]
-    elif files and "_ses-" in files[0].name:
-        first = sorted({f.name.split("_ses-")[1].split("_")[0] for f in files})[0]
-        files = [f for f in files if f"_ses-{first}_" in f.name]
+        ses = options.session.removeprefix("ses-")
+    else:
+        ses = sorted(sessions)[0] if sessions else ""
     known = set(participants["participant_id"])
-    files = [f for f in files if f.name.split("_")[0] in known]
-    if len(files) < 4:
-        return {"skipped": f"voxel-wise analysis needs >= 4 subjects with template-space maps, found {len(files)}"}
-    ids = [f.name.split("_")[0] for f in files]
+    keys = sorted(k for k in sessions.get(ses, []) if k.partition("_ses-")[0] in known)
+    if len(keys) < 4:
+        return {"skipped": f"voxel-wise analysis needs >= 4 subjects with template-space maps, found {len(keys)}"}
+    ids = [k.partition("_ses-")[0] for k in keys]
     group, cov = _design_inputs(participants, ids, options.covariates)
     if group.sum() < 2 or (1 - group).sum() < 2:
         return {"skipped": "voxel-wise analysis needs >= 2 patients and >= 2 controls"}
-    maps, masks, affine = [], [], None
-    for f in files:
-        d, a, _ = load_nifti(f)
-        maps.append(d)
-        masks.append(load_nifti(Path(str(f).replace("_desc-smooth_Chimap", "_desc-brain_mask")))[0] > 0)
-        affine = a if affine is None else affine
-    mask = np.mean(masks, axis=0) >= options.mask_fraction
-    store = out / "work" / "voxelwise_stack.zarr"
-    stack_maps_to_zarr(maps, mask, str(store), affine=affine, subjects=ids)
     design, dropped = _estimable_design(two_group_design, group, cov)
     if design is None:
         return {"skipped": f"voxel-wise design not estimable with {len(ids)} subjects"}
     cov = {k: v for k, v in cov.items() if k not in dropped}
+    _, _, keep = stack_analysis_mask(store, keys, mask_fraction=options.mask_fraction, client=client)
+    if not keep.any():
+        return {"skipped": f"no voxel inside {options.mask_fraction:.0%} of the subjects' brain masks"}
+    import zarr
+    root = zarr.open_group(store, mode="r")
+    stack_mask = np.asarray(root["mask"][...], dtype=bool)
+    affine = np.asarray(root.attrs["affine"])
     atlas_labels = atlas_names = None
     if atlas is not None:
         from ..registration import Transform, apply_transform
-        atlas_labels = apply_transform(atlas.labels, atlas.affine, Transform.identity(), mask.shape, affine,
+        atlas_labels = apply_transform(atlas.labels, atlas.affine, Transform.identity(), stack_mask.shape, affine,
                                        interpolation="nearest").astype(np.int32)
         atlas_names = dict(zip(atlas.table["index"].astype(int), atlas.table["name"].astype(str)))
-    res = permutation_test_dask(str(store), design, mask=mask, client=client, n_perm=options.n_perm,
-                                seed=options.seed, inference=options.inference, cluster_p=options.cluster_p,
-                                min_cluster_voxels=options.min_cluster_voxels,
-                                connectivity=options.connectivity, affine=affine, atlas=atlas_labels,
-                                atlas_names=atlas_names)
+    res = permutation_test_stack(store, design, keys=keys, voxel_keep=keep, client=client,
+                                 n_perm=options.n_perm, seed=options.seed, inference=options.inference,
+                                 cluster_p=options.cluster_p, min_cluster_voxels=options.min_cluster_voxels,
+                                 connectivity=options.connectivity, atlas=atlas_labels, atlas_names=atlas_names)
+    mask = res.mask
     gdir = out / "group"
     written = {}
     for name in ("t", "z", "logp_unc", "logp_fwe_t", "logp_fwe_size", "logp_fwe_mass", "logp_fwe_tfce",
@@ -144,7 +224,9 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
         "perm_clusters", clusters.astype({c: str for c in clusters.columns if clusters[c].dtype == object})))
     writer.write_run_config(
         {"level": "group-voxelwise", "subjects": ids, "n_patients": int(group.sum()),
-         "covariates": sorted(cov), "covariates_dropped": dropped, "n_voxels": int(mask.sum()), "options": options.__dict__},
+         "covariates": sorted(cov), "covariates_dropped": dropped, "n_voxels": int(mask.sum()),
+         "stack": {"store": store, "rows_written": update["rows"], "failed": update["failed"]},
+         "options": options.__dict__},
         name="qsmdask_voxelwise_config.json")
     n_sig = int((clusters.get("p_fwe_size", pd.Series(dtype=float)) < 0.05).sum()) if len(clusters) else 0
     return {"written": written, "n_subjects": len(ids), "n_voxels": int(mask.sum()),
