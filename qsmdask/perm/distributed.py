@@ -115,15 +115,16 @@ def _stack_block(store, rows, c0, c1, keep):
     """(n_rows_selected, n_kept) float32 data of stack voxel columns c0:c1, ``keep`` (bool)."""
     import zarr
     root = zarr.open_group(store, mode="r")
-    y = root["data"][:, c0:c1]
-    y = y[rows][:, keep] if keep is not None else y[rows]
+    y = root["data"].get_orthogonal_selection((np.asarray(rows), slice(c0, c1)))
+    if keep is not None and not np.all(keep):
+        y = y[:, keep]
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
 def _coverage_task(store, rows, c0, c1):
     import zarr
     root = zarr.open_group(store, mode="r")
-    return root["inside"][:, c0:c1][rows].sum(axis=0, dtype=np.int64)
+    return root["inside"].get_orthogonal_selection((np.asarray(rows), slice(c0, c1))).sum(axis=0, dtype=np.int64)
 
 
 def _voxel_block_task(store, rows, c0, c1, keep, design, options, glm_only, scratch, perm_block):
