@@ -112,6 +112,12 @@ def test_stack_inference_equals_in_memory(cohort):
     np.testing.assert_array_equal(got.null["count_unc"], ref.null["count_unc"])
     np.testing.assert_array_equal(got.cluster_labels, ref.cluster_labels)
     assert not any(k.startswith("scratch") for k in zarr.open_group(store, mode="r").array_keys())
+    # max-T only: the voxel blocks run the stacked max-T kernel
+    ref_v = permutation_test(y, design, mask=mask, n_perm=96, seed=5, batch_size=16)
+    got_v = permutation_test_stack(store, design, keys=keys, voxel_keep=keep, n_perm=96, seed=5, batch_size=16)
+    np.testing.assert_allclose(got_v.null["max_t"], ref_v.null["max_t"], atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(got_v.null["count_unc"], ref_v.null["count_unc"])
+    np.testing.assert_allclose(got_v.logp_fwe_t, ref_v.logp_fwe_t, atol=1e-6)
     # GLM only (n_perm=0): the parametric maps
     glm = permutation_test_stack(store, design, keys=keys, voxel_keep=keep, n_perm=0)
     np.testing.assert_allclose(glm.t, t_ref, atol=1e-6, rtol=1e-6)

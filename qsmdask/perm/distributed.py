@@ -149,9 +149,10 @@ def _voxel_block_task(store, rows, c0, c1, keep, design, options, glm_only, scra
         return out
     acc = NullAccumulator()
     sizes = batch_sizes(options.n_perm, options.batch_size)
-    if scratch is None:
-        for i, b in enumerate(sizes):
-            acc.add(i, null_batch(prepared, voxel_opts, i, b))
+    if scratch is None:  # canonical stacked products (qsmdask.perm.permute.null_batches)
+        res = null_batches(prepared, voxel_opts, list(enumerate(sizes)))
+        out["max_t"], out["count_unc"] = res["max_t"], res["count_unc"]
+        return out
     else:
         import zarr
         arr = zarr.open_array(scratch, mode="r+")
