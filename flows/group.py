@@ -28,6 +28,7 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
     log = get_run_logger()
     roi, participants, sessions = load_group_inputs(bids_dir, output_dir, tables_url)
     gd = GroupDesign.from_dict(design) if design else GroupDesign()
+    participants = gd.label_groups(participants, source=f"{Path(bids_dir) / 'participants.tsv'}")
     writer = DerivativesWriter(output_dir, tables_url=tables_url)
     writer.write_run_config(
         {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict(),
@@ -45,6 +46,7 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
                               description="Patients vs controls, Bonferroni-significant ROIs")
     vw = dict(voxelwise or {})
     if vw.pop("enabled", True):
+        vw.setdefault("groups", gd.groups)
         opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
         try:
             res = run_voxelwise(output_dir, participants, options=opts, atlas=participant_atlas(output_dir),

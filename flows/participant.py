@@ -20,6 +20,7 @@ from qsmdask.io.bids import read_participants
 from qsmdask.io.nifti import InputError
 from qsmdask.orchestration.cluster import (ClusterConfig, current_client, dashboard_link, make_task_runner,
                                            memory_annotation, worker_memory_capacity)
+from qsmdask.workflows import active as active_work
 from qsmdask.workflows import participant as wf
 from qsmdask.workflows.cohort import check_memory, plan_participants, summarise, write_failures, writer_for
 
@@ -69,6 +70,39 @@ def _progress_line(i: int, n: int, key: str, status: str, elapsed_s: float) -> N
     sys.stderr.flush()
 
 
+STAGES = ("ingest", "reconstruct", "standardise", "write")
+
+
+class _StageProgress:
+    """Stage counts on stderr while subject-sessions run, so that a long first subject shows life.
+
+    A line when a stage finishes for one more subject-session, at most every ``every_s``
+    seconds (always when a stage is complete for all of them).
+    """
+
+    def __init__(self, n: int, t0: float, every_s: float = 10.0):
+        self.n, self.t0, self.every_s = n, t0, every_s
+        self.counts = dict.fromkeys(STAGES, 0)
+        self._last = -1e9
+
+    def update(self, stage: str) -> None:
+        self.counts[stage] += 1
+        now = time.monotonic()
+        if now - self._last < self.every_s and self.counts[stage] != self.n:
+            return
+        self._last = now
+        parts = "  ".join(f"{k} {v}/{self.n}" for k, v in self.counts.items())
+        sys.stderr.write(f"  stages: {parts}  (elapsed {_hms(now - self.t0)})\n")
+        sys.stderr.flush()
+
+
+def _say(log, msg: str) -> None:
+    """One line on the console (stderr) and in the flow-run log."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+    log.info(msg)
+
+
 def _hms(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -93,7 +127,8 @@ def _cluster(log):
     if client is None:
         return None, None
     link = dashboard_link(client)
-    log.info("Dask dashboard: %s", link or "(none)")
+    if link:
+        _say(log, f"Dask dashboard: {link} (while this command runs)")
     capacity = worker_memory_capacity(client, fallback=ClusterConfig.from_env().worker_memory_bytes())
     if capacity is None:
         log.warning("the Dask workers declare no MEMORY resource: tasks are not limited by memory")
@@ -104,8 +139,11 @@ def _cluster(log):
       task_runner=make_task_runner(ClusterConfig.from_env()))
 def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[str] | None = None,
                      config: dict | None = None, force: bool = False,
-                     work_root: str | None = None, tables_url: str | None = None) -> dict:
+                     work_root: str | None = None, tables_url: str | None = None,
+                     session_labels: list[str] | None = None) -> dict:
     """Reconstruct and measure every subject-session that is new or changed.
+
+    ``session_labels``: only these sessions (labels with or without ``ses-``; None: all).
 
     ``tables_url``: where the Parquet tables go (path or fsspec URL; default ``output_dir``).
     """
@@ -114,21 +152,24 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     writer = writer_for(output_dir, bids_dir, cfg, tables_url)
     writer.write_run_config({"level": "participant", "bids_dir": str(bids_dir), "config": cfg.to_dict(),
                              "tables_url": tables_url})
-    plan = plan_participants(bids_dir, output_dir, cfg, participant_labels, force=force, tables_url=tables_url)
-    log.info("%d subject-session(s) to process, %d up to date, %d unreadable", len(plan.todo),
-             len(plan.skipped), len(plan.invalid))
+    plan = plan_participants(bids_dir, output_dir, cfg, participant_labels, force=force, tables_url=tables_url,
+                             session_labels=session_labels)
+    _say(log, f"participant level: {len(plan.todo)} subject-session(s) to process, {len(plan.skipped)} "
+              f"up to date, {len(plan.invalid)} unreadable")
     progress = create_progress_artifact(progress=0.0, description="subject-sessions finished (%)")
 
     link, capacity = _cluster(log) if plan.todo else (None, None)
     runnable, too_big = check_memory(plan.todo, capacity, template_resolution_mm=cfg.template_resolution_mm)
     chains = []
     for ss, key, need in runnable:
-        m = ingest_task.submit(ss, wf.work_paths(ss, output_dir, work_root))
+        paths = wf.work_paths(ss, output_dir, work_root)
+        active_work.register(paths["work_url"])  # removed by the CLI if the run is interrupted
+        m = ingest_task.submit(ss, paths)
         with memory_annotation(need):  # at most MEMORY / need of these at once on a worker
             r = reconstruct_task.submit(m, cfg)
             s = standardise_task.submit(r, cfg)
         w = write_task.submit(ss, s, output_dir, cfg, key, tables_url)
-        chains.append((ss, [m, r, s, w]))
+        chains.append((ss, [m, r, s, w], paths["work_url"]))
 
     done, failed = [], list(plan.invalid) + too_big
     for row in plan.invalid:
@@ -137,9 +178,19 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
         key = "_".join(x for x in (row["participant_id"], row["session_id"]) if x)
         log.error("%s not submitted: %s", key, row["message"])
     t0 = time.monotonic()
-    by_final = {futs[-1]: (ss, futs) for ss, futs in chains}
-    for i, fut in enumerate(as_completed(list(by_final)), 1):
-        ss, futs = by_final[fut]
+    if chains:
+        sys.stderr.write(f"  stages: {'  '.join(f'{k} 0/{len(chains)}' for k in STAGES)}  (started)\n")
+    stage_of = {f: STAGES[j] for _, futs, _ in chains for j, f in enumerate(futs)}
+    by_final = {futs[-1]: (ss, futs, url) for ss, futs, url in chains}
+    stages = _StageProgress(len(chains), t0)
+    i = 0
+    for fut in as_completed(list(stage_of)):
+        if fut.state.is_completed():
+            stages.update(stage_of[fut])
+        if fut not in by_final:
+            continue
+        i += 1
+        ss, futs, url = by_final[fut]
         fut.wait()
         if fut.state.is_completed():
             done.append(fut.result())
@@ -149,6 +200,7 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
             failed.append(row)
             status = f"FAILED at {row['stage']}"
             log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])
+        active_work.release(url)
         update_progress_artifact(progress, progress=100.0 * i / len(chains))
         _progress_line(i, len(chains), ss.key, status, time.monotonic() - t0)
     if not chains:

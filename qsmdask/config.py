@@ -79,13 +79,25 @@ class PipelineConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown configuration key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+            raise ValueError(unknown_keys_message("configuration", unknown, names))
         return cls(**d)
 
     def fingerprint(self) -> str:
         """Hash of the resolved configuration and the pipeline version (part of the resume key)."""
         blob = json.dumps({"config": self.to_dict(), "version": __version__}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def unknown_keys_message(what: str, unknown, allowed) -> str:
+    """'unknown configuration key 'atlass' (did you mean 'atlas'?); allowed: ...' (difflib)."""
+    import difflib
+
+    parts = []
+    for k in sorted(map(str, unknown)):
+        close = difflib.get_close_matches(k, sorted(allowed), n=1, cutoff=0.6)
+        parts.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+    return (f"unknown {what} key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; "
+            f"allowed: {', '.join(sorted(allowed))}")
 
 
 def load_config_file(path) -> dict:
@@ -97,7 +109,10 @@ def load_config_file(path) -> dict:
             import yaml
         except ImportError:  # pragma: no cover
             raise ValueError(f"{path}: YAML needs PyYAML; use JSON instead") from None
-        obj = yaml.safe_load(text)
+        try:
+            obj = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
     else:
         try:
             obj = json.loads(text)

@@ -71,3 +71,73 @@ def test_debug_shows_traceback(tmp_path):
     cfg.write_text("{not json")
     r = run_cli("--debug", "run", tmp_path, tmp_path / "out", "participant", "--config", cfg)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# -- BIDS-App conventions (issue 16) ----------------------------------------------------------
+from qsmdask.cli import build_parser  # noqa: E402
+
+
+def test_bids_app_argument_spellings():
+    p = build_parser()
+    a = p.parse_args(["run", "/tmp", "/tmp/o", "participant", "--participant_label", "sub-01", "02",
+                      "--session_label", "ses-pre", "--nprocs", "3", "--mem", "16GB", "--work-dir", "/w"])
+    assert a.participant_label == ["01", "02"] and a.session_label == ["pre"]
+    assert a.n_workers == 3 and a.mem == "16GB" and a.work_dir == "/w"
+    # the hyphen forms stay as aliases, --nthreads is fMRIPrep's other name
+    a = p.parse_args(["run", "/tmp", "/tmp/o", "participant", "--participant-label", "01", "--nthreads", "4"])
+    assert a.participant_label == ["01"] and a.n_workers == 4
+
+
+def test_debug_and_verbose_after_the_subcommand():
+    p = build_parser()
+    a = p.parse_args(["run", "/tmp", "/tmp/o", "group", "--debug", "-vv"])
+    assert a.debug is True and a.verbose == 2
+    a = p.parse_args(["--debug", "-v", "run", "/tmp", "/tmp/o", "group"])
+    assert a.debug is True and a.verbose == 1
+    a = p.parse_args(["run", "/tmp", "/tmp/o", "group"])
+    assert a.debug is False and a.verbose == 0
+
+
+@pytest.mark.parametrize("bad, message", [(["--n-perm", "-5"], "--n-perm: must be >= 0"),
+                                          (["--nprocs", "0"], "must be >= 1"),
+                                          (["--mem", "lots"], "not a memory size"),
+                                          (["--prefect-port", "70000"], "not a TCP port"),
+                                          (["--dashboard-address", "localhost"], "HOST:PORT")])
+def test_invalid_numbers_rejected_by_argparse(tmp_path, bad, message):
+    r = run_cli("run", tmp_path, tmp_path / "out", "group", *bad)
+    assert r.returncode == EXIT_USAGE and message in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_defaults_and_exit_codes():
+    r = run_cli("run", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())  # independent of the terminal width
+    assert "(default: 1000)" in text and "(default: 2)" in text and "(default: 127.0.0.1:0)" in text
+    for code in ("130 interrupted", "143 terminated", "3 finished, but some subject-sessions failed"):
+        assert code in text
+    assert "--participant_label" in text and "--session_label" in text and "(default: None)" not in text
+
+
+def test_config_typo_names_file_and_likely_key(tmp_path, capsys):
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text("atlass: aal\n")
+    rc = main(["run", str(tmp_path), str(tmp_path / "out"), "participant", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR and str(cfg) in err and "'atlass' (did you mean 'atlas'?)" in err
+    design = tmp_path / "design.json"
+    design.write_text(json.dumps({"covariate": ["age"]}))
+    rc = main(["run", str(tmp_path), str(tmp_path / "out"), "group", "--design", str(design)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR and str(design) in err and "did you mean 'covariates'?" in err
+
+
+def test_mem_is_shared_by_the_workers(monkeypatch):
+    from qsmdask.cli import _cluster_env
+    for k in ("QSMDASK_WORKER_MEMORY", "QSMDASK_N_WORKERS", "QSMDASK_DASHBOARD_ADDRESS", "QSMDASK_CLUSTER"):
+        monkeypatch.delenv(k, raising=False)
+    a = build_parser().parse_args(["run", "/tmp", "/tmp/o", "participant", "--nprocs", "4", "--mem", "16GB"])
+    _cluster_env(a)
+    import os
+    assert os.environ["QSMDASK_WORKER_MEMORY"] == str(4_000_000_000)
+    assert os.environ["QSMDASK_N_WORKERS"] == "4" and os.environ["QSMDASK_DASHBOARD_ADDRESS"] == "127.0.0.1:0"

@@ -28,7 +28,18 @@ def tiny_cohort(tmp_path_factory):
 def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api, capsys):
     out = tmp_path / "derivatives"
     rc = main(["run", str(tiny_cohort), str(out), "participant", "--n-workers", "2"])
-    assert rc == EXIT_OK, capsys.readouterr().err
+    first = capsys.readouterr()
+    assert rc == EXIT_OK, first.err
+    # console: stage progress before the first subject-session finishes, no shutdown noise
+    err = first.err
+    assert "stages: ingest 0/4" in err and err.index("stages:") < err.index("] 1/4 ")
+    assert "still alive" not in err and "distributed.nanny" not in err, err
+    # the run's log file: the console lines and the INFO logs
+    logs = list((out / "logs").glob("qsmdask_participant_*.log"))
+    assert len(logs) == 1
+    log_text = logs[0].read_text()
+    assert "participant level: 4 done" in log_text and "] 4/4 " in log_text
+    assert "INFO prefect.flow_runs" in log_text and "still alive" not in log_text
 
     chi_img = nib.load(out / "sub-01/anat/sub-01_Chimap.nii.gz")
     src = nib.load(tiny_cohort / "sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz")

@@ -293,3 +293,82 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     from matplotlib.image import imread
     img = imread(str(shot))
     assert img[..., :3].std() > 0.05  # not a blank page
+
+
+# -- issue 16: datasets without sessions, findings, figure labels -------------------------------------
+def _no_session_output(tmp_path: Path) -> tuple[Path, Path]:
+    from qsmdask.io.tables import write_parquet
+    from qsmdask.stats import GroupDesign, run_group_analysis
+    from qsmdask.stats.correlation import clinical_correlation
+    from qsmdask.stats.simulate import simulate_roi_cohort
+
+    roi, participants, sessions = simulate_roi_cohort(
+        n_patients=12, n_controls=12, rois={"putamen": 0.05, "caudate": 0.06},
+        hemispheres=("L", "R", "B"), sessions=("",), group_effect_ppm={"putamen": 0.04}, sd_ppm=0.01,
+        seed=4)
+    assert set(roi["session_id"]) == {""}
+    bids, out = tmp_path / "bids", tmp_path / "derivatives"
+    bids.mkdir()
+    participants.to_csv(bids / "participants.tsv", sep="\t", index=False)
+    for pid, t in roi.groupby("participant_id"):
+        write_parquet(t, out / "roi" / f"{pid}_roi.parquet")
+    tables = run_group_analysis(roi, participants, None,
+                                design=GroupDesign(tests=("group_wilcoxon",), ci_method="analytic"))
+    tables["clinical_correlation"] = clinical_correlation(roi, participants, None)
+    for name, df in tables.items():
+        write_parquet(df, out / "group" / f"{name}.parquet")
+    return out, bids
+
+
+@pytest.fixture(scope="module")
+def no_session_report(tmp_path_factory):
+    """Report of a dataset without sessions, with the clinical panels' titles and axis labels."""
+    from qsmdask.report import html as rh
+    out, bids = _no_session_output(tmp_path_factory.mktemp("nosession"))
+    panels, real = [], rh._scatter_figure
+
+    def spy(*a, **k):
+        fig = real(*a, **k)
+        if fig is not None:
+            fig.canvas.draw()
+            renderer, box = fig.canvas.get_renderer(), fig.bbox
+            for ax in fig.axes:
+                tb = ax.get_tightbbox(renderer)
+                inside = (tb.x0 >= box.x0 - 1 and tb.y0 >= box.y0 - 1 and tb.x1 <= box.x1 + 1
+                          and tb.y1 <= box.y1 + 1)
+                panels.append({"variable": a[1], "title": ax.get_title(), "xlabel": ax.get_xlabel(),
+                               "ylabel": ax.get_ylabel(), "inside": inside})
+        return fig
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rh, "_scatter_figure", spy)
+        text = build_cohort_report(out, bids).read_text()
+    return text, panels
+
+
+def test_report_without_sessions_builds_the_disease_course(no_session_report):
+    text, _ = no_session_report
+    assert "could not be built" not in text  # was: IndexError in the disease-course section
+    course = text.split('<section id="course">')[1].split("</section>")[0]
+    assert "ROI susceptibility vs hdrs" in course and ", session" not in course
+
+
+def test_intercepts_and_small_strata_are_never_findings():
+    from qsmdask.report.html import _finding
+    t = pd.DataFrame({"term": ["Intercept", "group", "group", "const"],
+                      "stratum": ["", "", "F", ""], "n": [40, 40, 6, 40],
+                      "p_corrected": [1e-9, 0.01, 0.001, 1e-5]})
+    assert _finding(t, 0.05).tolist() == [False, True, False, False]
+
+
+def test_clinical_panel_titles_carry_r_and_corrected_p_and_units(no_session_report):
+    _, panels = no_session_report
+    hdrs = [p for p in panels if p["variable"] == "hdrs"]
+    assert len(hdrs) == 2  # putamen and caudate, pooled hemispheres
+    for p in hdrs:  # clinical_correlation has these rows: r and corrected p in the title
+        assert re.search(r"n = 12\nr = -?\d\.\d\d, p_corr = \d", p["title"]), p["title"]
+        assert (p["xlabel"], p["ylabel"]) == ("HDRS-17 score (points)", "chi (ppm)")
+    crp = [p for p in panels if p["variable"] == "crp"]  # no partial_correlation table written
+    assert crp and all(re.search(r"r = -?\d\.\d\d, p_corr n/a", p["title"]) for p in crp)
+    assert crp[0]["xlabel"] == "CRP (mg/L)"
+    assert all(p["inside"] for p in panels), [p["title"] for p in panels if not p["inside"]]

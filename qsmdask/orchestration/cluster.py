@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass
 
 __all__ = ["ClusterConfig", "make_task_runner", "task_runner_kwargs", "MEMORY_RESOURCE", "memory_annotation",
-           "worker_memory_capacity", "current_client", "dashboard_link"]
+           "worker_memory_capacity", "current_client", "dashboard_link", "DEFAULT_DASHBOARD_ADDRESS"]
 
 MEMORY_RESOURCE = "MEMORY"
 KUBE_WORKER_MEMORY = "8GiB"  # the worker container limit of deploy/base/dask-cluster.yaml
+#: The local Dask dashboard shows logs and tracebacks: only this machine may see it by default.
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class ClusterConfig:
         kubernetes: 8 GiB, as the deploy/ manifests), bytes or a string like "4GiB".
         Local and Kubernetes workers get it as their memory limit and as the ``MEMORY``
         resource; the workers of an existing scheduler declare their own.
+    dashboard_address : where a local cluster's Dask dashboard listens, ``HOST:PORT``
+        (default ``127.0.0.1:0``: this machine only, a free port; ``:0`` or
+        ``0.0.0.0:8787`` expose it to the network, logs and tracebacks included).
     """
 
     kind: str = "local"
@@ -42,19 +47,21 @@ class ClusterConfig:
     kube_image: str = "ghcr.io/qsmdask/qsmdask:latest"
     adapt_min: int = 0
     adapt_max: int = 10
+    dashboard_address: str = DEFAULT_DASHBOARD_ADDRESS
 
     @classmethod
     def from_env(cls, environ=None) -> "ClusterConfig":
         """From ``QSMDASK_CLUSTER`` (local|address|kubernetes), ``QSMDASK_DASK_ADDRESS``,
         ``QSMDASK_N_WORKERS``, ``QSMDASK_WORKER_MEMORY``, ``QSMDASK_KUBE_IMAGE``,
-        ``QSMDASK_ADAPT_MAX`` (deployments)."""
+        ``QSMDASK_ADAPT_MAX`` (deployments), ``QSMDASK_DASHBOARD_ADDRESS``."""
         env = os.environ if environ is None else environ
         address = env.get("QSMDASK_DASK_ADDRESS") or None
         kind = env.get("QSMDASK_CLUSTER") or ("address" if address else "local")
         return cls(kind=kind, address=address, n_workers=int(env.get("QSMDASK_N_WORKERS", 2)),
                    memory_limit=env.get("QSMDASK_WORKER_MEMORY") or "auto",
                    kube_image=env.get("QSMDASK_KUBE_IMAGE", cls.kube_image),
-                   adapt_max=int(env.get("QSMDASK_ADAPT_MAX", cls.adapt_max)))
+                   adapt_max=int(env.get("QSMDASK_ADAPT_MAX", cls.adapt_max)),
+                   dashboard_address=env.get("QSMDASK_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD_ADDRESS)
 
     def __post_init__(self):
         if self.kind not in ("local", "address", "kubernetes"):
@@ -63,6 +70,8 @@ class ClusterConfig:
             raise ValueError("cluster kind 'address' needs address='tcp://host:8786'")
         if self.n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {self.n_workers}")
+        if not isinstance(self.dashboard_address, str) or ":" not in self.dashboard_address:
+            raise ValueError(f"dashboard_address must be HOST:PORT (e.g. 127.0.0.1:0), got {self.dashboard_address!r}")
         if self.memory_limit != "auto":
             from dask.utils import parse_bytes
             try:
@@ -102,7 +111,7 @@ def task_runner_kwargs(cfg: ClusterConfig) -> dict:
                                                       "--resources", f"{MEMORY_RESOURCE}={memory}"]},
                 "adapt_kwargs": {"minimum": cfg.adapt_min, "maximum": cfg.adapt_max}}
     kwargs = {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
-              "processes": cfg.processes, "dashboard_address": ":0", "silence_logs": logging.WARNING,
+              "processes": cfg.processes, "dashboard_address": cfg.dashboard_address, "silence_logs": logging.WARNING,
               "resources": {MEMORY_RESOURCE: memory}}
     if cfg.processes:
         kwargs["memory_limit"] = memory

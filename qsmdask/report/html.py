@@ -38,6 +38,13 @@ ALPHA = 0.05
 CLINICAL_VARIABLES = ("hdrs", "disease_weeks", "relapse_count", "episode_weeks")
 MARKERS = ("crp", "il6", "tnfa", "il1b")
 _GROUP_COLOURS = {"patient": "#d95f02", "control": "#1b9e77"}
+#: Axis labels with units of the clinical variables and inflammatory markers.
+VARIABLE_LABELS = {"hdrs": "HDRS-17 score (points)", "disease_weeks": "illness duration (weeks)",
+                   "relapse_count": "relapses (count)", "episode_weeks": "current episode (weeks)",
+                   "crp": "CRP (mg/L)", "il6": "IL-6 (pg/mL)", "tnfa": "TNF-alpha (pg/mL)",
+                   "il1b": "IL-1beta (pg/mL)", "age": "age (years)"}
+#: Strata smaller than this are never highlighted as findings.
+MIN_STRATUM_N = 10
 _OTHER_COLOURS = ["#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
 _HEMI_ORDER = {"L": 0, "R": 1, "": 2, "B": 3}
 _DEEP_GM_FIRST = ("pallidum", "putamen", "caudate", "thalamus", "accumbens", "hippocampus",
@@ -221,6 +228,11 @@ class _Inputs:
         self.perm = _load_perm(output_dir / "group", perm_results, self.problems,
                                clusters=writer.table_location("group", "perm_clusters.parquet"))
         self.design = self._design()
+        if self.participants is not None:
+            try:
+                self.participants = self.design.label_groups(self.participants)
+            except ValueError as e:
+                self.problems["participants"] = str(e)
 
     def _json(self, path: Path, key: str):
         if not path.exists():
@@ -366,6 +378,23 @@ def _sig(df: pd.DataFrame, alpha=ALPHA) -> pd.Series:
     return pd.to_numeric(df["p_corrected"], errors="coerce") < alpha
 
 
+def _finding(df: pd.DataFrame, alpha=ALPHA) -> pd.Series:
+    """Rows worth highlighting: corrected p < alpha, but never a model's intercept (it tests
+    whether susceptibility is zero, not an effect) and never a stratum of fewer than
+    MIN_STRATUM_N participants (too small to trust)."""
+    sig = _sig(df, alpha)
+    if df is None or not len(sig):
+        return sig
+    if "term" in df.columns:
+        term = df["term"].astype(str).str.strip().str.lower()
+        sig &= ~term.isin(["intercept", "(intercept)", "const", "constant"])
+    if "stratum" in df.columns and "n" in df.columns:
+        small = df["stratum"].notna() & (df["stratum"].astype(str) != "") & \
+            (pd.to_numeric(df["n"], errors="coerce").fillna(0) < MIN_STRATUM_N)
+        sig &= ~small
+    return sig
+
+
 def _section_findings(inp: _Inputs) -> str:
     items = []
     alpha = inp.design.alpha
@@ -377,7 +406,7 @@ def _section_findings(inp: _Inputs) -> str:
     if gw is None:
         items.append("No patients-vs-controls table (group/group_wilcoxon.parquet): run the group level.")
     else:
-        s = gw[_sig(gw, alpha)]
+        s = gw[_finding(gw, alpha)]
         if len(s):
             parts = []
             for roi, g in sorted(s.groupby("roi"), key=lambda kv: kv[1]["p_corrected"].min()):
@@ -400,7 +429,7 @@ def _section_findings(inp: _Inputs) -> str:
                          f"({_esc(gw['correction'].iloc[0]) if len(gw) else ''} correction).")
     cc = inp.group_tables.get("clinical_correlation")
     if cc is not None and len(cc):
-        s = cc[_sig(cc, alpha)]
+        s = cc[_finding(cc, alpha)]
         if len(s):
             parts = []
             for r in s.sort_values("p_corrected").head(12).itertuples():
@@ -552,7 +581,7 @@ def _section_group(inp: _Inputs) -> str:
             cols = ["roi", "hemisphere", "n1", "n2"] + [c for c in t.columns if c.startswith("median ")] \
                 + ["effect_size", "ci_low", "ci_high", "p", "p_corrected"]
             tt = t[[c for c in cols if c in t.columns]].rename(columns={"effect_size": "rank-biserial r"})
-            out.append(_table(tt, highlight=_sig(t, alpha), formats=_p_formats(tt)))
+            out.append(_table(tt, highlight=_finding(t, alpha), formats=_p_formats(tt)))
     ols = inp.group_tables.get("group_ols")
     if ols is not None and len(ols):
         out.append("<h3>Covariate-adjusted comparison (OLS)</h3>"
@@ -561,11 +590,16 @@ def _section_group(inp: _Inputs) -> str:
         cols = ["session_id", "roi", "hemisphere", "n", "effect_size", "ci_low", "ci_high",
                 "statistic", "p", "p_corrected"]
         tt = ols.sort_values("p")[[c for c in cols if c in ols.columns]]
-        out.append(_table(tt, highlight=_sig(ols.sort_values("p"), alpha), formats=_p_formats(tt)))
+        out.append(_table(tt, highlight=_finding(ols.sort_values("p"), alpha), formats=_p_formats(tt)))
     return "".join(out)
 
 
 def _scatter_figure(inp: _Inputs, variable: str, rois, session, group, stats_table) -> Figure | None:
+    """One panel per ROI: susceptibility against ``variable`` with the fit and its 95 % band.
+
+    Each title carries Pearson r of the points shown and the corrected p of the group table
+    (``p_corr n/a`` when the table has no such row); both axes carry units.
+    """
     from ..stats.correlation import correlation_plot_data
     panels = []
     for roi, hemi in rois:
@@ -580,14 +614,20 @@ def _scatter_figure(inp: _Inputs, variable: str, rois, session, group, stats_tab
         return None
     ncol = min(4, len(panels))
     nrow = int(math.ceil(len(panels) / ncol))
-    fig = _fig(3.2 * ncol, 2.7 * nrow)
+    fig = _fig(3.4 * ncol, 2.9 * nrow)
+    fig.set_layout_engine("constrained")  # no clipped titles or axis labels
     colour = _GROUP_COLOURS.get(group, "#555555")
+    xlabel = VARIABLE_LABELS.get(variable, variable)
     for k, (roi, hemi, pts, band) in enumerate(panels):
         ax = fig.add_subplot(nrow, ncol, k + 1)
         ax.fill_between(band["x"], band["lower"], band["upper"], color=colour, alpha=0.2, linewidth=0)
         ax.plot(band["x"], band["fit"], color=colour, linewidth=1.5)
         ax.scatter(pts["x"], pts["y"], s=10, color=colour, alpha=0.85, linewidths=0)
-        label = ""
+        x, y = pts["x"].to_numpy(float), pts["y"].to_numpy(float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        r_val = (float(np.corrcoef(x[ok], y[ok])[0, 1]) if ok.sum() >= 3 and np.std(x[ok]) > 0
+                 and np.std(y[ok]) > 0 else float("nan"))
+        p_text, star = "p_corr n/a", ""
         if stats_table is not None and len(stats_table):
             r = stats_table[(stats_table["roi"] == roi) & (stats_table["hemisphere"] == hemi)
                             & (stats_table["variable"] == variable)
@@ -596,14 +636,14 @@ def _scatter_figure(inp: _Inputs, variable: str, rois, session, group, stats_tab
                 r = r[r["correlation"] == "pearson"]
             if len(r):
                 p = r["p_corrected"].iloc[0]
-                star = " *" if pd.notna(p) and p < inp.design.alpha else ""
-                label = f"r={float(r['effect_size'].iloc[0]):.2f}, p={_fmt_p(p)}{star}"
-        ax.set_title(f"{roi} ({hemi})" + (f"\n{label}" if label else ""), fontsize=8)
+                star = " *" if bool(_finding(r.head(1), inp.design.alpha).iloc[0]) else ""
+                p_text = f"p_corr = {_fmt_p(p)}" if pd.notna(p) else "p_corr n/a"
+                r_val = float(r["effect_size"].iloc[0])
+        r_text = f"r = {r_val:.2f}" if np.isfinite(r_val) else "r n/a"
+        ax.set_title(f"{roi} ({hemi}), n = {int(ok.sum())}\n{r_text}, {p_text}{star}", fontsize=8)
         ax.tick_params(labelsize=7)
-        if k % ncol == 0:
-            ax.set_ylabel("chi (ppm)", fontsize=8)
-        ax.set_xlabel(variable, fontsize=8)
-    _grid_layout(fig, nrow)
+        ax.set_ylabel("chi (ppm)", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
     return fig
 
 
@@ -622,7 +662,7 @@ def _section_course(inp: _Inputs) -> str:
                      + inp.problems.get("participants", ""))
     from ..stats._common import order_sessions
     sessions = order_sessions(sorted(long["session_id"].unique()), inp.sessions)
-    session = sessions[0]
+    session = sessions[0] if sessions else ""  # "": a dataset without sessions
     group = inp.design.clinical_group
     if group is not None and ("group" not in inp.participants.columns
                               or group not in set(inp.participants["group"])):
@@ -638,9 +678,10 @@ def _section_course(inp: _Inputs) -> str:
     out = [f"<p>ROI susceptibility against clinical course and inflammation in {_esc(who)}"
            + (f", session {_esc(session)}" if session else "")
            + " (both hemispheres pooled). Line: least-squares fit; band: its 95 % confidence band. "
-           "Panel titles give Pearson r and its corrected p from the group tables where present "
-           "(clinical_correlation; for markers the covariate-adjusted partial_correlation). "
-           f"<b>*</b>: corrected p &lt; {inp.design.alpha}.</p>"]
+           "Panel titles give the number of participants, Pearson r and its corrected p (p_corr) from "
+           "the group tables (clinical_correlation; for markers the covariate-adjusted "
+           "partial_correlation, whose r is the partial r); without a table row, r of the points shown "
+           f"and p_corr n/a. <b>*</b>: corrected p &lt; {inp.design.alpha}.</p>"]
     variables = [v for v in (*CLINICAL_VARIABLES, *MARKERS)]
     shown = 0
     for var in variables:
@@ -700,7 +741,7 @@ def _longitudinal(inp: _Inputs, long, sessions, group) -> str:
     for name in ("paired_ttest", "mixed_model"):
         t = inp.group_tables.get(name)
         if t is not None and len(t):
-            out.append(f"<p>{_esc(name)}: {int(_sig(t, inp.design.alpha).sum())} of {len(t)} "
+            out.append(f"<p>{_esc(name)}: {int(_finding(t, inp.design.alpha).sum())} of {len(t)} "
                        "rows significant after correction (see Other analyses).</p>")
     return "".join(out)
 
@@ -942,14 +983,17 @@ def _section_other(inp: _Inputs) -> str:
     for name, t in sorted(inp.group_tables.items()):
         if name in shown:
             continue
-        n_sig = int(_sig(t, alpha).sum()) if "p_corrected" in t.columns else 0
-        out.append(f"<h3>{_esc(name)}</h3><p>{len(t)} row(s), {n_sig} with corrected p &lt; {alpha}; "
-                   "the 15 smallest p values:</p>")
+        n_sig = int(_finding(t, alpha).sum()) if "p_corrected" in t.columns else 0
+        caveat = (" (intercepts and strata of fewer than "
+                  f"{MIN_STRATUM_N} participants are not counted or highlighted)"
+                  if {"term", "stratum"} & set(t.columns) else "")
+        out.append(f"<h3>{_esc(name)}</h3><p>{len(t)} row(s), {n_sig} with corrected p &lt; {alpha}"
+                   f"{caveat}; the 15 smallest p values:</p>")
         cols = [c for c in ("session_id", "roi", "hemisphere", "variable", "correlation", "term",
                             "stratum", "n", "statistic", "effect_size_name", "effect_size", "ci_low",
                             "ci_high", "p", "p_corrected") if c in t.columns]
         tt = t.sort_values("p")[cols].head(15) if "p" in t.columns else t.head(15)
-        out.append(_table(tt, highlight=_sig(t.loc[tt.index], alpha) if "p_corrected" in t.columns
+        out.append(_table(tt, highlight=_finding(t.loc[tt.index], alpha) if "p_corrected" in t.columns
                           else None, formats=_p_formats(tt)))
     sk = inp.group_tables.get("skipped")
     if sk is not None and len(sk):

@@ -58,6 +58,7 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
     if not isinstance(roi_table, pd.DataFrame) or not isinstance(participants, pd.DataFrame):
         raise ValueError("roi_table and participants must be pandas DataFrames")
     d = design
+    participants = d.label_groups(participants)
     if d.rois is not None:
         roi_table = roi_table[roi_table["roi"].isin(d.rois)]
     if d.hemispheres is not None:

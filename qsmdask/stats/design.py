@@ -42,6 +42,23 @@ ALL_TESTS = (
 )
 
 
+def _value_text(v) -> str:
+    """A group value as text: 1, 1.0 and "1" are one value; strings are stripped."""
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    try:
+        import numpy as np
+        if isinstance(v, np.integer):
+            return str(int(v))
+        if isinstance(v, np.floating) and float(v).is_integer():
+            return str(int(v))
+    except ImportError:  # pragma: no cover
+        pass
+    return str(v).strip()
+
+
 def _tuple(v):
     if v is None:
         return None
@@ -67,8 +84,16 @@ class GroupDesign:
         Measures (modalities) to analyse; None: all present.
     atlas : str or None
         Atlas to analyse; None: all (names qualified when several).
-    groups : (str, str)
-        Group labels (group 1, group 2) in ``participants.group``.
+    groups : (str, str) or {name: value, name: value}
+        The two groups compared, group 1 first (effects are group 1 minus group 2; the
+        clinical analyses run in ``clinical_group``). A list names them as they are written
+        in ``participants.tsv``'s ``group`` column; a mapping gives each a name and its value
+        in that column, so that any two values work: ``{patient: MDD, control: HC}`` or
+        ``{patient: 1, control: 0}``. Every value present in the column must be one of them
+        (an error names the column and the values found); empty cells are left out.
+    group_values : (str, str) or None
+        The ``participants.group`` values of the two groups, in the order of ``groups``
+        (set from the mapping form of ``groups``; None: the values are the names).
     covariates : tuple of str
         Participant columns adjusted for in the regression analyses (``sex`` is coded
         M=0, F=1; other non-numeric columns are treated as categorical).
@@ -113,6 +138,7 @@ class GroupDesign:
     measures: tuple | None = None
     atlas: str | None = None
     groups: tuple = ("patient", "control")
+    group_values: tuple | None = None
     covariates: tuple = ("age", "sex", "medication")
     correction: str = "bonferroni"
     alpha: float = 0.05
@@ -132,6 +158,16 @@ class GroupDesign:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
+        if isinstance(self.groups, dict):
+            if len(self.groups) != 2:
+                raise ValueError(f"groups must map two group names to their participants.tsv values, "
+                                 f"got {self.groups!r}")
+            set_("group_values", tuple(_value_text(v) for v in self.groups.values()))
+            set_("groups", tuple(str(k) for k in self.groups))
+        if self.group_values is not None:
+            set_("group_values", tuple(_value_text(v) for v in _tuple(self.group_values)))
+            if len(self.group_values) != 2 or self.group_values[0] == self.group_values[1]:
+                raise ValueError(f"group_values must be two distinct values, got {self.group_values!r}")
         for k in ("tests", "groups", "covariates", "clinical_variables", "markers"):
             set_(k, _tuple(getattr(self, k)))
         if self.tests == ("all",):
@@ -155,6 +191,11 @@ class GroupDesign:
         set_("alpha", validate_alpha(self.alpha))
         if len(self.groups) != 2 or self.groups[0] == self.groups[1]:
             raise ValueError(f"groups must be two distinct labels, got {self.groups!r}")
+        if self.clinical_group is not None and self.clinical_group not in self.groups:
+            if self.clinical_group != "patient":  # the default follows group 1
+                raise ValueError(f"clinical_group must be one of groups {list(self.groups)} or null, "
+                                 f"got {self.clinical_group!r}")
+            set_("clinical_group", self.groups[0])
         if self.session_order is not None and len(self.session_order) != 2:
             raise ValueError(f"session_order must be two session ids, got {self.session_order!r}")
         if not isinstance(self.combat, bool) or not isinstance(self.site_covariate, bool):
@@ -167,6 +208,36 @@ class GroupDesign:
         set_("seed", int(self.seed))
         if not isinstance(self.value, str) or not self.value:
             raise ValueError(f"value must be a column name, got {self.value!r}")
+
+    # -- participants ------------------------------------------------------------------
+    def label_groups(self, participants, *, source: str = "participants.tsv"):
+        """``participants`` with its ``group`` column in the design's group names.
+
+        Values are compared as text (``1`` and ``1.0`` are the same value); empty cells stay
+        empty. A value that is neither a mapped value nor a group name raises ValueError
+        naming the column, the values found and the groups expected: such a cohort would
+        otherwise be compared silently without those participants, or not at all.
+        """
+        import pandas as pd
+
+        if participants is None or "group" not in participants.columns:
+            return participants
+        values = self.group_values or self.groups
+        mapping = {v: name for v, name in zip(values, self.groups)}
+        mapping.update({name: name for name in self.groups})
+        col = participants["group"]
+        text = col.map(lambda v: None if pd.isna(v) or str(v).strip() == "" else _value_text(v))
+        found = sorted(set(text.dropna()))
+        unmapped = [v for v in found if v not in mapping]
+        if unmapped:
+            pairs = ", ".join(f"{g}: {v}" for g, v in zip(self.groups, values))
+            raise ValueError(
+                f"{source}: column 'group' has value(s) {unmapped} that the design does not map "
+                f"(values found: {found}; the design's groups: {{{pairs}}}); name the two groups in the "
+                f"design file, e.g. groups: {{patient: {found[0]}, control: {found[-1]}}}")
+        out = participants.copy()
+        out["group"] = text.map(lambda v: None if v is None or pd.isna(v) else mapping[v])
+        return out
 
     # -- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -187,7 +258,8 @@ class GroupDesign:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown design key(s) {unknown}; allowed: {sorted(names)}")
+            from ..config import unknown_keys_message
+            raise ValueError(unknown_keys_message("design", unknown, names))
         return cls(**d)
 
     @classmethod

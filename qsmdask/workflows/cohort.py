@@ -27,11 +27,27 @@ class CohortPlan:
 
 
 def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_labels=None, *,
-                      force: bool = False, tables_url=None) -> CohortPlan:
-    """Split the cohort into subject-sessions to (re)compute and ones already up to date."""
+                      force: bool = False, tables_url=None, session_labels=None) -> CohortPlan:
+    """Split the cohort into subject-sessions to (re)compute and ones already up to date.
+
+    ``session_labels``: keep only these sessions (BIDS-App ``--session_label``; with or
+    without ``ses-``); a label no subject has is an error naming the sessions found.
+    """
     plan = CohortPlan()
     errors: list = []
     found = find_subject_sessions(bids_dir, participant_labels, errors=errors)
+    if session_labels:
+        from ..io.bids import validate_label
+        wanted = {validate_label(s, what="session label") for s in session_labels}
+        present = {ss.session for ss in found}
+        missing = sorted(wanted - present)
+        if missing:
+            have = ", ".join(sorted(f"ses-{s}" for s in present if s)) or "none (no session level)"
+            raise ValueError(f"{bids_dir}: session label(s) {', '.join('ses-' + m for m in missing)} not found; "
+                             f"sessions present: {have}")
+        found = [ss for ss in found if ss.session in wanted]
+        errors = [e for e in errors if getattr(e, "session_id", "")[4:] in wanted
+                  or not getattr(e, "session_id", "")]
     for e in errors:
         plan.invalid.append({"participant_id": getattr(e, "participant_id", ""),
                              "session_id": getattr(e, "session_id", ""), "stage": "discover",

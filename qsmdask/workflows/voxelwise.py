@@ -48,11 +48,13 @@ class VoxelwiseOptions:
     connectivity: int = 26
     mask_fraction: float = 0.9
     session: str | None = None
+    groups: tuple[str, str] = ("patient", "control")
 
 
-def _design_inputs(participants: pd.DataFrame, ids: list[str], covariates) -> tuple[np.ndarray, dict]:
+def _design_inputs(participants: pd.DataFrame, ids: list[str], covariates,
+                   groups=("patient", "control")) -> tuple[np.ndarray, dict]:
     p = participants.set_index("participant_id").loc[ids]
-    group = (p["group"].astype(str).str.lower() == "patient").astype(float).to_numpy()
+    group = (p["group"].astype(str) == str(groups[0])).astype(float).to_numpy()
     cov = {}
     for c in covariates:
         if c not in p.columns:
@@ -178,12 +180,14 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
         ses = options.session.removeprefix("ses-")
     else:
         ses = sorted(sessions)[0] if sessions else ""
-    known = set(participants["participant_id"])
+    in_groups = participants["group"].astype(str).isin([str(g) for g in options.groups]) \
+        if "group" in participants.columns else pd.Series(False, index=participants.index)
+    known = set(participants.loc[in_groups, "participant_id"])
     keys = sorted(k for k in sessions.get(ses, []) if k.partition("_ses-")[0] in known)
     if len(keys) < 4:
         return {"skipped": f"voxel-wise analysis needs >= 4 subjects with template-space maps, found {len(keys)}"}
     ids = [k.partition("_ses-")[0] for k in keys]
-    group, cov = _design_inputs(participants, ids, options.covariates)
+    group, cov = _design_inputs(participants, ids, options.covariates, options.groups)
     if group.sum() < 2 or (1 - group).sum() < 2:
         return {"skipped": "voxel-wise analysis needs >= 2 patients and >= 2 controls"}
     design, dropped = _estimable_design(two_group_design, group, cov)
