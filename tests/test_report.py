@@ -372,3 +372,34 @@ def test_clinical_panel_titles_carry_r_and_corrected_p_and_units(no_session_repo
     assert crp and all(re.search(r"r = -?\d\.\d\d, p_corr n/a", p["title"]) for p in crp)
     assert crp[0]["xlabel"] == "CRP (mg/L)"
     assert all(p["inside"] for p in panels), [p["title"] for p in panels if not p["inside"]]
+
+
+def test_qc_figure_directions_common_fov_outlines_and_outside_colour():
+    from matplotlib.colors import to_rgba
+    from matplotlib.image import AxesImage
+
+    from qsmdask.report.qc import OUTSIDE_MASK_COLOUR, qc_figure, qc_figure_object
+    mag, brain, total, local, chi, labels, vs = _phantom(shape=(56, 48, 24))  # a margin around the head
+    affine = np.diag([-vs[0], vs[1], vs[2], 1.0])  # LAS: the first voxel axis points left
+    fig = qc_figure_object(mag, brain, total, local, chi, voxel_size_mm=vs, labels=labels, affine=affine)
+    panels = [ax for ax in fig.axes if ax.images and ax.get_xticks().size == 0]
+    assert len(panels) == 12  # 4 rows x 3 views
+    rows = [panels[i:i + 3] for i in range(0, 12, 3)]
+    for col in range(3):  # the same field of view in every row, tighter than the volume
+        assert len({(r[col].get_xlim(), r[col].get_ylim()) for r in rows}) == 1
+    assert rows[0][0].get_xlim()[1] - rows[0][0].get_xlim()[0] < brain.shape[0] * vs[0]
+    letters = {t.get_text() for t in rows[0][0].texts}
+    assert letters == {"L", "R", "A", "P"}
+    right_edge = next(t for t in rows[0][0].texts if t.get_position() == (0.99, 0.5))
+    assert right_edge.get_text() == "L"  # voxel x increases to the left in this affine
+    assert {t.get_text() for t in rows[0][2].texts} == {"A", "P", "S", "I"}
+    # chi under the atlas: one image (chi) and thin line outlines, no opaque overlay
+    chi_axial = rows[3][0]
+    assert sum(isinstance(a, AxesImage) for a in chi_axial.get_children()) == 1 and chi_axial.collections
+    # outside the mask: its own colour in the field and chi rows
+    for r in rows[1:]:
+        cmap = r[0].images[0].get_cmap()
+        assert np.allclose(cmap(np.ma.masked)[:3], to_rgba(OUTSIDE_MASK_COLOUR)[:3])
+        assert np.ma.is_masked(r[0].images[0].get_array())
+    png = qc_figure(mag, brain, total, local, chi, voxel_size_mm=vs, labels=labels, affine=affine)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -270,7 +270,7 @@ def _qc_figure(ss, writer, url, chi, mask, labels, affine) -> Path:
     field, _ = zarrstore.read_volume(url, "field_ppm", dtype=np.float32)
     local, _ = zarrstore.read_volume(url, "local_field_ppm", dtype=np.float32)
     png = qc_figure(mag[..., 0], mask, field, local, chi, voxel_size_mm=voxel_size_from_affine(affine),
-                    labels=labels, title=ss.key)
+                    labels=labels, title=ss.key, affine=affine)
     return writer.save_bytes(ss.subject, ss.session, "qc", png, ext=".png", desc="recon")
 
 
