@@ -141,3 +141,12 @@ def test_mem_is_shared_by_the_workers(monkeypatch):
     import os
     assert os.environ["QSMDASK_WORKER_MEMORY"] == str(4_000_000_000)
     assert os.environ["QSMDASK_N_WORKERS"] == "4" and os.environ["QSMDASK_DASHBOARD_ADDRESS"] == "127.0.0.1:0"
+
+
+def test_session_label_selects_sessions(tiny_bids, tmp_path):
+    from qsmdask.config import PipelineConfig
+    from qsmdask.workflows.cohort import plan_participants
+    plan = plan_participants(tiny_bids, tmp_path / "out", PipelineConfig(), session_labels=["ses-pre"])
+    assert sorted(ss.key for ss, _ in plan.todo) == ["sub-01_ses-pre", "sub-02_ses-pre"]
+    with pytest.raises(ValueError, match=r"ses-post not found; sessions present: ses-pre"):
+        plan_participants(tiny_bids, tmp_path / "out", PipelineConfig(), session_labels=["post"])

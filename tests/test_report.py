@@ -403,3 +403,25 @@ def test_qc_figure_directions_common_fov_outlines_and_outside_colour():
         assert np.ma.is_masked(r[0].images[0].get_array())
     png = qc_figure(mag, brain, total, local, chi, voxel_size_mm=vs, labels=labels, affine=affine)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sidecar_method_names_the_chain_and_its_references():
+    from qsmdask.report.references import REFERENCES, chain_method
+    m = chain_method({"mask_method": "bet", "bgremove_method": "vsharp", "inversion_method": "iterative_tkd"})
+    assert "BET" in m["Method"] and "V-SHARP" in m["Method"] and "iterative TKD" in m["Method"]
+    assert "Tang et al. 2013" in m["Method"] and "Smith 2002" in m["Method"]
+    assert REFERENCES["tang2013"] in m["MethodReferences"] and REFERENCES["wu2012"] in m["MethodReferences"]
+    d = chain_method(None)  # the defaults: LBV + TV with a Bregman step
+    assert "LBV (Zhou et al. 2014)" in d["Method"] and REFERENCES["osher2005"] in d["MethodReferences"]
+
+
+def test_citation_cff_matches_the_package():
+    import tomllib
+
+    import yaml
+    root = Path(__file__).resolve().parents[1]
+    cff = yaml.safe_load((root / "CITATION.cff").read_text())
+    for key in ("cff-version", "message", "title", "authors", "version", "license"):
+        assert cff.get(key), key
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert str(cff["version"]) == project["version"] and cff["license"] == "BSD-3-Clause"

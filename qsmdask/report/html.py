@@ -882,19 +882,31 @@ def _section_postmortem(inp: _Inputs) -> str:
            f"p = {_fmt_p(res.get('p'))}, slope = {_fmt(res.get('slope'), 4)} ppm per (mg/100 g), "
            f"n = {_fmt(res.get('n'))} ROIs.</p>"]
     if xcol and ycol and len(table):
-        fig = _fig(5.5, 4.2)
+        fig = _fig(6.4, 4.6)
+        fig.set_layout_engine("constrained")
         ax = fig.add_subplot(1, 1, 1)
         x, y = table[xcol].to_numpy(float), table[ycol].to_numpy(float)
-        ax.scatter(x, y, color="#444444")
+        ax.scatter(x, y, color="#444444", s=28, zorder=3)
         names = table["roi"] if "roi" in table.columns else table.index
-        for xi, yi, nm in zip(x, y, names):
-            ax.annotate(str(nm), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        # labels beside their points, alternating above and below, inside the axes (margins)
+        order = np.argsort(x)
+        for rank, i in enumerate(order):
+            dy = 6 if rank % 2 == 0 else -12
+            right = x[i] < np.nanmedian(x) if np.isfinite(x).any() else True
+            ax.annotate(str(names.iloc[i] if hasattr(names, "iloc") else names[i]), (x[i], y[i]), fontsize=9,
+                        xytext=(6 if right else -6, dy), textcoords="offset points",
+                        ha="left" if right else "right")
+        ax.margins(x=0.18, y=0.15)
         if res.get("slope") is not None and np.isfinite(x).any():
             xx = np.linspace(np.nanmin(x), np.nanmax(x), 20)
-            ax.plot(xx, float(res["intercept"]) + float(res["slope"]) * xx, color="#d95f02")
-        ax.set_xlabel(f"{xcol} (Hallgren & Sourander 1958)", fontsize=8)
-        ax.set_ylabel(ycol, fontsize=8)
-        fig.subplots_adjust(left=0.14, right=0.97, top=0.95, bottom=0.12)
+            ax.plot(xx, float(res["intercept"]) + float(res["slope"]) * xx, color="#d95f02",
+                    label=f"least-squares fit: r = {_fmt(res.get('r'), 2)}, n = {_fmt(res.get('n'))}")
+            ax.legend(fontsize=8, frameon=False, loc="upper left")
+        ax.set_xlabel("non-haem iron post mortem (mg / 100 g fresh weight; Hallgren & Sourander 1958)",
+                      fontsize=9)
+        ax.set_ylabel("mean susceptibility (ppm)" if "ppm" in ycol or "chi" in ycol.lower() else ycol,
+                      fontsize=9)
+        ax.tick_params(labelsize=8)
         out.append(_img(fig, "susceptibility vs post-mortem iron"))
     out.append(_table(table))
     return "".join(out)

@@ -6,7 +6,7 @@ full citations (authors, year, title, journal, volume:pages).
 
 from __future__ import annotations
 
-__all__ = ["REFERENCES"]
+__all__ = ["REFERENCES", "chain_method"]
 
 REFERENCES: dict[str, str] = {
     "otsu1979": "Otsu N (1979). A threshold selection method from gray-level histograms. "
@@ -71,3 +71,65 @@ REFERENCES: dict[str, str] = {
                  "method for total variation-based image restoration. Multiscale Model Simul "
                  "4(2):460-489.",
 }
+
+
+def _short(key: str) -> str:
+    """'Zhou et al. 2014' from a reference's author list and year."""
+    ref = REFERENCES[key]
+    authors, _, rest = ref.partition(" (")
+    year = rest[:4]
+    names = [a.strip().split(" ")[0] for a in authors.replace(", et al.", "").split(",")]
+    if len(names) == 1:
+        return f"{names[0]} {year}"
+    if len(names) == 2:
+        return f"{names[0]} & {names[1]} {year}"
+    return f"{names[0]} et al. {year}"
+
+
+def chain_method(chain: dict | None) -> dict:
+    """Sidecar fields naming the reconstruction methods of ``chain`` and their references.
+
+    Returns ``{"Method": "...", "MethodReferences": [...]}``: ``Method`` names each step
+    with a short citation (brain mask, phase unwrapping, field fit, background removal,
+    dipole inversion), ``MethodReferences`` the full citations in that order.
+    """
+    from ..chain import ChainConfig
+
+    ch = ChainConfig.from_dict(chain or {})
+    steps, keys = [], []
+
+    def step(text, *refs):
+        for k in refs:
+            if k not in keys:
+                keys.append(k)
+        cites = "; ".join(_short(k) for k in refs)
+        steps.append(f"{text} ({cites})" if refs else text)
+
+    if ch.mask_method == "bet":
+        step(f"brain mask: BET surface model, fractional threshold {ch.bet_fraction:g}", "smith2002")
+    elif ch.mask_threshold_fraction is None:
+        step("brain mask: Otsu threshold of the first-echo magnitude", "otsu1979")
+    else:
+        step(f"brain mask: first-echo magnitude above {ch.mask_threshold_fraction:g} of its robust maximum")
+    if ch.unwrap_method in ("laplacian", "temporal"):
+        how = "of echo differences, then temporal" if ch.unwrap_method == "temporal" else "per echo"
+        step(f"phase unwrapping: Laplacian {how}", "schofield2003")
+    else:
+        step("phase unwrapping: quality-guided region growing")
+    step("field: magnitude-weighted linear fit over echo time" + (" with phase offset" if ch.fit_offset else ""))
+    bg = {"lbv": ("background field removal: LBV", ("zhou2014",)),
+          "vsharp": (f"background field removal: V-SHARP, radius up to {ch.sharp_radius_mm:g} mm",
+                     ("wu2012", "schweser2011")),
+          "pdf": ("background field removal: PDF", ("liu2011",))}.get(
+        ch.bgremove_method, (f"background field removal: SHARP, radius {ch.sharp_radius_mm:g} mm", ("schweser2011",)))
+    step(bg[0], *bg[1])
+    if ch.inversion_method == "tv":
+        refs = ("bilgic2014", "osher2005") if ch.tv_bregman_iterations else ("bilgic2014",)
+        step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
+             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else ""), *refs)
+    elif ch.inversion_method == "iterative_tkd":
+        step(f"dipole inversion: iterative TKD, threshold {ch.tkd_threshold:g}", "tang2013")
+    else:
+        step(f"dipole inversion: TKD, threshold {ch.tkd_threshold:g}", "shmueli2009")
+    return {"Method": "qsmdask QSM chain: " + "; ".join(steps) + ".",
+            "MethodReferences": [REFERENCES[k] for k in keys]}

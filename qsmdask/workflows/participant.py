@@ -28,6 +28,7 @@ from ..io import zarrstore
 from ..io.bids import SubjectSession, load_megre
 from ..io.derivatives import DerivativesWriter
 from ..io.nifti import load_nifti
+from ..report.references import chain_method
 from ..kernels import b0_direction_from_affine, voxel_size_from_affine
 
 __all__ = ["StageError", "ingest", "reconstruct", "standardise_and_measure", "write_outputs",
@@ -206,7 +207,7 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
         url = meta["work_url"]
         affine = np.asarray(meta["affine"])
         sources = [str(e.phase) for e in ss.echoes]
-        chain_meta = {"Method": "qsmdask chain", "Chain": cfg["chain"],
+        chain_meta = {**chain_method(cfg["chain"]), "Chain": cfg["chain"],
                       "EchoTimes": meta["echo_times_s"], "MagneticFieldStrength": meta["b0_tesla"],
                       "B0DirectionVoxel": meta["b0_dir"], "Notes": meta.get("notes", [])}
         files = []
