@@ -589,6 +589,9 @@ def main(argv=None) -> int:
         print(f"qsmdask: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_qsmdask", False)]:
+            root.removeHandler(h)  # main() may run again in this process (tests, notebooks)
         try:
             signal.signal(signal.SIGTERM, previous[0])
             signal.signal(signal.SIGINT, previous[1])

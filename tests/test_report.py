@@ -359,6 +359,11 @@ def test_intercepts_and_small_strata_are_never_findings():
                       "stratum": ["", "", "F", ""], "n": [40, 40, 6, 40],
                       "p_corrected": [1e-9, 0.01, 0.001, 1e-5]})
     assert _finding(t, 0.05).tolist() == [False, True, False, False]
+    # a correlation within 8 patients is not a finding either; a 8-vs-8 comparison is
+    cc = pd.DataFrame({"variable": ["hdrs", "hdrs"], "n": [8, 24], "p_corrected": [0.01, 0.01]})
+    assert _finding(cc, 0.05).tolist() == [False, True]
+    gw = pd.DataFrame({"n1": [8], "n2": [8], "p_corrected": [0.001]})
+    assert _finding(gw, 0.05).tolist() == [True]
 
 
 def test_clinical_panel_titles_carry_r_and_corrected_p_and_units(no_session_report):

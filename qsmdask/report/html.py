@@ -380,18 +380,17 @@ def _sig(df: pd.DataFrame, alpha=ALPHA) -> pd.Series:
 
 def _finding(df: pd.DataFrame, alpha=ALPHA) -> pd.Series:
     """Rows worth highlighting: corrected p < alpha, but never a model's intercept (it tests
-    whether susceptibility is zero, not an effect) and never a stratum of fewer than
-    MIN_STRATUM_N participants (too small to trust)."""
+    whether susceptibility is zero, not an effect) and never a row computed on fewer than
+    MIN_STRATUM_N participants (a stratum, or a correlation within a small group: too small
+    to trust). Two-group comparisons count their groups in ``n1``/``n2`` and are not affected."""
     sig = _sig(df, alpha)
     if df is None or not len(sig):
         return sig
     if "term" in df.columns:
         term = df["term"].astype(str).str.strip().str.lower()
         sig &= ~term.isin(["intercept", "(intercept)", "const", "constant"])
-    if "stratum" in df.columns and "n" in df.columns:
-        small = df["stratum"].notna() & (df["stratum"].astype(str) != "") & \
-            (pd.to_numeric(df["n"], errors="coerce").fillna(0) < MIN_STRATUM_N)
-        sig &= ~small
+    if "n" in df.columns:
+        sig &= ~(pd.to_numeric(df["n"], errors="coerce").fillna(0) < MIN_STRATUM_N)
     return sig
 
 
@@ -442,8 +441,11 @@ def _section_findings(inp: _Inputs) -> str:
             items.append("Susceptibility tracks the disease course in: " + "; ".join(parts)
                          + more + ' (see <a href="#course">disease course</a>).')
         else:
+            n_small = int((_sig(cc, alpha) & ~_finding(cc, alpha)).sum())
             items.append("No ROI correlates with a clinical variable at corrected p &lt; "
-                         f"{alpha} (Pearson or Spearman).")
+                         f"{alpha} (Pearson or Spearman)"
+                         + (f"; {n_small} correlation(s) below that p rest on fewer than {MIN_STRATUM_N} "
+                            "participants and are not counted as findings" if n_small else "") + ".")
     elif cc is None:
         items.append("No clinical correlation table (group/clinical_correlation.parquet); the "
                      "disease-course plots show the data without tests.")
@@ -996,9 +998,8 @@ def _section_other(inp: _Inputs) -> str:
         if name in shown:
             continue
         n_sig = int(_finding(t, alpha).sum()) if "p_corrected" in t.columns else 0
-        caveat = (" (intercepts and strata of fewer than "
-                  f"{MIN_STRATUM_N} participants are not counted or highlighted)"
-                  if {"term", "stratum"} & set(t.columns) else "")
+        caveat = (f" (intercepts and rows of fewer than {MIN_STRATUM_N} participants are not counted or "
+                  "highlighted)" if {"term", "n"} & set(t.columns) else "")
         out.append(f"<h3>{_esc(name)}</h3><p>{len(t)} row(s), {n_sig} with corrected p &lt; {alpha}"
                    f"{caveat}; the 15 smallest p values:</p>")
         cols = [c for c in ("session_id", "roi", "hemisphere", "variable", "correlation", "term",
