@@ -368,12 +368,12 @@ def _start_api(args):
     if not api.started_here and not api.reused:
         how = "from PREFECT_API_URL"
     elif api.reused:
-        how = "your server kept from an earlier run with --keep-server; stop it with: kill " + str(api.pid or "")
+        how = f"your server kept by an earlier --keep-server run; stop it with: kill {api.pid}"
     elif api.kept:
-        how = "started; it keeps running after this command (--keep-server)"
+        how = f"started; it keeps running after this command (--keep-server); stop it with: kill {api.process.pid}"
     else:
         how = "started for this command: it stops when the command ends (add --keep-server to keep it)"
-    print(f"Prefect UI {api.ui_url} ({how.rstrip(': ')})", file=sys.stderr)
+    print(f"Prefect UI {api.ui_url} ({how})", file=sys.stderr)
     return api
 
 
