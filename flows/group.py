@@ -12,7 +12,7 @@ from qsmdask.report import build_cohort_report
 from qsmdask.workflows.voxelwise import VoxelwiseOptions, run_voxelwise
 from qsmdask.stats import run_group_analysis
 from qsmdask.stats.design import GroupDesign
-from qsmdask.workflows.cohort import load_group_inputs, participant_atlas
+from qsmdask.workflows.cohort import load_group_inputs, participant_atlas, select_acquisitions
 
 
 @flow(name="qsmdask-group", log_prints=True)
@@ -29,6 +29,9 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
     roi, participants, sessions = load_group_inputs(bids_dir, output_dir, tables_url)
     gd = GroupDesign.from_dict(design) if design else GroupDesign()
     participants = gd.label_groups(participants, source=f"{Path(bids_dir) / 'participants.tsv'}")
+    roi, notes = select_acquisitions(roi, acq=gd.acq, run=gd.run)  # one acquisition per subject-session
+    for line in notes:
+        log.info("acquisition: %s", line)
     writer = DerivativesWriter(output_dir, tables_url=tables_url)
     writer.write_run_config(
         {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict(),
@@ -50,7 +53,7 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
         opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
         try:
             res = run_voxelwise(output_dir, participants, options=opts, atlas=participant_atlas(output_dir),
-                                tables_url=tables_url)
+                                tables_url=tables_url, acquisition={"acq": gd.acq, "run": gd.run})
         except Exception as e:  # the ROI statistics above stand on their own
             log.error("voxel-wise analysis failed: %s: %s", type(e).__name__, e)
             res = {"skipped": f"failed: {type(e).__name__}: {e}"}

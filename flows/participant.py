@@ -42,8 +42,9 @@ def standardise_task(meta, config):
 
 @task(name="write", task_run_name="write-{ss.key}", retries=2, retry_delay_seconds=2,
       retry_condition_fn=lambda task, run, state: _transient(state))
-def write_task(ss, meta, output_dir, config, key, tables_url=None):
-    return wf.write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url)
+def write_task(ss, meta, output_dir, config, key, tables_url=None, keep_work=False):
+    return wf.write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url,
+                            keep_work=keep_work)
 
 
 def _transient(state) -> bool:
@@ -140,12 +141,15 @@ def _cluster(log):
 def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[str] | None = None,
                      config: dict | None = None, force: bool = False,
                      work_root: str | None = None, tables_url: str | None = None,
-                     session_labels: list[str] | None = None) -> dict:
+                     session_labels: list[str] | None = None, keep_work: bool = False,
+                     validation_errors: list[dict] | None = None) -> dict:
     """Reconstruct and measure every subject-session that is new or changed.
 
     ``session_labels``: only these sessions (labels with or without ``ses-``; None: all).
 
     ``tables_url``: where the Parquet tables go (path or fsspec URL; default ``output_dir``).
+    ``keep_work``: keep the zarr work stores (of failed subject-sessions too).
+    ``validation_errors``: per-file BIDS-validator errors (``qsmdask.io.validation``).
     """
     log = get_run_logger()
     cfg = PipelineConfig.from_dict(config or {})
@@ -153,7 +157,7 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     writer.write_run_config({"level": "participant", "bids_dir": str(bids_dir), "config": cfg.to_dict(),
                              "tables_url": tables_url})
     plan = plan_participants(bids_dir, output_dir, cfg, participant_labels, force=force, tables_url=tables_url,
-                             session_labels=session_labels)
+                             session_labels=session_labels, validation_errors=validation_errors)
     _say(log, f"participant level: {len(plan.todo)} subject-session(s) to process, {len(plan.skipped)} "
               f"up to date, {len(plan.invalid)} unreadable")
     progress = create_progress_artifact(progress=0.0, description="subject-sessions finished (%)")
@@ -163,19 +167,21 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     chains = []
     for ss, key, need in runnable:
         paths = wf.work_paths(ss, output_dir, work_root)
-        active_work.register(paths["work_url"])  # removed by the CLI if the run is interrupted
+        if not keep_work:
+            active_work.register(paths["work_url"])  # removed by the CLI if the run is interrupted
         m = ingest_task.submit(ss, paths)
         with memory_annotation(need):  # at most MEMORY / need of these at once on a worker
             r = reconstruct_task.submit(m, cfg)
             s = standardise_task.submit(r, cfg)
-        w = write_task.submit(ss, s, output_dir, cfg, key, tables_url)
+        w = write_task.submit(ss, s, output_dir, cfg, key, tables_url, keep_work)
         chains.append((ss, [m, r, s, w], paths["work_url"]))
 
     done, failed = [], list(plan.invalid) + too_big
     for row in plan.invalid:
-        log.error("%s %s cannot be read: %s", row["participant_id"], row["session_id"], row["message"])
+        log.error("%s %s %s cannot be read: %s", row["participant_id"], row["session_id"], row["acquisition"],
+                  row["message"])
     for row in too_big:
-        key = "_".join(x for x in (row["participant_id"], row["session_id"]) if x)
+        key = "_".join(x for x in (row["participant_id"], row["session_id"], row["acquisition"]) if x)
         log.error("%s not submitted: %s", key, row["message"])
     t0 = time.monotonic()
     if chains:
@@ -198,6 +204,8 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
         else:
             row = wf.failure_row(ss, _first_error(futs))
             failed.append(row)
+            if not keep_work:  # a failed subject-session's volumes must not keep the disk full
+                wf.discard_work(wf.work_paths(ss, output_dir, work_root))
             status = f"FAILED at {row['stage']}"
             log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])
         active_work.release(url)

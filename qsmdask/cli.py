@@ -4,7 +4,8 @@
     qsmdask simulate OUT_DIR --subjects N --seed S [--sessions 2] [--sites K]
     qsmdask demo [OUT_DIR]
 
-Exit codes: 0 success; 1 error (bad input, bad configuration, crash); 2 usage error;
+Exit codes: 0 success; 1 error (bad input, including BIDS-validator errors of the whole
+dataset, bad configuration, an output folder inside the input dataset, crash); 2 usage error;
 3 the run finished but one or more subject-sessions failed (see the failure table);
 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM, as sent by SLURM, Kubernetes, kill).
 """
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute subject-sessions that are up to date")
     r.add_argument("--n-perm", type=_non_negative_int, default=1000,
                    help="permutations of the voxel-wise group analysis (study: 20000; 0 skips it)")
+    r.add_argument("--skip-bids-validation", action="store_true",
+                   help="do not run the official BIDS validator (bids-validator-deno) on BIDS_DIR first; "
+                        "qsmdask's own input checks still run")
 
     v = parser("serve", help="run the cohort flow on a BIDS folder on a cron schedule (blocks)",
                description="Registers the Prefect deployment 'qsmdask-cohort-nightly' and serves it: "
@@ -232,6 +236,8 @@ def _cluster_args(p):
                         "path, file:// or object-store URL such as s3://bucket/prefix (default OUTPUT_DIR)")
     g.add_argument("--prefect-port", type=_port, default=None,
                    help="preferred port of a new local Prefect server (default 4200, a free port when taken)")
+    g.add_argument("--keep-work", action="store_true",
+                   help="keep the zarr work stores (default: removed once a subject-session is done or failed)")
     g.add_argument("--keep-server", action="store_true",
                    help="leave the local Prefect server (and its UI) running after the command; later "
                         "commands of this user reuse it")
@@ -396,11 +402,41 @@ def _cluster_env(args):
 
 
 def run_participant(bids_dir, output_dir, *, labels=None, config=None, force=False, work_dir=None,
-                    tables_url=None, session_labels=None) -> dict:
+                    tables_url=None, session_labels=None, keep_work=False, validation_errors=None) -> dict:
     from flows.participant import participant_flow
     kw = {"session_labels": session_labels} if session_labels else {}
     return participant_flow(str(bids_dir), str(output_dir), participant_labels=labels, config=config,
-                            force=force, work_root=work_dir, tables_url=tables_url, **kw)
+                            force=force, work_root=work_dir, tables_url=tables_url, keep_work=keep_work,
+                            validation_errors=validation_errors, **kw)
+
+
+def _check_locations(args):
+    """Refuse outputs in the input dataset (other than BIDS_DIR/derivatives/...) before writing."""
+    from .io.bids import check_output_location
+    check_output_location(args.bids_dir, args.output_dir)
+    check_output_location(args.bids_dir, args.work_dir, what="work folder (--work-dir)")
+    check_output_location(args.bids_dir, args.tables_url, what="tables location (--tables-url)")
+
+
+def _validate_input(args) -> list | None:
+    """The official BIDS validator on BIDS_DIR (unless --skip-bids-validation or not installed).
+
+    Dataset-level errors stop the run (exit 1); errors confined to files are returned for the
+    participant level (an acquisition reading such a file fails alone).
+    """
+    if getattr(args, "skip_bids_validation", False):
+        return None
+    from .io.validation import VALIDATOR, BIDSValidationError, dataset_error_message, validate_bids
+    res = validate_bids(args.bids_dir)
+    if res is None:
+        print(f"{VALIDATOR} not installed: using qsmdask's own BIDS checks only", file=sys.stderr)
+        return None
+    if res.dataset:
+        raise BIDSValidationError(dataset_error_message(args.bids_dir, res.dataset))
+    if res.files:
+        print(f"BIDS validator: {len(res.files)} error(s) in single files (an acquisition reading one "
+              "fails alone, the others are ignored)", file=sys.stderr)
+    return res.files
 
 
 def run_group(bids_dir, output_dir, *, design=None, n_perm: int = 1000, tables_url=None) -> dict:
@@ -417,7 +453,7 @@ def _tables_root(output_dir, tables_url):
 def _print_failures(failed: list[dict]):
     print(f"\n{len(failed)} subject-session(s) failed:", file=sys.stderr)
     for f in failed:
-        ses = f" {f['session_id']}" if f["session_id"] else ""
+        ses = "".join(f" {f[k]}" for k in ("session_id", "acquisition") if f.get(k))
         print(f"  {f['participant_id']}{ses}  [{f['stage']}]  {f['error_type']}: {f['message']}",
               file=sys.stderr)
 
@@ -453,6 +489,7 @@ def _cmd_run(args) -> int:
     design = _load_design(args.design)
     from .io.lock import OutputLock
 
+    _check_locations(args)
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -462,19 +499,21 @@ def _cmd_run(args) -> int:
     with OutputLock(args.output_dir), RunLog(args.output_dir, args.analysis_level) as log:
         print(f"log: {log.path}", file=sys.stderr)
         try:
-            return _run_level(args, cfg, design)
+            validation_errors = _validate_input(args) if args.analysis_level == "participant" else None
+            return _run_level(args, cfg, design, validation_errors)
         except KeyboardInterrupt as e:  # handled here so that the log file gets the line too
             return _interrupted(args, e)
 
 
-def _run_level(args, cfg, design) -> int:
+def _run_level(args, cfg, design, validation_errors=None) -> int:
     _cluster_env(args)
     _start_api(args)
     t0 = time.monotonic()
     if args.analysis_level == "participant":
         res = run_participant(args.bids_dir, args.output_dir, labels=args.participant_label,
                               config=cfg.to_dict(), force=args.force, work_dir=args.work_dir,
-                              tables_url=args.tables_url, session_labels=args.session_label)
+                              tables_url=args.tables_url, session_labels=args.session_label,
+                              keep_work=args.keep_work, validation_errors=validation_errors)
         print(f"participant level: {len(res['done'])} done, {len(res['skipped'])} up to date, "
               f"{len(res['failed'])} failed in {time.monotonic() - t0:.0f} s -> {args.output_dir}")
         if res["failed"]:
@@ -493,6 +532,7 @@ def _run_level(args, cfg, design) -> int:
 def _cmd_serve(args) -> int:
     cfg = _load_config(args.config)
     design = _load_design(args.design)
+    _check_locations(args)
     _cluster_env(args)
     api = _start_api(args)
     from flows.serve import serve
@@ -529,7 +569,8 @@ def _cmd_demo(args) -> int:
         print(f"log: {log.path}", file=sys.stderr)
         try:
             _start_api(args)
-            res = run_participant(bids, deriv, work_dir=args.work_dir, tables_url=args.tables_url)
+            res = run_participant(bids, deriv, work_dir=args.work_dir, tables_url=args.tables_url,
+                                  keep_work=args.keep_work)
             written = run_group(bids, deriv, n_perm=args.n_perm, tables_url=args.tables_url)
         except KeyboardInterrupt as e:
             return _interrupted(args, e)

@@ -16,13 +16,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_megre_subject(root: Path, sub: str, ses: str = "", *, n_echoes=2, shape=(12, 12, 10),
-                        affine=None, seed=0, phase_scale=1.0, sidecar_extra=None):
-    """A tiny but valid MEGRE subject-session (random data) for IO tests."""
+                        affine=None, seed=0, phase_scale=1.0, sidecar_extra=None, entities=""):
+    """A tiny but valid MEGRE subject-session (random data) for IO tests.
+
+    ``entities``: acquisition entities placed after the session, e.g. ``"acq-fast_run-2"``.
+    """
     from qsmdask.io.nifti import save_nifti
     rng = np.random.default_rng(seed)
     affine = np.diag([1.0, 1.0, 2.0, 1.0]) if affine is None else affine
     anat = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
-    stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+    stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "") + (f"_{entities}" if entities else "")
     paths = []
     for e in range(1, n_echoes + 1):
         meta = {"EchoTime": 0.005 * e, "MagneticFieldStrength": 3.0, "EchoNumber": e}

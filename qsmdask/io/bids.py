@@ -11,6 +11,7 @@ Every fault raises :class:`qsmdask.io.nifti.InputError` naming the file and the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,15 +22,21 @@ import pandas as pd
 
 from .nifti import InputError, load_nifti, read_json
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "Echo", "SubjectSession", "parse_bids_name", "validate_label", "find_subject_sessions",
     "load_megre", "MEGREData", "read_participants", "read_sessions", "PARTICIPANT_COLUMNS",
-    "CLINICAL_COLUMNS", "phase_to_radians",
+    "CLINICAL_COLUMNS", "phase_to_radians", "ACQUISITION_ENTITIES", "check_output_location",
 ]
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _ENTITY = re.compile(r"^(?P<key>[a-z]+)-(?P<value>[A-Za-z0-9]+)$")
 _NIFTI_EXT = (".nii.gz", ".nii")
+
+#: BIDS entities that tell acquisitions of one subject-session apart, in BIDS entity order.
+#: Each is part of :attr:`SubjectSession.key`, of every output name and of the ROI table.
+ACQUISITION_ENTITIES = ("acq", "ce", "rec", "dir", "run")
 
 PARTICIPANT_COLUMNS = ("participant_id", "group")
 CLINICAL_COLUMNS = ("age", "hdrs", "relapse_count", "episode_weeks", "disease_weeks", "crp", "il6",
@@ -48,6 +55,30 @@ def validate_label(label: str, *, what: str = "participant label") -> str:
         raise ValueError(f"invalid {what} {raw!r}: BIDS labels are letters and digits only "
                          "(no path separators, '..', '_' or '-')")
     return label
+
+
+def check_output_location(bids_dir, path, *, what: str = "output folder") -> None:
+    """Refuse a local ``path`` that is the BIDS input folder or inside it.
+
+    The one place inside the input dataset that may hold outputs is its ``derivatives/``
+    folder (``BIDS_DIR/derivatives/<pipeline>``). URLs (``s3://...``) are not checked.
+    Raises ValueError naming both folders; call it before anything is written.
+    """
+    if path is None or "://" in str(path) and not str(path).startswith("file://"):
+        return
+    p = str(path)
+    if p.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+        p = unquote(urlparse(p).path)
+    src, out = Path(bids_dir).resolve(), Path(p).resolve()
+    if out != src and src not in out.parents:
+        return
+    rel = out.relative_to(src).parts
+    if len(rel) >= 2 and rel[0] == "derivatives":
+        return
+    where = "is the BIDS input folder itself" if out == src else f"is inside the BIDS input folder {bids_dir}"
+    raise ValueError(f"{path}: the {what} {where}; qsmdask never writes into its input dataset. "
+                     f"Use a folder outside it, or {Path(bids_dir) / 'derivatives' / 'qsmdask'}")
 
 
 def parse_bids_name(path) -> tuple[dict[str, str], str, str]:
@@ -91,7 +122,12 @@ class Echo:
 
 @dataclass(frozen=True)
 class SubjectSession:
-    """One subject-session with its multi-echo GRE files (sorted by echo number)."""
+    """One acquisition of a subject-session with its multi-echo GRE files (sorted by echo number).
+
+    ``extra_entities`` holds the distinguishing entities (:data:`ACQUISITION_ENTITIES`:
+    ``acq``, ``ce``, ``rec``, ``dir``, ``run``) present in the file names, in BIDS order, so
+    ``sub-01_run-1`` and ``sub-01_run-2`` are two subject-sessions with two keys.
+    """
 
     subject: str
     session: str  # "" when the dataset has no session level
@@ -108,8 +144,20 @@ class SubjectSession:
         return f"ses-{self.session}" if self.session else ""
 
     @property
+    def entities(self) -> dict[str, str]:
+        """The distinguishing entities (``{"acq": "fast", "run": "1"}``; empty when none)."""
+        return dict(self.extra_entities)
+
+    @property
+    def acquisition(self) -> str:
+        """The distinguishing entities as a name part (``"acq-fast_run-2"``; ``""`` when none)."""
+        return "_".join(f"{k}-{v}" for k, v in self.extra_entities)
+
+    @property
     def key(self) -> str:
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+        """``sub-<l>[_ses-<s>][_acq-<a>][_ce-..][_rec-..][_dir-..][_run-<n>]``: unique per acquisition."""
+        return "_".join([f"sub-{self.subject}"] + ([f"ses-{self.session}"] if self.session else [])
+                        + [f"{k}-{v}" for k, v in self.extra_entities])
 
     def input_files(self) -> list[Path]:
         files = []
@@ -189,8 +237,13 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
     t1ws: dict[tuple, Path] = {}
     for sub_dir in sorted(bids_dir.glob("sub-*")):
         if not sub_dir.is_dir():
+            log.warning("%s: not a subject folder (a file); ignored", sub_dir)
             continue
-        sub = validate_label(sub_dir.name, what=f"subject folder {sub_dir}")
+        try:
+            sub = validate_label(sub_dir.name, what=f"subject folder {sub_dir}")
+        except ValueError:
+            _stray_subject_folder(sub_dir, wanted, errors)
+            continue
         if wanted is not None and sub not in wanted:
             continue
         sub_found: dict[tuple, dict] = {}
@@ -203,7 +256,7 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
                     raise InputError(f, f"subject entity sub-{ents['sub']} does not match its folder "
                                         f"{sub_dir.name}")
                 ses = ents.get("ses", "")
-                extra = tuple(sorted((k, v) for k, v in ents.items() if k in ("acq", "run")))
+                extra = tuple((k, ents[k]) for k in ACQUISITION_ENTITIES if k in ents)
                 if suffix == "T1w":
                     t1ws.setdefault((sub, ses), f)
                     continue
@@ -229,7 +282,8 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
         if missing:
             raise InputError(bids_dir, "no MEGRE data for participant label(s) " + ", ".join(sorted(missing)))
     out = []
-    for (sub, ses, extra), echoes in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2])):
+    for (sub, ses, extra), echoes in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or "",
+                                                                             _entity_sort_key(kv[0][2]))):
         if ses is None:  # a subject whose files did not parse (already in errors)
             continue
         try:
@@ -237,13 +291,44 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
         except InputError as e:
             if errors is None:
                 raise
-            _note_error(errors, e, sub, ses)
+            _note_error(errors, e, sub, ses, extra)
     return out
 
 
-def _note_error(errors: list, e: InputError, sub: str, ses: str) -> None:
+def _stray_subject_folder(sub_dir: Path, wanted, errors: list | None) -> None:
+    """A ``sub-*`` folder whose name is not a BIDS subject label (``sub-01_old``, ``sub-0 2``).
+
+    Without image files it is a stray entry: ignored with a warning. With NIfTI files it looks
+    like a subject whose data cannot be used: one error (a failure row of that folder) when
+    ``errors`` collects them and no ``--participant-label`` selection excludes it, else a
+    warning. Never a cohort stop.
+    """
+    has_images = any(f.name.endswith(_NIFTI_EXT) for f in sub_dir.rglob("*") if f.is_file())
+    problem = ("folder name is not a BIDS subject label (sub-<letters and digits>); "
+               "its files are not processed")
+    if not has_images or wanted is not None or errors is None:
+        log.warning("%s: %s (ignored)", sub_dir, problem)
+        return
+    e = InputError(sub_dir, problem)
+    e.participant_id, e.session_id, e.acquisition = sub_dir.name, "", ""
+    errors.append(e)
+
+
+def _entity_sort_key(extra: tuple) -> tuple:
+    """Sort acquisitions: a missing entity first, then numbers naturally (run-2 before run-10)."""
+    ents = dict(extra)
+
+    def order(v):
+        if v is None:
+            return (0, 0, "")
+        return (1, int(v), "") if v.isdigit() else (2, 0, v)
+    return tuple(order(ents.get(k)) for k in ACQUISITION_ENTITIES)
+
+
+def _note_error(errors: list, e: InputError, sub: str, ses: str, extra: tuple = ()) -> None:
     e.participant_id = f"sub-{sub}"
     e.session_id = f"ses-{ses}" if ses else ""
+    e.acquisition = "_".join(f"{k}-{v}" for k, v in extra)
     errors.append(e)
 
 

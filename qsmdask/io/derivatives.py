@@ -10,6 +10,7 @@ Images, sidecars, figures, transforms and logs live under ``output_dir``; the Pa
 from __future__ import annotations
 
 import json
+import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,22 +22,72 @@ from .. import __version__
 from .nifti import atomic_write_bytes, atomic_write_json, save_nifti
 from .tables import file_digest, join_url, local_path, read_parquet, table_exists, write_parquet
 
-__all__ = ["DerivativesWriter", "bids_stem", "PIPELINE_NAME"]
+__all__ = ["DerivativesWriter", "bids_stem", "bids_uri", "dataset_link", "PIPELINE_NAME", "RAW_DATASET",
+           "BIDSIGNORE", "ENTITY_ORDER"]
 
 PIPELINE_NAME = "qsmdask"
+
+#: ``DatasetLinks`` name of the input dataset (BIDS URIs ``bids:raw:sub-01/anat/...``).
+RAW_DATASET = "raw"
+
+#: Outputs outside the BIDS derivatives specification, hidden from the BIDS validator:
+#: tables, report, logs, work area, QC figures, transforms and the QSM field maps in ppm
+#: (BIDS has no suffix for a total or local field in ppm; ``fieldmap`` means a B0 map of the
+#: ``fmap`` datatype in Hz with a magnitude image).
+BIDSIGNORE = """\
+roi
+group
+logs
+work
+failures.parquet
+report.html
+*_qc.png
+xfm
+*_totalfield.nii.gz
+*_totalfield.json
+*_localfield.nii.gz
+*_localfield.json
+"""
+
+
+def dataset_link(source_dataset, output_dir) -> str:
+    """``DatasetLinks`` value for the source dataset: its path relative to ``output_dir``
+    (``../..`` for ``BIDS/derivatives/qsmdask``), or an absolute ``file:`` URI when none exists."""
+    src, out = Path(source_dataset).resolve(), Path(output_dir).resolve()
+    try:
+        return Path(os.path.relpath(src, out)).as_posix()
+    except ValueError:  # another drive (Windows)
+        return src.as_uri()
+
+
+def bids_uri(path, dataset: str = RAW_DATASET) -> str:
+    """``bids:<dataset>:<path inside the dataset>`` of a file below a ``sub-<label>`` folder.
+
+    >>> bids_uri("/data/bids/sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz")
+    'bids:raw:sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz'
+    """
+    p = Path(path)
+    for i, parent in enumerate(p.parents):
+        if parent.name.startswith("sub-") and "_" not in parent.name:
+            rel = p.relative_to(parent.parent)
+            return f"bids:{dataset}:{rel.as_posix()}"
+    raise ValueError(f"{path}: not inside a sub-<label> folder, no BIDS URI")
+
+
+#: Entities of output names, in BIDS order (the acquisition entities of the input first).
+ENTITY_ORDER = ("acq", "ce", "rec", "dir", "run", "echo", "part", "space", "res", "label", "desc")
 
 
 def bids_stem(subject: str, session: str = "", **entities) -> str:
     """``sub-<s>[_ses-<t>][_<key>-<value>...]`` in BIDS entity order."""
-    order = ["acq", "run", "echo", "part", "space", "res", "desc", "label"]
+    unknown = set(entities) - set(ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown BIDS entities {sorted(unknown)}")
     parts = [f"sub-{subject}"] + ([f"ses-{session}"] if session else [])
-    for k in order:
+    for k in ENTITY_ORDER:
         v = entities.get(k)
         if v not in (None, ""):
             parts.append(f"{k}-{v}")
-    unknown = set(entities) - set(order)
-    if unknown:
-        raise ValueError(f"unknown BIDS entities {sorted(unknown)}")
     return "_".join(parts)
 
 
@@ -54,6 +105,13 @@ class DerivativesWriter:
 
     # dataset level -------------------------------------------------------------------------
     def write_dataset_description(self, source_dataset=None) -> Path:
+        """``dataset_description.json`` and ``.bidsignore`` of the derivatives dataset.
+
+        The source dataset is linked as ``raw`` (``DatasetLinks``: its path relative to
+        ``output_dir``, so moving both together keeps the link) and named in
+        ``SourceDatasets`` as the BIDS URI ``bids:raw:``; sidecars' ``Sources`` use
+        ``bids:raw:<path in the raw dataset>``.
+        """
         desc = {
             "Name": "qsmdask derivatives: quantitative susceptibility maps and ROI tables",
             "BIDSVersion": "1.9.0",
@@ -62,7 +120,9 @@ class DerivativesWriter:
                              "CodeURL": "https://github.com/qsmdask/qsmdask"}],
         }
         if source_dataset:
-            desc["SourceDatasets"] = [{"URL": Path(source_dataset).resolve().as_uri()}]
+            desc["DatasetLinks"] = {RAW_DATASET: dataset_link(source_dataset, self.root)}
+            desc["SourceDatasets"] = [{"URL": f"bids:{RAW_DATASET}:"}]
+        atomic_write_bytes(self.root / ".bidsignore", BIDSIGNORE.encode())
         return atomic_write_json(self.root / "dataset_description.json", desc)
 
     def write_run_config(self, config: dict, name: str = "qsmdask_config.json") -> Path:
@@ -86,10 +146,14 @@ class DerivativesWriter:
         path = self.image_path(subject, session, suffix, **entities)
         meta = {"GeneratedBy": [{"Name": PIPELINE_NAME, "Version": __version__}]}
         if sources:
-            meta["Sources"] = [str(s) for s in sources]
+            meta["Sources"] = [str(s) for s in sources]  # BIDS URIs (see bids_uri)
         meta.update(sidecar or {})
         save_nifti(path, data, affine, sidecar=meta)
         return path
+
+    def uri(self, path) -> str:
+        """``bids::<path>`` of a file of this derivatives dataset (for ``Sources``)."""
+        return "bids::" + Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
     def save_json(self, subject, session, suffix, obj: dict, **entities) -> Path:
         path = self.image_path(subject, session, suffix, ext=".json", **entities)
@@ -99,9 +163,9 @@ class DerivativesWriter:
         return atomic_write_bytes(self.image_path(subject, session, suffix, ext=ext, **entities), data)
 
     # tables -------------------------------------------------------------------------------
-    def roi_path(self, subject: str, session: str = "") -> Path | str:
-        """The ROI table of a subject-session (``<tables>/roi/sub-<l>[_ses-<s>]_roi.parquet``)."""
-        return self.table_location("roi", f"{bids_stem(subject, session)}_roi.parquet")
+    def roi_path(self, subject: str, session: str = "", **entities) -> Path | str:
+        """The ROI table of a subject-session (``<tables>/roi/sub-<l>[_ses-<s>][_acq-..][_run-..]_roi.parquet``)."""
+        return self.table_location("roi", f"{bids_stem(subject, session, **entities)}_roi.parquet")
 
     def roi_folder(self) -> Path | str:
         return self.table_location("roi")
@@ -112,8 +176,8 @@ class DerivativesWriter:
     def failures_path(self) -> Path | str:
         return self.table_location("failures.parquet")
 
-    def save_roi_table(self, subject: str, session: str, df: pd.DataFrame) -> Path | str:
-        return write_parquet(df, self.roi_path(subject, session),
+    def save_roi_table(self, subject: str, session: str, df: pd.DataFrame, **entities) -> Path | str:
+        return write_parquet(df, self.roi_path(subject, session, **entities),
                              metadata={"qsmdask_version": __version__})
 
     def save_group_table(self, name: str, df: pd.DataFrame) -> Path | str:
@@ -142,8 +206,12 @@ class DerivativesWriter:
     def _entry_location(self, entry: dict) -> Path | str:
         return self.root / entry["path"] if "path" in entry else entry["url"]
 
+    def manifest_path(self, subject: str, session: str = "", **entities) -> Path:
+        stem = bids_stem(subject, session, **entities)
+        return self.root / "logs" / "manifests" / f"{stem}_manifest.json"
+
     def write_manifest(self, subject: str, session: str, files: list, *, config: dict,
-                       status: dict | None = None) -> Path:
+                       status: dict | None = None, **entities) -> Path:
         """Manifest of a subject-session's outputs with SHA-256 checksums and the configuration.
 
         ``files`` are paths (recorded relative to ``output_dir`` when under it) or fsspec
@@ -158,11 +226,10 @@ class DerivativesWriter:
             entries[json.dumps(ref, sort_keys=True)] = {**ref, "sha256": digest[0], "bytes": digest[1]}
         manifest = {"qsmdask_version": __version__, "files": [entries[k] for k in sorted(entries)],
                     "config": config, **(status or {})}
-        path = self.root / "logs" / "manifests" / f"{bids_stem(subject, session)}_manifest.json"
-        return atomic_write_json(path, manifest)
+        return atomic_write_json(self.manifest_path(subject, session, **entities), manifest)
 
-    def read_manifest(self, subject: str, session: str = "") -> dict | None:
-        path = self.root / "logs" / "manifests" / f"{bids_stem(subject, session)}_manifest.json"
+    def read_manifest(self, subject: str, session: str = "", **entities) -> dict | None:
+        path = self.manifest_path(subject, session, **entities)
         if not path.exists():
             return None
         try:

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 
 __all__ = ["InputError", "atomic_write_bytes", "atomic_write_json", "save_nifti", "load_nifti",
-           "read_json", "sweep_temp_files"]
+           "read_json", "sweep_temp_files", "process_umask"]
 
 
 class InputError(ValueError):
@@ -33,6 +33,8 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         raise _named_os_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask)
+            os.fchmod(fd, 0o666 & ~process_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -46,6 +48,24 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             raise _named_os_error(e, path) from None
         raise
     return path
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux).
+
+    ``os.umask`` can only be read by setting it, which would briefly give files created by
+    other threads the wrong mode; it is the fallback where ``/proc`` has no ``Umask:`` line.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def sweep_temp_files(root) -> list[Path]:
@@ -107,6 +127,7 @@ def save_nifti(path, data: np.ndarray, affine, *, sidecar: dict | None = None,
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=float), header=header)
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")  # affines are in mm (BIDS validator: NIFTI_UNIT)
     if path.name.endswith(".nii.gz"):
         payload = nib.Nifti1Image.to_bytes(img)
         import gzip

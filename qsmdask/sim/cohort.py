@@ -3,10 +3,10 @@
 ``simulate_cohort`` draws a cohort plan (participants, clinical variables, sessions, sites)
 from one seed, simulates every subject-session with :mod:`qsmdask.sim.phantom` and writes
 
-- ``OUT/dataset_description.json``, ``OUT/participants.tsv`` and ``participants.json``;
+- ``OUT/dataset_description.json``, ``OUT/README``, ``OUT/participants.tsv`` and ``participants.json``;
 - per subject ``sub-XX/sub-XX_sessions.tsv`` (when there are sessions);
 - ``sub-XX[/ses-YY]/anat/sub-XX[_ses-YY]_echo-<n>_part-<mag|phase>_MEGRE.nii.gz`` (+ JSON
-  with ``EchoTime`` in s, ``MagneticFieldStrength`` in T, ``EchoNumber``) and ``..._T1w.nii.gz``;
+  with ``EchoTime`` in s, ``MagneticFieldStrength`` in T, ``EchoNumber``; phase with ``Units: rad``) and ``..._T1w.nii.gz``;
 - ground truth in ``OUT/derivatives/qsmdask-sim/``: ``..._desc-truth_Chimap.nii.gz`` (ppm,
   brain only), ``..._desc-truth_mask.nii.gz``, ``..._desc-truth_dseg.nii.gz`` (AAL labels,
   table in ``desc-truth_dseg.tsv``), ``..._desc-truth_pose.json`` and, with
@@ -369,7 +369,7 @@ def simulate_session_files(out_dir, plan: CohortPlan, participant_id: str,
         _save_int12(paths["magnitude"][e], sim.magnitude[..., e], mag_step, sim.affine,
                     sidecar=dict(meta, ImageType=["ORIGINAL", "PRIMARY", "M"]))
         _save_int12(paths["phase"][e], sim.phase_rad[..., e], ph_step, sim.affine, lo=-4096,
-                    sidecar=dict(meta, ImageType=["ORIGINAL", "PRIMARY", "P"], PhaseUnits="rad"))
+                    sidecar=dict(meta, ImageType=["ORIGINAL", "PRIMARY", "P"], Units="rad"))
     if cfg["t1w"]:
         _save_int12(paths["t1w"], sim.t1w, max(float(sim.t1w.max()), 1e-6) / 4095.0,
                     sim.t1w_affine, sidecar=dict(common, EchoTime=0.003, RepetitionTime=2.3,
@@ -456,6 +456,16 @@ _TRUTH_JSON = {
 }
 
 
+_README = """qsmdask synthetic cohort (seed {seed})
+
+Simulated multi-echo gradient-echo MRI (MEGRE, magnitude and phase per echo) of a patient /
+control cohort, written by qsmdask.sim {version} for testing and demonstrating the qsmdask
+pipeline. No real person's data: every image is computed from a numerical head model.
+participants.tsv holds the simulated clinical variables; derivatives/qsmdask-sim holds the
+ground truth (susceptibility in ppm, masks, labels, fields).
+"""
+
+
 def _write_tsv(path: Path, df: pd.DataFrame) -> None:
     atomic_write_bytes(path, df.to_csv(sep="\t", index=False, na_rep="n/a",
                                        lineterminator="\n").encode())
@@ -539,6 +549,7 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
         "DatasetType": "raw", "License": "CC0",
         "GeneratedBy": [{"Name": "qsmdask.sim", "Version": __version__}],
         "Authors": ["qsmdask simulator"]})
+    atomic_write_bytes(root / "README", _README.format(seed=seed, version=__version__).encode())
     participants = plan.participants.drop(columns=list(_TRUTH_COLUMNS))
     truth = plan.participants[["participant_id", "group", *_TRUTH_COLUMNS]]
     _write_tsv(root / "participants.tsv", participants)

@@ -130,6 +130,13 @@ class GroupDesign:
         Bootstrap resamples (effect-size and mediation CIs).
     seed : int
         Random seed for bootstraps.
+    acq : str or None
+        When a subject-session has several acquisitions (``acq``/``run``/... entities), the
+        ``acq`` label the group level uses; None: the default acquisition (the one without an
+        ``acq`` entity, else the first label in sort order). See
+        :func:`qsmdask.workflows.cohort.select_acquisitions`.
+    run : str
+        Which run of that acquisition: ``"lowest"`` (default), ``"highest"`` or a run number.
     """
 
     tests: tuple = ALL_TESTS
@@ -155,6 +162,8 @@ class GroupDesign:
     ci_method: str = "bootstrap"
     n_boot: int = 2000
     seed: int = 0
+    acq: str | None = None
+    run: str = "lowest"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
@@ -206,6 +215,11 @@ class GroupDesign:
             raise ValueError(f"n_boot must be >= 100, got {self.n_boot!r}")
         set_("n_boot", int(self.n_boot))
         set_("seed", int(self.seed))
+        if self.acq is not None and (not isinstance(self.acq, str) or not self.acq.isalnum()):
+            raise ValueError(f"acq must be an acq label (letters and digits) or null, got {self.acq!r}")
+        set_("run", str(self.run))
+        if self.run not in ("lowest", "highest") and not self.run.isdigit():
+            raise ValueError(f"run must be 'lowest', 'highest' or a run number, got {self.run!r}")
         if not isinstance(self.value, str) or not self.value:
             raise ValueError(f"value must be a column name, got {self.value!r}")
 

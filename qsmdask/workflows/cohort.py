@@ -8,15 +8,16 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import PipelineConfig
-from ..io.bids import SubjectSession, find_subject_sessions, read_participants, read_sessions
+from ..io.bids import (ACQUISITION_ENTITIES, SubjectSession, check_output_location, find_subject_sessions,
+                       read_participants, read_sessions)
 from ..io.derivatives import DerivativesWriter
 from ..io.tables import read_parquet_folder
 from .participant import estimate_subject_memory_bytes, is_up_to_date, resume_key
 
-__all__ = ["CohortPlan", "plan_participants", "check_memory", "write_failures", "summarise",
+__all__ = ["CohortPlan", "plan_participants", "apply_validation_errors", "select_acquisitions", "check_memory", "write_failures", "summarise",
            "load_group_inputs", "participant_atlas"]
 
-FAILURE_COLUMNS = ["participant_id", "session_id", "stage", "file", "error_type", "message"]
+FAILURE_COLUMNS = ["participant_id", "session_id", "acquisition", "stage", "file", "error_type", "message"]
 
 
 @dataclass
@@ -27,11 +28,15 @@ class CohortPlan:
 
 
 def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_labels=None, *,
-                      force: bool = False, tables_url=None, session_labels=None) -> CohortPlan:
+                      force: bool = False, tables_url=None, session_labels=None,
+                      validation_errors: list[dict] | None = None) -> CohortPlan:
     """Split the cohort into subject-sessions to (re)compute and ones already up to date.
 
     ``session_labels``: keep only these sessions (BIDS-App ``--session_label``; with or
     without ``ses-``); a label no subject has is an error naming the sessions found.
+    ``validation_errors``: the BIDS validator's errors confined to files
+    (:func:`qsmdask.io.validation.validate_bids`); an acquisition whose input files have one
+    fails at stage ``validate``, errors in files qsmdask does not read are logged.
     """
     plan = CohortPlan()
     errors: list = []
@@ -50,9 +55,13 @@ def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_
                   or not getattr(e, "session_id", "")]
     for e in errors:
         plan.invalid.append({"participant_id": getattr(e, "participant_id", ""),
-                             "session_id": getattr(e, "session_id", ""), "stage": "discover",
+                             "session_id": getattr(e, "session_id", ""),
+                             "acquisition": getattr(e, "acquisition", ""), "stage": "discover",
                              "file": str(getattr(e, "path", "")), "error_type": type(e).__name__,
                              "message": str(e)})
+    if validation_errors:
+        found, rows = apply_validation_errors(bids_dir, found, validation_errors)
+        plan.invalid += rows
     for ss in found:
         key = resume_key(ss, config)
         if not force and is_up_to_date(ss, output_dir, config, key, tables_url=tables_url):
@@ -80,7 +89,8 @@ def check_memory(todo: list[tuple[SubjectSession, str]], capacity_bytes: int | N
         need = (estimate_subject_memory_bytes(ss, template_resolution_mm=template_resolution_mm)
                 if capacity_bytes else None)
         if need is not None and need > capacity_bytes:
-            rows.append({"participant_id": ss.participant_id, "session_id": ss.session_id, "stage": "plan",
+            rows.append({"participant_id": ss.participant_id, "session_id": ss.session_id,
+                         "acquisition": ss.acquisition, "stage": "plan",
                          "file": str(ss.echoes[0].magnitude), "error_type": "MemoryError",
                          "message": (f"estimated peak memory {format_bytes(need)} for the GRE grid of "
                                      f"{ss.echoes[0].magnitude.name} exceeds the largest worker's MEMORY "
@@ -98,10 +108,13 @@ def write_failures(output_dir, rows: list[dict], *, attempted: list[SubjectSessi
     writer = DerivativesWriter(output_dir, tables_url=tables_url)
     old = writer.read_failures()
     old = pd.DataFrame(columns=FAILURE_COLUMNS) if old is None else old
-    tried = {(s.participant_id, s.session_id) for s in attempted}
-    tried |= {(r["participant_id"], r["session_id"]) for r in rows}
+    if "acquisition" not in old.columns:  # written by an older version
+        old.insert(2, "acquisition", "")
+    tried = {(s.participant_id, s.session_id, s.acquisition) for s in attempted}
+    tried |= {(r["participant_id"], r["session_id"], r.get("acquisition", "")) for r in rows}
     if len(old):
-        keep = [(p, s) not in tried for p, s in zip(old["participant_id"], old["session_id"])]
+        keep = [(p, s, a) not in tried
+                for p, s, a in zip(old["participant_id"], old["session_id"], old["acquisition"].fillna(""))]
         old = old[keep]
     new = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
     df = pd.concat([old, new], ignore_index=True) if len(old) else new
@@ -138,6 +151,7 @@ def load_group_inputs(bids_dir, output_dir, tables_url=None):
 
 
 def writer_for(output_dir, bids_dir, config: PipelineConfig, tables_url=None) -> DerivativesWriter:
+    check_output_location(bids_dir, output_dir)  # before anything is written
     w = DerivativesWriter(output_dir, tables_url=tables_url)
     w.write_dataset_description(source_dataset=bids_dir)
     return w
@@ -155,3 +169,112 @@ def participant_atlas(output_dir):
         c = {}
     return load_atlas(c.get("atlas", "aal"), labels_tsv=c.get("atlas_labels_tsv"),
                       groups_tsv=c.get("atlas_groups_tsv"))
+
+
+def apply_validation_errors(bids_dir, found: list[SubjectSession], issues: list[dict]
+                            ) -> tuple[list[SubjectSession], list[dict]]:
+    """Fail every acquisition one of whose input files has a BIDS-validator error.
+
+    ``issues``: dicts with ``location`` (``/sub-01/anat/...``, relative to the dataset) and
+    ``message``. Returns the acquisitions left and one failure row (stage ``validate``) per
+    failed acquisition; errors in files no acquisition reads are logged as warnings.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    root = Path(bids_dir).resolve()
+    by_file: dict[str, list[dict]] = {}
+    for i in issues:
+        by_file.setdefault(i["location"].lstrip("/"), []).append(i)
+    used: set[str] = set()
+    keep, rows = [], []
+    for ss in found:
+        rel = []
+        for f in ss.input_files():
+            try:
+                rel.append(Path(f).resolve().relative_to(root).as_posix())
+            except ValueError:
+                continue
+        used.update(rel)
+        hits = [(f, i) for f in rel for i in by_file.get(f, [])]
+        if not hits:
+            keep.append(ss)
+            continue
+        f, first = hits[0]
+        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+        rows.append({"participant_id": ss.participant_id, "session_id": ss.session_id,
+                     "acquisition": ss.acquisition, "stage": "validate", "file": str(root / f),
+                     "error_type": "BIDSValidationError",
+                     "message": f"BIDS validator: {first['message']}{more}"})
+    for loc, found_issues in sorted(by_file.items()):
+        if loc not in used:
+            log.warning("BIDS validator: /%s: %s (not an input of qsmdask; ignored)", loc,
+                        found_issues[0]["message"])
+    return keep, rows
+
+
+def _run_order(v: str):
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
+def select_acquisitions(roi: pd.DataFrame, *, acq: str | None = None, run: str = "lowest"
+                        ) -> tuple[pd.DataFrame, list[str]]:
+    """Keep one acquisition per subject-session of the ROI table (the group level's rule).
+
+    Among the acquisitions of a subject-session (the ROI table's ``acq``, ``ce``, ``rec``,
+    ``dir`` and ``run`` columns):
+
+    1. ``acq``: keep this ``acq`` label; ``None`` keeps the default acquisition: no ``acq``
+       entity when the subject-session has one without, else the first label in sort order.
+       A subject-session without the requested label is left out (and named in the result).
+    2. ``ce``, ``rec``, ``dir``: the one without the entity when present, else the first.
+    3. ``run``: ``"lowest"`` (default) or ``"highest"`` run number (no ``run`` entity counts
+       as lowest), or a run number to keep exactly that run.
+
+    Returns ``(table, notes)``: the filtered table and one line per subject-session left
+    out or reduced, for the logs.
+    """
+    cols = [c for c in ACQUISITION_ENTITIES if c in roi.columns]
+    if not cols or roi.empty:
+        return roi, []
+    if run not in ("lowest", "highest") and not str(run).isdigit():
+        raise ValueError(f"run must be 'lowest', 'highest' or a run number, got {run!r}")
+    df = roi.copy()
+    for c in cols:
+        df[c] = df[c].fillna("").astype(str)
+    keep_index, notes = [], []
+    for (pid, sid), g in df.groupby(["participant_id", "session_id"], sort=True):
+        cand = g[cols].drop_duplicates()
+        if len(cand) == 1:
+            keep_index.append(g.index)
+            continue
+        if "acq" in cols:
+            labels = sorted(cand["acq"].unique())
+            want = acq if acq is not None else ("" if "" in labels else labels[0])
+            cand = cand[cand["acq"] == want]
+            if cand.empty:
+                notes.append(f"{pid} {sid}: no acquisition acq-{acq} (found {labels}); left out")
+                continue
+        for c in ("ce", "rec", "dir"):
+            if c in cols:
+                vals = sorted(cand[c].unique())
+                cand = cand[cand[c] == ("" if "" in vals else vals[0])]
+        if "run" in cols:
+            runs = sorted(cand["run"].unique(), key=_run_order)
+            if run == "lowest":
+                pick = runs[0]
+            elif run == "highest":
+                pick = runs[-1]
+            else:
+                pick = str(run)
+            cand = cand[cand["run"] == pick]
+            if cand.empty:
+                notes.append(f"{pid} {sid}: no run-{run} (found {runs}); left out")
+                continue
+        chosen = cand.iloc[0]
+        sel = (g[cols] == chosen[cols]).all(axis=1)
+        keep_index.append(g.index[sel.to_numpy()])
+        label = "_".join(f"{c}-{chosen[c]}" for c in cols if chosen[c]) or "(no entities)"
+        notes.append(f"{pid} {sid}: {len(g[cols].drop_duplicates())} acquisitions, the group level uses {label}")
+    idx = keep_index[0].append(keep_index[1:]) if keep_index else df.index[:0]
+    return roi.loc[roi.index.isin(idx)], notes

@@ -26,12 +26,15 @@ from .. import __version__
 from ..config import PipelineConfig
 from ..io import zarrstore
 from ..io.bids import SubjectSession, load_megre
-from ..io.derivatives import DerivativesWriter
+from ..io.derivatives import DerivativesWriter, bids_uri
 from ..io.nifti import load_nifti
 from ..report.references import chain_method
 from ..kernels import b0_direction_from_affine, voxel_size_from_affine
 
-__all__ = ["StageError", "ingest", "reconstruct", "standardise_and_measure", "write_outputs",
+#: ROI-table columns of the acquisition entities (``""`` where the input has none).
+ROI_ENTITY_COLUMNS = ("acq", "ce", "rec", "dir", "run")
+
+__all__ = ["StageError", "error_file", "discard_work", "ROI_ENTITY_COLUMNS", "ingest", "reconstruct", "standardise_and_measure", "write_outputs",
            "process_subject_session", "resume_key", "is_up_to_date", "failure_row",
            "estimate_task_memory_bytes", "estimate_subject_memory_bytes"]
 
@@ -41,7 +44,7 @@ class StageError(RuntimeError):
 
     def __init__(self, key: str, stage: str, error: BaseException):
         self.key, self.stage = key, stage
-        self.file = getattr(error, "path", "")
+        self.file = error_file(error)
         self.error_type = type(error).__name__
         self.message = str(error)
         self.trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -50,6 +53,16 @@ class StageError(RuntimeError):
     def __reduce__(self):  # picklable across Dask workers
         return (_rebuild_stage_error, (self.key, self.stage, self.file, self.error_type,
                                        self.message, self.trace))
+
+
+def error_file(error: BaseException) -> str:
+    """The file an error names: ``InputError.path``, ``OSError.filename`` (e.g. the output a
+    full disk could not take), else ``""``."""
+    for attr in ("path", "filename"):
+        v = getattr(error, attr, None)
+        if v:
+            return str(v)
+    return ""
 
 
 def _rebuild_stage_error(key, stage, file, error_type, message, trace):
@@ -64,9 +77,10 @@ def failure_row(ss: SubjectSession, err: BaseException) -> dict:
     if isinstance(err, StageError):
         stage, file, etype, msg = err.stage, err.file, err.error_type, err.message
     else:
-        stage, file, etype, msg = "orchestration", getattr(err, "path", ""), type(err).__name__, str(err)
-    return {"participant_id": ss.participant_id, "session_id": ss.session_id, "stage": stage,
-            "file": str(file), "error_type": etype, "message": msg[:2000]}
+        stage, file, etype, msg = "orchestration", error_file(err), type(err).__name__, str(err)
+    return {"participant_id": ss.participant_id, "session_id": ss.session_id,
+            "acquisition": ss.acquisition, "stage": stage, "file": str(file), "error_type": etype,
+            "message": msg[:2000]}
 
 
 class _stage:
@@ -83,8 +97,9 @@ class _stage:
 
 
 def resume_key(ss: SubjectSession, config: PipelineConfig) -> str:
-    """Input checksum + configuration fingerprint + pipeline version."""
+    """Acquisition key + input checksum + configuration fingerprint + pipeline version."""
     h = hashlib.sha256()
+    h.update(ss.key.encode())
     h.update(ss.checksum().encode())
     h.update(config.fingerprint().encode())
     h.update(__version__.encode())
@@ -99,12 +114,12 @@ def is_up_to_date(ss: SubjectSession, output_dir, config: PipelineConfig, key: s
     another tables location recomputes the subject-session).
     """
     writer = DerivativesWriter(output_dir, tables_url=tables_url)
-    manifest = writer.read_manifest(ss.subject, ss.session)
+    manifest = writer.read_manifest(ss.subject, ss.session, **ss.entities)
     if not manifest or manifest.get("status") != "done":
         return False
     key = key or resume_key(ss, config)
     return (manifest.get("resume_key") == key
-            and writer.manifest_lists(manifest, writer.roi_path(ss.subject, ss.session))
+            and writer.manifest_lists(manifest, writer.roi_path(ss.subject, ss.session, **ss.entities))
             and writer.manifest_intact(manifest))
 
 
@@ -204,62 +219,74 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
     with _stage(ss.key, "write"):
         cfg = config.to_dict()
         writer = DerivativesWriter(output_dir, tables_url=tables_url)
+        ents = ss.entities  # acq, ce, rec, dir, run of the input: in every output name
+        sub, ses = ss.subject, ss.session
         url = meta["work_url"]
         affine = np.asarray(meta["affine"])
-        sources = [str(e.phase) for e in ss.echoes]
+        sources = [bids_uri(p) for e in ss.echoes for p in (e.magnitude, e.phase)]
         chain_meta = {**chain_method(cfg["chain"]), "Chain": cfg["chain"],
                       "EchoTimes": meta["echo_times_s"], "MagneticFieldStrength": meta["b0_tesla"],
                       "B0DirectionVoxel": meta["b0_dir"], "Notes": meta.get("notes", [])}
         files = []
         chi, _ = zarrstore.read_volume(url, "chi_ppm", dtype=np.float32)
-        files.append(writer.save_image(ss.subject, ss.session, "Chimap", chi, affine, sources=sources,
-                                       sidecar={**chain_meta, "Units": "ppm"}))
+        chi_path = writer.save_image(sub, ses, "Chimap", chi, affine, sources=sources,
+                                     sidecar={**chain_meta, "Units": "ppm", "SkullStripped": True}, **ents)
+        files.append(chi_path)
         mask, _ = zarrstore.read_volume(url, "mask")
-        files.append(writer.save_image(ss.subject, ss.session, "mask", mask.astype(np.uint8), affine,
-                                       desc="brain", sources=sources,
-                                       sidecar={**chain_meta, "Type": "Brain"}))
-        for name, desc in (("local_field_ppm", "local"), ("field_ppm", "total")):
+        mask_path = writer.save_image(sub, ses, "mask", mask.astype(np.uint8), affine,
+                                      desc="brain", sources=sources,
+                                      sidecar={**chain_meta, "Type": "Brain"}, **ents)
+        files.append(mask_path)
+        # QSM fields in ppm: no BIDS suffix exists for them (listed in .bidsignore)
+        for name, suffix in (("local_field_ppm", "localfield"), ("field_ppm", "totalfield")):
             arr, _ = zarrstore.read_volume(url, name, dtype=np.float32)
-            files.append(writer.save_image(ss.subject, ss.session, "fieldmap", arr, affine, desc=desc,
-                                           sources=sources, sidecar={**chain_meta, "Units": "ppm"}))
+            files.append(writer.save_image(sub, ses, suffix, arr, affine, sources=sources,
+                                           sidecar={**chain_meta, "Units": "ppm", "SkullStripped": True},
+                                           **ents))
         tpl_aff = np.asarray(meta["template_affine"])
         space = "MNI152NLin2009aSym"
         reg_meta = {"Registration": config.registration, "Template": "MNI152 (nilearn package data)",
                     "TemplateResolution_mm": config.template_resolution_mm,
                     "Transforms": [Path(p).name for p in meta.get("transform_files", [])]}
+        chi_src = [writer.uri(chi_path)]
         arr, _ = zarrstore.read_volume(url, "chi_template_ppm", dtype=np.float32)
-        files.append(writer.save_image(ss.subject, ss.session, "Chimap", arr, tpl_aff, space=space,
-                                       sidecar={**reg_meta, "Units": "ppm"}))
+        files.append(writer.save_image(sub, ses, "Chimap", arr, tpl_aff, space=space, sources=chi_src,
+                                       sidecar={**reg_meta, "Units": "ppm", "SkullStripped": True}, **ents))
         if zarrstore.has_volume(url, "chi_template_smooth_ppm"):
             arr, _ = zarrstore.read_volume(url, "chi_template_smooth_ppm", dtype=np.float32)
-            files.append(writer.save_image(ss.subject, ss.session, "Chimap", arr, tpl_aff, space=space,
-                                           desc="smooth", sidecar={**reg_meta, "Units": "ppm",
-                                           "SmoothingFWHM_mm": config.smoothing_fwhm_mm}))
+            files.append(writer.save_image(sub, ses, "Chimap", arr, tpl_aff, space=space,
+                                           desc="smooth", sources=chi_src,
+                                           sidecar={**reg_meta, "Units": "ppm", "SkullStripped": True,
+                                                    "SmoothingFWHM_mm": config.smoothing_fwhm_mm}, **ents))
         arr, _ = zarrstore.read_volume(url, "mask_template")
-        files.append(writer.save_image(ss.subject, ss.session, "mask", arr.astype(np.uint8), tpl_aff,
-                                       space=space, desc="brain", sidecar=reg_meta))
+        files.append(writer.save_image(sub, ses, "mask", arr.astype(np.uint8), tpl_aff,
+                                       space=space, desc="brain", sources=[writer.uri(mask_path)],
+                                       sidecar={**reg_meta, "Type": "Brain"}, **ents))
         labels, _ = zarrstore.read_volume(url, "atlas_native")
-        files.append(writer.save_image(ss.subject, ss.session, "dseg", labels.astype(np.int16), affine,
-                                       desc=_atlas_desc(config.atlas),
-                                       sidecar={"Atlas": config.atlas, **reg_meta}))
+        files.append(writer.save_image(sub, ses, "dseg", labels.astype(np.int16), affine,
+                                       desc=_atlas_desc(config.atlas), sources=sources,
+                                       sidecar={"Atlas": config.atlas, **reg_meta}, **ents))
         files.append(_qc_figure(ss, writer, url, chi, mask.astype(bool), labels, affine))
         files += [Path(p) for p in meta.get("transform_files", [])]
 
         roi = pd.read_parquet(meta["roi_tmp"])
+        for col in reversed(ROI_ENTITY_COLUMNS):  # after participant_id, session_id (below)
+            roi.insert(0, col, ents.get(col, ""))
         roi.insert(0, "session_id", ss.session_id)
         roi.insert(0, "participant_id", ss.participant_id)
         if "measure" not in roi.columns:
-            roi.insert(2, "measure", "chi")
+            roi.insert(2 + len(ROI_ENTITY_COLUMNS), "measure", "chi")
         for k, v in meta.get("qc", {}).items():
             roi[f"qc_{k}"] = v
-        files.append(writer.save_roi_table(ss.subject, ss.session, roi))
+        files.append(writer.save_roi_table(sub, ses, roi, **ents))
         Path(meta["roi_tmp"]).unlink(missing_ok=True)
-        manifest = writer.write_manifest(ss.subject, ss.session, files, config=cfg,
+        manifest = writer.write_manifest(sub, ses, files, config=cfg,
                                          status={"status": "done", "resume_key": resume or "",
-                                                 "qc": meta.get("qc", {})})
+                                                 "key": ss.key, "qc": meta.get("qc", {})}, **ents)
         if not keep_work:
             zarrstore.remove_group(url)
         return {"participant_id": ss.participant_id, "session_id": ss.session_id,
+                "acquisition": ss.acquisition, "key": ss.key,
                 "manifest": str(manifest), "n_files": len(files), "qc": meta.get("qc", {})}
 
 
@@ -272,7 +299,7 @@ def _qc_figure(ss, writer, url, chi, mask, labels, affine) -> Path:
     local, _ = zarrstore.read_volume(url, "local_field_ppm", dtype=np.float32)
     png = qc_figure(mag[..., 0], mask, field, local, chi, voxel_size_mm=voxel_size_from_affine(affine),
                     labels=labels, title=ss.key, affine=affine)
-    return writer.save_bytes(ss.subject, ss.session, "qc", png, ext=".png", desc="recon")
+    return writer.save_bytes(ss.subject, ss.session, "qc", png, ext=".png", desc="recon", **ss.entities)
 
 
 def _atlas_desc(atlas: str) -> str:
@@ -343,21 +370,43 @@ def work_paths(ss: SubjectSession, output_dir, work_root: str | None = None) -> 
     """Where a subject-session's intermediate zarr group, transforms and ROI table live.
 
     ``work_root`` may be any fsspec URL for the zarr volumes (``file://``, ``memory://``,
-    ``s3://``); by default ``OUTPUT_DIR/work``.
+    ``s3://``); by default ``OUTPUT_DIR/work``. Every path carries the acquisition key, so
+    two runs of one subject-session never share a store.
     """
     root = Path(output_dir)
     zroot = (work_root.rstrip("/") if work_root else str(root / "work"))
-    return {"work_url": f"{zroot}/{ss.key}.zarr",
-            "transform_dir": str(root / f"sub-{ss.subject}" / (f"ses-{ss.session}" if ss.session else "")
-                                 / "xfm"),
+    xfm = root / f"sub-{ss.subject}"
+    if ss.session:
+        xfm = xfm / f"ses-{ss.session}"
+    xfm = xfm / "xfm"
+    if ss.acquisition:
+        xfm = xfm / ss.acquisition
+    return {"work_url": f"{zroot}/{ss.key}.zarr", "transform_dir": str(xfm),
             "roi_tmp": str(root / "work" / f"{ss.key}_roi.parquet")}
 
 
+def discard_work(paths: dict) -> None:
+    """Remove a failed subject-session's zarr work group and temporary ROI table (they may
+    fill the disk); errors while removing are ignored (nothing else depends on them)."""
+    try:
+        zarrstore.remove_group(paths["work_url"])
+    except Exception:  # noqa: BLE001 - best effort: an unreachable store stays
+        pass
+    Path(paths["roi_tmp"]).unlink(missing_ok=True)
+
+
 def process_subject_session(ss: SubjectSession, output_dir, config: PipelineConfig, *,
-                            work_root: str | None = None, tables_url=None) -> dict:
+                            work_root: str | None = None, tables_url=None, keep_work: bool = False) -> dict:
     """Run all stages for one subject-session in this process (library use and tests)."""
     key = resume_key(ss, config)
-    meta = ingest(ss, work_paths(ss, output_dir, work_root))
-    meta = reconstruct(meta, config)
-    meta = standardise_and_measure(meta, config)
-    return write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url)
+    paths = work_paths(ss, output_dir, work_root)
+    try:
+        meta = ingest(ss, paths)
+        meta = reconstruct(meta, config)
+        meta = standardise_and_measure(meta, config)
+        return write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url,
+                             keep_work=keep_work)
+    except BaseException:
+        if not keep_work:
+            discard_work(paths)
+        raise

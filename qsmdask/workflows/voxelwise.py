@@ -116,11 +116,39 @@ def _stack_voxels(shape, affine) -> np.ndarray:
 
 
 def _session_key(path: Path) -> tuple[str, str]:
-    """(participant_id, subject-session key) from a derivatives file name."""
-    name = path.name
-    sub = name.split("_")[0]
-    ses = name.split("_ses-")[1].split("_")[0] if "_ses-" in name else ""
-    return sub, f"{sub}_ses-{ses}" if ses else sub
+    """(participant_id, acquisition key) from a derivatives file name.
+
+    The key is the subject-session's with its acquisition entities:
+    ``sub-01[_ses-pre][_acq-<a>][_run-<n>]`` (as :attr:`qsmdask.io.bids.SubjectSession.key`),
+    so two runs of one subject-session are two rows of the stack.
+    """
+    from ..io.bids import ACQUISITION_ENTITIES, parse_bids_name
+    ents = parse_bids_name(path)[0]
+    sub = f"sub-{ents['sub']}"
+    parts = [sub] + ([f"ses-{ents['ses']}"] if ents.get("ses") else [])
+    parts += [f"{k}-{ents[k]}" for k in ACQUISITION_ENTITIES if ents.get(k)]
+    return sub, "_".join(parts)
+
+
+def _key_entities(key: str) -> dict[str, str]:
+    """``{"sub": "01", "ses": "pre", "run": "2"}`` of a stack key."""
+    return dict(part.split("-", 1) for part in key.split("_") if "-" in part)
+
+
+def _one_acquisition_per_subject(keys: list[str], acq=None, run="lowest") -> list[str]:
+    """Apply the group level's acquisition rule to stack keys of one session (one per subject)."""
+    from ..io.bids import ACQUISITION_ENTITIES
+    from .cohort import select_acquisitions
+
+    if not keys:
+        return keys
+    rows = []
+    for k in keys:
+        ents = _key_entities(k)
+        rows.append({"participant_id": f"sub-{ents['sub']}", "session_id": ents.get("ses", ""),
+                     **{e: ents.get(e, "") for e in ACQUISITION_ENTITIES}, "key": k})
+    table, _ = select_acquisitions(pd.DataFrame(rows), acq=acq, run=run)
+    return sorted(table["key"])
 
 
 def update_voxelwise_stack(output_dir, *, client=None) -> tuple[str, dict]:
@@ -157,8 +185,12 @@ def update_voxelwise_stack(output_dir, *, client=None) -> tuple[str, dict]:
 
 
 def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseOptions = VoxelwiseOptions(),
-                  client=None, atlas=None, tables_url=None) -> dict:
+                  client=None, atlas=None, tables_url=None, acquisition: dict | None = None) -> dict:
     """Run the voxel-wise group comparison; returns paths of what it wrote and a summary.
+
+    ``acquisition``: ``{"acq": ..., "run": ...}``, the rule that picks one acquisition per
+    subject-session (:func:`qsmdask.workflows.cohort.select_acquisitions`; default: the
+    default ``acq``, lowest run).
 
     Out of core: the maps go into the cohort stack (:func:`update_voxelwise_stack`), and the
     GLM and permutations run over its voxel blocks (:func:`qsmdask.perm.distributed.permutation_test_stack`).
@@ -174,8 +206,7 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
     rows = stack_rows(store)
     sessions = {}
     for key in rows:
-        sub, _, ses = key.partition("_ses-")
-        sessions.setdefault(ses, []).append(key)
+        sessions.setdefault(_key_entities(key).get("ses", ""), []).append(key)
     if options.session:
         ses = options.session.removeprefix("ses-")
     else:
@@ -183,10 +214,12 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
     in_groups = participants["group"].astype(str).isin([str(g) for g in options.groups]) \
         if "group" in participants.columns else pd.Series(False, index=participants.index)
     known = set(participants.loc[in_groups, "participant_id"])
-    keys = sorted(k for k in sessions.get(ses, []) if k.partition("_ses-")[0] in known)
+    parsed = {k: _key_entities(k) for k in sessions.get(ses, [])}
+    keys = [k for k, ents in parsed.items() if f"sub-{ents['sub']}" in known]
+    keys = _one_acquisition_per_subject(keys, **(acquisition or {}))
     if len(keys) < 4:
         return {"skipped": f"voxel-wise analysis needs >= 4 subjects with template-space maps, found {len(keys)}"}
-    ids = [k.partition("_ses-")[0] for k in keys]
+    ids = [f"sub-{parsed[k]['sub']}" for k in keys]
     group, cov = _design_inputs(participants, ids, options.covariates, options.groups)
     if group.sum() < 2 or (1 - group).sum() < 2:
         return {"skipped": "voxel-wise analysis needs >= 2 patients and >= 2 controls"}
