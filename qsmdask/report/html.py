@@ -194,6 +194,9 @@ class _Inputs:
                 roi["session_id"] = roi.get("session_id", "").fillna("").astype(str) \
                     if "session_id" in roi.columns else ""
                 self.roi = roi
+                from ..workflows.cohort import select_acquisitions  # the group level's rule
+                d = self._design()
+                self.roi = select_acquisitions(roi, acq=d.acq, run=d.run)[0]
             else:
                 self.problems["roi"] = f"no ROI tables in {roi_dir} (run the participant level)"
         except Exception as e:  # noqa: BLE001 - reported in the section
