@@ -33,7 +33,8 @@ def write_megre_subject(root: Path, sub: str, ses: str = "", *, n_echoes=2, shap
         mag = rng.uniform(10, 100, shape).astype(np.float32)
         ph = (rng.uniform(-np.pi, np.pi, shape) * phase_scale).astype(np.float32)
         paths.append(save_nifti(anat / f"{stem}_echo-{e}_part-mag_MEGRE.nii.gz", mag, affine, sidecar=meta))
-        paths.append(save_nifti(anat / f"{stem}_echo-{e}_part-phase_MEGRE.nii.gz", ph, affine, sidecar=meta))
+        paths.append(save_nifti(anat / f"{stem}_echo-{e}_part-phase_MEGRE.nii.gz", ph, affine,
+                                sidecar={"Units": "rad", **meta}))  # Units: required by BIDS for phase
     return paths
 
 

@@ -203,7 +203,7 @@ def test_input_validation_dataset_errors_stop_file_errors_fail_one_subject(tmp_p
     (root / "README").write_text("test dataset\n")
     (root / "participants.tsv").write_text("participant_id\tgroup\nsub-01\tpatient\nsub-02\tcontrol\n")
     for sub in ("01", "02"):
-        write_megre_subject(root, sub, sidecar_extra={"Units": "rad"}, seed=int(sub))
+        write_megre_subject(root, sub, seed=int(sub))
     bad = root / "sub-02/anat/sub-02_echo-2_part-phase_MEGRE.json"
     meta = json.loads(bad.read_text())
     del meta["Units"]  # required for part-phase files

@@ -79,7 +79,10 @@ def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api
     assert rc == EXIT_SUBJECTS_FAILED
     fails = pd.read_parquet(out / "failures.parquet")
     assert list(fails["participant_id"]) == ["sub-03"]
-    assert fails["stage"].iloc[0] == "ingest" and bad.name in fails["file"].iloc[0]
+    # the official BIDS validator (when installed) finds the truncated header before ingest does
+    from qsmdask.io.validation import validator_available
+    assert fails["stage"].iloc[0] == ("validate" if validator_available() else "ingest")
+    assert bad.name in fails["file"].iloc[0]
     assert "sub-03" in capsys.readouterr().err
 
 
