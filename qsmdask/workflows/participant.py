@@ -34,7 +34,8 @@ from ..kernels import b0_direction_from_affine, voxel_size_from_affine
 #: ROI-table columns of the acquisition entities (``""`` where the input has none).
 ROI_ENTITY_COLUMNS = ("acq", "ce", "rec", "dir", "run")
 
-__all__ = ["StageError", "error_file", "discard_work", "ROI_ENTITY_COLUMNS", "ingest", "reconstruct", "standardise_and_measure", "write_outputs",
+__all__ = ["StageError", "error_file", "discard_work", "ROI_ENTITY_COLUMNS", "ingest", "reconstruct",
+           "standardise_and_measure", "write_outputs",
            "process_subject_session", "resume_key", "is_up_to_date", "failure_row",
            "estimate_task_memory_bytes", "estimate_subject_memory_bytes"]
 
