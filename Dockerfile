@@ -14,7 +14,7 @@ ARG BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------- builder
 FROM ${BASE_IMAGE} AS builder
-ARG EXTRA_PACKAGES="prefect-kubernetes"
+ARG EXTRA_PACKAGES="prefect-kubernetes s3fs"
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

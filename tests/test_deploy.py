@@ -39,9 +39,20 @@ needs_kv = pytest.mark.skipif(importlib.util.find_spec("kubernetes_validate") is
 
 @pytest.fixture(scope="module")
 def rendered():
+    """{site: application objects + storage objects}."""
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl not installed")
-    return {o: V.render_overlay(DEPLOY / "overlays" / o) for o in V.OVERLAYS}
+    return {o: V.render_overlay(DEPLOY / "overlays" / o) + V.render_overlay(DEPLOY / "storage" / "overlays" / o)
+            for o in V.OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def flow_run_job(rendered):
+    """The dev site's flow-run Job, rendered by prefect-kubernetes' own worker code."""
+    if importlib.util.find_spec("prefect_kubernetes") is None:
+        pytest.skip("prefect-kubernetes not installed")
+    return V.render_flow_run_job(rendered["dev"], DEPLOY / "prefect" / "base-job-template.json",
+                                 DEPLOY / "prefect" / "prefect.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +176,7 @@ def test_validator_rejects_broken_objects(rendered, crd_schemas):
     scaler["spec"]["maximum"] = "eight"
     assert any("maximum" in p for p in V.validate_custom(scaler, crd_schemas, V.K8S_VERSION))
 
-    worker = copy.deepcopy(_one(objs, "Deployment"))
+    worker = copy.deepcopy(_one(objs, "Deployment", "qsmdask-prefect-worker"))
     worker["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
     assert V.validate_core(worker, V.K8S_VERSION)
 
@@ -188,14 +199,15 @@ def test_pod_security_policy_flags_each_violation(rendered):
 def test_one_image_everywhere(rendered, job_template):
     images = set()
     for objs in rendered.values():
-        for o in objs:
-            images |= V.container_images(o)
+        images |= V.qsmdask_images(objs)
     prefect = yaml.safe_load((DEPLOY / "prefect" / "prefect.yaml").read_text())
     images.add(job_template["variables"]["properties"]["image"]["default"])
     images |= {d["work_pool"]["job_variables"]["image"] for d in prefect["deployments"]}
     assert len(images) == 1, images
     (image,) = images
-    assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+:[\w.-]+", image), image  # pinned tag, not bare
+    assert V._IMAGE_RE.fullmatch(image), image  # pinned tag or digest, not bare
+    assert V._IMAGE_RE.fullmatch("ghcr.io/qsmdask/qsmdask@sha256:" + "a" * 64)
+    assert not V._IMAGE_RE.fullmatch("qsmdask")
 
 
 def test_dask_and_prefect_commands_use_the_image_entry_points(rendered):
@@ -254,18 +266,18 @@ def _selected(policy, labels):
     return True
 
 
-def test_network_policies_default_deny_and_cover_every_component(rendered, job_template):
+def test_network_policies_default_deny_and_cover_every_component(rendered, flow_run_job):
     objs = rendered["dev"]
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]
             and "egress" not in p["spec"]]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     spec = _one(objs, "DaskCluster")["spec"]
-    flow_run = job_template["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]
+    flow_run = flow_run_job["spec"]["template"]["metadata"]  # the worker relabels the pod
     pods = {
         "scheduler": spec["scheduler"]["metadata"]["labels"],
         "worker": spec["worker"]["metadata"]["labels"],
-        "prefect-worker": _one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"],
+        "prefect-worker": _one(objs, "Deployment", "qsmdask-prefect-worker")["spec"]["template"]["metadata"]["labels"],
         "flow-run": flow_run["labels"],
     }
     egress_allowed = {name: [p["metadata"]["name"] for p in policies
@@ -296,29 +308,6 @@ def test_storage_and_secrets_are_references_only(rendered):
 
 
 # --------------------------------------------------------------------------- prefect
-@needs_kv
-def test_work_pool_job_template_renders_to_a_valid_hardened_job(job_template):
-    job = V.render_job_template(job_template, {"name": "r", "command": ["prefect", "flow-run", "execute"]})
-    job["metadata"]["name"] = "r-1"
-    assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
-    assert V.validate_core(job, V.K8S_VERSION) == []
-    pod = job["spec"]["template"]["spec"]
-    assert V.check_pod_security(pod) == []
-    assert pod["serviceAccountName"] == "qsmdask-flow-run"
-    assert pod["containers"][0]["args"] == ["prefect", "flow-run", "execute"]
-    # every Prefect variable the template uses is declared
-    used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(job_template["job_configuration"])))
-    assert used <= set(job_template["variables"]["properties"])
-
-
-def test_render_job_template_substitutes_and_drops():
-    template = {"variables": {"properties": {"a": {"default": 3}, "b": {"default": None}}},
-                "job_configuration": {"job_manifest": {"x": "{{ a }}", "y": "{{ b }}",
-                                                        "z": "pre-{{ a }}", "l": ["{{ b }}", 1]}}}
-    assert V.render_job_template(template) == {"x": 3, "z": "pre-3", "l": [1]}
-    assert V.render_job_template(template, {"b": "v"})["y"] == "v"
-
-
 def test_prefect_yaml_is_coherent_with_the_manifests(rendered, tmp_path):
     prefect = yaml.safe_load((DEPLOY / "prefect" / "prefect.yaml").read_text())
     cm = _one(rendered["dev"], "ConfigMap")["data"]
@@ -361,18 +350,278 @@ def test_ci_docker_script_is_safe_and_runs_the_image_hardened():
     assert "kubernetes-validate --strict" in text
 
 
-def test_dask_workers_declare_memory_within_their_limit(rendered):
-    """The participant flow's memory-aware scheduling needs MEMORY on every worker."""
-    base = [o for o in yaml.safe_load_all((DEPLOY / "base" / "dask-cluster.yaml").read_text()) if o]
-    cluster = _one(base, "DaskCluster")
-    assert V.check_worker_memory_resource(cluster) == []
-    for overlay, objs in rendered.items():  # the dev overlay halves the limit and MEMORY together
-        assert V.check_worker_memory_resource(_one(objs, "DaskCluster")) == [], overlay
-    c = cluster["spec"]["worker"]["spec"]["containers"][0]
-    assert V.parse_quantity(c["resources"]["limits"]["memory"]) == 8 * 2**30
-    c["resources"]["limits"]["memory"] = "4Gi"
-    assert "exceeds the memory limit" in V.check_worker_memory_resource(cluster)[0]
-    i = c["args"].index("--resources")
-    del c["args"][i:i + 2]
-    assert "lack --resources MEMORY" in V.check_worker_memory_resource(cluster)[0]
-    assert V.parse_quantity("512Mi") == 2**29 and V.parse_quantity("4G") == 4 * 10**9
+
+# --------------------------------------------------------------------------- the flow-run Job
+@needs_kv
+def test_flow_run_job_from_prefect_kubernetes_runs_prefect_flow_run_execute(flow_run_job):
+    """Defect: the worker fills only `args` (`prefect flow-run execute`); with the image's
+    ENTRYPOINT ["qsmdask"] the pod ran `qsmdask prefect flow-run execute` and exited 2."""
+    entrypoint = V.dockerfile_entrypoint(REPO / "Dockerfile")
+    assert entrypoint == ["qsmdask"]
+    c = flow_run_job["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"] == ["prefect", "flow-run", "execute"]          # what the worker wrote
+    assert V.effective_argv(c, entrypoint) == ["/usr/bin/env", "prefect", "flow-run", "execute"]
+    assert V.check_flow_run_job(flow_run_job, entrypoint=entrypoint, secret_values=[],
+                                flow_timeout_s=79200) == []
+    # the pre-fix template (no command) is caught
+    broken = copy.deepcopy(flow_run_job)
+    del broken["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "qsmdask prefect flow-run execute" in "\n".join(V.check_flow_run_job(
+        broken, entrypoint=entrypoint, secret_values=[], flow_timeout_s=79200))
+    job = copy.deepcopy(flow_run_job)
+    job["metadata"]["name"] = "cohort-run-1"
+    assert V.validate_core(job, V.K8S_VERSION) == []
+    pod = job["spec"]["template"]["spec"]
+    assert V.check_pod_security(pod) == [] and V.check_requests_within_limits(pod) == []
+    assert pod["serviceAccountName"] == "qsmdask-flow-run"
+    assert job["spec"]["activeDeadlineSeconds"] == 86400 and job["spec"]["backoffLimit"] == 0
+    assert pod["volumes"][1]["persistentVolumeClaim"]["claimName"] == "qsmdask-data"
+
+
+def test_flow_run_job_takes_the_api_key_and_auth_string_from_secrets(flow_run_job):
+    """Defect: the worker copied its PREFECT_API_KEY / PREFECT_API_AUTH_STRING into every Job
+    as plain values (replacing the template's Secret references)."""
+    env = {e["name"]: e for e in flow_run_job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name in ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
+        assert "value" not in env[name], env[name]
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "qsmdask-prefect-api", "key": name}
+    text = json.dumps(flow_run_job)
+    for secret in V.RENDER_SECRETS.values():  # the worker pod had these values
+        assert secret not in text
+    # the worker pod really had them (else the check above proves nothing)
+    sys_path = str(DEPLOY)
+    import sys
+    sys.path.insert(0, sys_path)
+    try:
+        import render_job
+    finally:
+        sys.path.remove(sys_path)
+    rendered_env = render_job.worker_environment(
+        V.render_overlay(DEPLOY / "overlays" / "dev"), V.RENDER_SECRETS)
+    assert rendered_env["PREFECT_API_KEY"] == V.RENDER_SECRETS[("qsmdask-prefect-api", "PREFECT_API_KEY")]
+    assert rendered_env["PREFECT_API_URL"].startswith("http://qsmdask-prefect-server.qsmdask.svc")
+
+
+# --------------------------------------------------------------------------- wiring checks
+@needs_kv
+def test_every_site_passes_every_check(crd_schemas):
+    for site in V.OVERLAYS:
+        assert V.validate_site(site, crd_schemas=crd_schemas, log=lambda *_: None) == [], site
+
+
+def test_dask_workers_memory_threads_itk_and_scheduler_probes(rendered):
+    for site, objs in rendered.items():
+        assert V.check_dask(objs) == [], site
+        cm = V._configmap(objs)
+        c = _one(objs, "DaskCluster")["spec"]["worker"]["spec"]["containers"][0]
+        limit = V.parse_quantity(c["resources"]["limits"]["memory"])
+        assert limit - int(cm["QSMDASK_WORKER_MEMORY"]) == 2**30  # 1 GiB headroom
+    objs = copy.deepcopy(rendered["dev"])
+    cm = V._configmap(objs)
+    cm["QSMDASK_WORKER_MEMORY"] = str(4 * 2**30)                   # = the limit: no headroom
+    c = _one(objs, "DaskCluster")["spec"]["worker"]["spec"]["containers"][0]
+    c["env"] = [e for e in c["env"] if e["name"] != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"]
+    sched = _one(objs, "DaskCluster")["spec"]["scheduler"]["spec"]["containers"][0]
+    sched["livenessProbe"] = {"tcpSocket": {"port": "tcp-comm"}}
+    problems = "\n".join(V.check_dask(objs))
+    for expected in ("leaves less than 1024 MiB", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+                     "livenessProbe must be httpGet /health"):
+        assert expected in problems
+
+
+def test_flow_capacity_comes_from_configuration_when_the_cluster_has_no_worker(rendered):
+    """Dev overlay: autoscaler minimum 0, so a flow run may start before any worker exists;
+    its tasks are then annotated from QSMDASK_WORKER_MEMORY (not left unannotated)."""
+    from qsmdask.orchestration.cluster import ClusterConfig, worker_memory_capacity
+
+    cm = V._configmap(rendered["dev"])
+    assert _one(rendered["dev"], "DaskAutoscaler")["spec"]["minimum"] == 0
+    cfg = ClusterConfig.from_env(cm)
+    assert cfg.kind == "address" and cfg.worker_memory_bytes() == 3 * 2**30
+
+    class NoWorkers:
+        def scheduler_info(self, n_workers=-1):
+            return {"workers": {}}
+    assert worker_memory_capacity(NoWorkers(), fallback=cfg.worker_memory_bytes()) == 3 * 2**30
+
+
+def test_storage_is_separate_from_the_application_and_retained(rendered):
+    for site in V.OVERLAYS:
+        app = V.render_overlay(DEPLOY / "overlays" / site)
+        storage = V.render_overlay(DEPLOY / "storage" / "overlays" / site)
+        assert not {"Namespace", "PersistentVolumeClaim", "StorageClass"} & {o["kind"] for o in app}
+        assert {"Namespace", "PersistentVolumeClaim", "StorageClass"} <= {o["kind"] for o in storage}
+        assert V.check_storage(app, storage) == []
+        assert _one(storage, "StorageClass")["reclaimPolicy"] == "Retain"
+    # the old layout (PVC in the application, Delete reclaim policy) is caught
+    app = V.render_overlay(DEPLOY / "overlays" / "dev")
+    storage = V.render_overlay(DEPLOY / "storage" / "overlays" / "dev")
+    _one(storage, "StorageClass")["reclaimPolicy"] = "Delete"
+    problems = "\n".join(V.check_storage(app + [_one(storage, "PersistentVolumeClaim")], storage))
+    assert "is in the application kustomization" in problems and "not a Retain class" in problems
+
+
+def test_disruption_budgets_cover_scheduler_flow_run_and_database(rendered, flow_run_job):
+    objs = rendered["production"]
+    pods = V.pods_of(objs + [flow_run_job])
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    for owner in ("DaskCluster/qsmdask scheduler", "Job/", "StatefulSet/qsmdask-prefect-db"):
+        pod = [p for p in pods if p["owner"].startswith(owner)][0]
+        assert any(V._matches(b["spec"]["selector"], pod["labels"]) and b["spec"].get("maxUnavailable") == 0
+                   for b in pdbs), owner
+
+
+def test_network_policy_evaluator():
+    pol = lambda name, sel, **spec: {"metadata": {"name": name, "namespace": "ns"},
+                                     "spec": {"podSelector": sel, **spec}}
+    a = {"namespace": "ns", "labels": {"c": "a"}, "ports": {}}
+    b = {"namespace": "ns", "labels": {"c": "b"}, "ports": {"http": 80}}
+    deny = pol("deny", {}, policyTypes=["Ingress", "Egress"])
+    assert V.connection_allowed([], a, b, 80)
+    assert not V.connection_allowed([deny], a, b, 80)
+    egress = pol("e", {"matchLabels": {"c": "a"}}, policyTypes=["Egress"],
+                 egress=[{"to": [{"podSelector": {"matchLabels": {"c": "b"}}}], "ports": [{"port": 80}]}])
+    assert not V.connection_allowed([deny, egress], a, b, 80)          # ingress of b still denied
+    ingress = pol("i", {"matchLabels": {"c": "b"}}, policyTypes=["Ingress"],
+                  ingress=[{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}])
+    assert V.connection_allowed([deny, egress, ingress], a, b, 80)
+    assert not V.connection_allowed([deny, egress, ingress], a, b, 81)
+    web = pol("w", {}, policyTypes=["Egress"], egress=[{"to": [{"ipBlock": {"cidr": "0.0.0.0/0",
+                                                                          "except": ["10.0.0.0/8"]}}]}])
+    assert V.connection_allowed([deny, web], a, {"ip": "203.0.113.5"}, 443)
+    assert not V.connection_allowed([deny, web], a, {"ip": "10.1.2.3"}, 443)
+
+
+def test_label_and_quantity_checks():
+    assert V.label_problems({"app.kubernetes.io/component": "dask-worker"}, "x") == []
+    assert V.label_problems({"app.kubernetes.io/component": "dask worker"}, "x")
+    assert V.label_problems({"a": "-x"}, "x") and V.label_problems({"a": "x" * 64}, "x")
+    assert V.label_problems({"Bad_Prefix.io/a": "x"}, "x")
+    assert V.parse_cpu("500m") == 0.5 and V.parse_cpu("2") == 2
+    pod = {"containers": [{"name": "c", "resources": {"requests": {"memory": "3Gi", "cpu": "3"},
+                                                      "limits": {"memory": "2Gi", "cpu": "2"}}}]}
+    assert len(V.check_requests_within_limits(pod)) == 2
+
+
+# --------------------------------------------------------------------------- mutation tests
+def _json_edit(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _job_container(t):
+    return t["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _job_pod(t):
+    return t["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+
+
+def _text_edit(rel, old, new, count=1, nth=None):
+    def edit(root):
+        path = root / rel
+        text = path.read_text()
+        assert text.count(old) >= (nth or 1), f"mutation target not found in {rel}: {old!r}"
+        if nth is None:
+            text = text.replace(old, new, count)
+        else:
+            i = -1
+            for _ in range(nth):
+                i = text.index(old, i + 1)
+            text = text[:i] + new + text[i + len(old):]
+        path.write_text(text)
+    return edit
+
+
+_WORKER_SECRET_SETTINGS = """            - name: PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_KEY_SECRET_NAME
+              value: qsmdask-prefect-api
+            - name: PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_KEY_SECRET_KEY
+              value: PREFECT_API_KEY
+            - name: PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME
+              value: qsmdask-prefect-api
+            - name: PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY
+              value: PREFECT_API_AUTH_STRING
+"""
+_DNS_POLICY = """apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: allow-dns
+spec:
+  podSelector: {}
+  policyTypes: ["Egress"]
+  egress:
+    - ports:
+        - protocol: UDP
+          port: 53
+        - protocol: TCP
+          port: 53
+---
+"""
+
+def _pvc_in_app(root):
+    """The old layout: the data volume in the application kustomization."""
+    shutil.copy(root / "deploy/storage/base/pvc.yaml", root / "deploy/base/pvc.yaml")
+    _text_edit("deploy/base/kustomization.yaml", "  - pdb.yaml\n", "  - pdb.yaml\n  - pvc.yaml\n")(root)
+
+
+# (id, edit of a copy of deploy/, text expected in a reported problem)
+MUTATIONS = [
+    ("entrypoint-bug", lambda r: _json_edit(r / "deploy/prefect/base-job-template.json",
+                                            lambda t: _job_container(t).pop("command")),
+     "qsmdask prefect flow-run execute"),
+    ("api-key-leak", _text_edit("deploy/base/prefect-worker.yaml", _WORKER_SECRET_SETTINGS, ""),
+     "copied into the Job as a literal"),
+    ("prefect-namespace-typo", _text_edit("deploy/base/configmap.yaml", "qsmdask-prefect-server.qsmdask.svc",
+                                          "qsmdask-prefect-server.qsmdsak.svc"), "PREFECT_API_URL"),
+    ("dns-policy-deleted", _text_edit("deploy/base/networkpolicy.yaml", _DNS_POLICY, ""), "cannot resolve names"),
+    ("scheduler-service-selector-typo", _text_edit("deploy/base/dask-cluster.yaml",
+                                                   "dask.org/component: scheduler", "dask.org/component: schedular"),
+     "scheduler.service.selector"),
+    ("memory-request-above-limit", _text_edit("deploy/base/prefect-server.yaml", "memory: 1Gi", "memory: 3Gi"),
+     "memory request 3Gi exceeds its limit 2Gi"),
+    ("deployment-selector-mismatch", _text_edit("deploy/base/prefect-worker.yaml",
+                                                "app.kubernetes.io/component: prefect-worker",
+                                                "app.kubernetes.io/component: prefect-wrker", nth=2),
+     "spec.selector does not match its pod template"),
+    ("invalid-label-value", _text_edit("deploy/base/dask-cluster.yaml", "app.kubernetes.io/component: dask-worker",
+                                       "app.kubernetes.io/component: dask worker"), "invalid label value"),
+    ("healthcheck-dropped", _text_edit("deploy/base/prefect-worker.yaml", "            - --with-healthcheck\n", ""),
+     "without --with-healthcheck"),
+    ("job-template-pvc-typo", lambda r: _json_edit(r / "deploy/prefect/base-job-template.json",
+                                                   lambda t: _job_pod(t)["volumes"][1]["persistentVolumeClaim"]
+                                                   .update(claimName="qsmdask-dta")),
+     "claims 'qsmdask-dta'"),
+    # the other defects of the issue, too
+    ("memory-without-headroom", _text_edit("deploy/overlays/dev/kustomization.yaml",
+                                           'QSMDASK_WORKER_MEMORY: "3221225472"',
+                                           'QSMDASK_WORKER_MEMORY: "4294967296"'), "leaves less than"),
+    ("pvc-back-in-the-app", _pvc_in_app, "is in the application kustomization"),
+    ("no-active-deadline", lambda r: _json_edit(r / "deploy/prefect/base-job-template.json",
+                                                lambda t: t["job_configuration"]["job_manifest"]["spec"]
+                                                .pop("activeDeadlineSeconds")), "no activeDeadlineSeconds"),
+    ("kube-api-open-to-the-internet", _text_edit("deploy/overlays/dev/kustomization.yaml", "value: 10.96.0.1/32",
+                                                 "value: 0.0.0.0/0"), "may reach any address on 443"),
+]
+
+
+@pytest.fixture(scope="module")
+def baseline_problems(crd_schemas, tmp_path_factory):
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        pytest.skip("kubernetes-validate not installed")
+    root = tmp_path_factory.mktemp("deploy-baseline")
+    shutil.copytree(DEPLOY, root / "deploy")
+    shutil.copy(REPO / "Dockerfile", root / "Dockerfile")
+    return V.validate_site("dev", deploy_dir=root / "deploy", crd_schemas=crd_schemas, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("mutation,expected", [(m[1], m[2]) for m in MUTATIONS], ids=[m[0] for m in MUTATIONS])
+def test_validator_catches_each_breakage(mutation, expected, baseline_problems, crd_schemas, tmp_path):
+    """Mutation test of the guards: every breakage of the issue (and of the other defects)
+    makes deploy/validate.py report a problem, while the unbroken copy reports none."""
+    assert baseline_problems == []
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    shutil.copy(REPO / "Dockerfile", tmp_path / "Dockerfile")
+    mutation(tmp_path)
+    problems = V.validate_site("dev", deploy_dir=tmp_path / "deploy", crd_schemas=crd_schemas, log=lambda *_: None)
+    assert any(expected in p for p in problems), problems

@@ -28,6 +28,19 @@ DEFAULTS = {
     "memory_limit": "4Gi",
 }
 
+# A hung run must not hold the deployment's concurrency-1 slot forever: Kubernetes ends the
+# Job after this many seconds (the flow's own timeout, QSMDASK_FLOW_TIMEOUT_S in the
+# ConfigMap, is shorter so Prefect records the run as timed out first).
+ACTIVE_DEADLINE_S = 86400
+NEW_VARIABLES = {
+    "active_deadline_seconds": {
+        "title": "Active deadline (s)",
+        "description": "Kubernetes stops the flow-run Job after this many seconds.",
+        "type": "integer",
+        "default": ACTIVE_DEADLINE_S,
+    },
+}
+
 POD_LABELS = {
     "app.kubernetes.io/name": "qsmdask",
     "app.kubernetes.io/part-of": "qsmdask",
@@ -48,10 +61,16 @@ def harden(template):
     # the upstream default puts Job fields into the pod spec; they belong to the Job
     for key in ("completions", "parallelism"):
         spec[key] = pod.pop(key, 1)
-    spec["template"]["metadata"] = {"labels": dict(POD_LABELS)}
+    spec["activeDeadlineSeconds"] = "{{ active_deadline_seconds }}"
+    # the cluster autoscaler must not evict a running cohort run to pack nodes
+    spec["template"]["metadata"] = {
+        "labels": dict(POD_LABELS),
+        "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+    }
     pod["automountServiceAccountToken"] = False
     pod["securityContext"] = {
         "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of the 2 TiB volume per run
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     pod["volumes"] = [
@@ -59,6 +78,10 @@ def harden(template):
         {"name": "data", "persistentVolumeClaim": {"claimName": "qsmdask-data"}},
     ]
     container = pod["containers"][0]
+    # The worker fills only `args` (`prefect flow-run execute`); the image's ENTRYPOINT is
+    # `qsmdask`, which would make that `qsmdask prefect flow-run execute`. `env` runs its
+    # arguments as the command, so the pod runs `prefect flow-run execute`.
+    container["command"] = ["/usr/bin/env"]
     container["envFrom"] = [{"configMapRef": {"name": "qsmdask-config"}}]
     # A list here makes the worker prepend the run's own variables (see
     # prefect_kubernetes.worker._populate_env_in_manifest); secrets stay references.
@@ -68,6 +91,9 @@ def harden(template):
         secret_env("PREFECT_API_KEY", "qsmdask-prefect-api", "PREFECT_API_KEY"),
         secret_env("PREFECT_API_AUTH_STRING", "qsmdask-prefect-api", "PREFECT_API_AUTH_STRING"),
     ]
+    # /tmp (an emptyDir) counts against ephemeral storage: reserve it, cap it at the sizeLimit
+    container["resources"]["requests"]["ephemeral-storage"] = "2Gi"
+    container["resources"]["limits"]["ephemeral-storage"] = "10Gi"
     container["securityContext"] = {
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
         "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
@@ -77,6 +103,7 @@ def harden(template):
         {"name": "data", "mountPath": "/data"},
     ]
     props = template["variables"]["properties"]
+    props.update(NEW_VARIABLES)
     for name, value in DEFAULTS.items():
         props[name]["default"] = value
     return template
