@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# CI step: build the qsmdask image on a Debian bookworm base made with debootstrap (no
-# registry needed), prove it as the non-root user on a read-only root filesystem (CLI, dask,
-# prefect, `qsmdask demo`), then render and validate every Kubernetes manifest offline.
+# CI step: build the qsmdask image (and the qsmdask-postgres image of the Prefect database)
+# on a Debian bookworm base made with debootstrap (no registry needed), prove it as the
+# non-root user on a read-only root filesystem (CLI, dask, prefect, `qsmdask demo`), render
+# and validate every Kubernetes manifest offline, then run the pods for real as containers
+# (.ci/pods.py: PostgreSQL, Prefect server, Dask scheduler, two workers, the flow-run Job
+# rendered by prefect-kubernetes; a cohort through both levels with a worker killed mid-run).
 #
 # Runs as root on a Debian 12 machine (see docs in /work/shared/ENGINEERING.md, "Docker on
 # these machines"). Starts its own Docker engine unless one answers already, and stops the
@@ -13,7 +16,9 @@
 #   QSMDASK_DEMO_ARGS      extra arguments of `qsmdask demo` (default "--subjects 2 --n-workers 1")
 #   QSMDASK_CI_TMP         scratch folder                 (default /tmp/qsmdask-ci)
 #   QSMDASK_DOCKER_DATA    engine data root               (default /tmp/docker-data)
-#   QSMDASK_CI_STEPS       subset of "image manifests"    (default both)
+#   QSMDASK_POSTGRES_IMAGE tag of the database image      (default qsmdask-postgres:ci)
+#   QSMDASK_CI_STEPS       subset of "image manifests pods" (default all three)
+#   QSMDASK_PODS_ARGS      extra arguments of .ci/pods.py (default none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -21,7 +26,8 @@ REPO=$(pwd)
 IMAGE=${QSMDASK_IMAGE:-qsmdask:ci}
 CI_TMP=${QSMDASK_CI_TMP:-/tmp/qsmdask-ci}
 DATA_ROOT=${QSMDASK_DOCKER_DATA:-/tmp/docker-data}
-STEPS=${QSMDASK_CI_STEPS:-image manifests}
+PG_IMAGE=${QSMDASK_POSTGRES_IMAGE:-qsmdask-postgres:ci}
+STEPS=${QSMDASK_CI_STEPS:-image manifests pods}
 DEMO_ARGS=${QSMDASK_DEMO_ARGS:---subjects 2 --n-workers 1}
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 K8S_VERSION=1.29.0
@@ -137,6 +143,13 @@ build_image() {
   echo "image size: $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 
+build_postgres_image() {
+  DOCKER_BUILDKIT=1 nice -n 10 "$DOCKER" build --network=host --build-arg BASE_IMAGE="$BASE" \
+      --progress=plain -t "$PG_IMAGE" deploy/postgres >"$CI_TMP/build-postgres.log" 2>&1 \
+    || { tail -40 "$CI_TMP/build-postgres.log"; return 1; }
+  "$DOCKER" image ls "$PG_IMAGE"
+}
+
 # hardened like the Kubernetes pods: non-root, read-only root, no capabilities, /tmp tmpfs
 run_hardened() {
   "$DOCKER" run --rm --read-only --tmpfs /tmp:rw,exec,nosuid,size=4g \
@@ -216,6 +229,7 @@ for s in $STEPS; do
       step "start Docker engine" start_engine
       step "bookworm base image" base_image
       step "docker build ($IMAGE)" build_image
+      step "docker build ($PG_IMAGE)" build_postgres_image
       step "smoke test (non-root, read-only)" smoke_image
       step "qsmdask demo in the container" demo_in_image
       ;;
@@ -223,7 +237,14 @@ for s in $STEPS; do
       step "manifest tools" manifest_tools
       step "render + validate manifests" validate_manifests
       ;;
-    *) echo "unknown step $s (image, manifests)" >&2; exit 2 ;;
+    pods)
+      # the manifests step puts kubectl on PATH when the machine has none
+      command -v kubectl >/dev/null || step "manifest tools" manifest_tools
+      # shellcheck disable=SC2086
+      step "pods as containers (.ci/pods.py)" python3 .ci/pods.py --image "$IMAGE" \
+          --postgres-image "$PG_IMAGE" --work "$CI_TMP/pods" ${QSMDASK_PODS_ARGS:-}
+      ;;
+    *) echo "unknown step $s (image, manifests, pods)" >&2; exit 2 ;;
   esac
 done
 echo "docker.sh OK"

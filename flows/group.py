@@ -8,8 +8,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from qsmdask.io.derivatives import DerivativesWriter
+from qsmdask.orchestration.cluster import check_worker_versions, cluster_client, on_cluster
 from qsmdask.report import build_cohort_report
-from qsmdask.workflows.voxelwise import VoxelwiseOptions, run_voxelwise
+from qsmdask.workflows.voxelwise import VoxelwiseOptions, run_voxelwise, run_voxelwise_on_worker
 from qsmdask.stats import run_group_analysis
 from qsmdask.stats.design import GroupDesign
 from qsmdask.workflows.cohort import load_group_inputs, participant_atlas, select_acquisitions
@@ -26,6 +27,16 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
     fsspec URL; default ``output_dir``).
     """
     log = get_run_logger()
+    # With an external Dask cluster (QSMDASK_CLUSTER=address: Kubernetes), the statistics and
+    # the voxel-wise permutations run on its workers, not in this (small) flow-run process.
+    with cluster_client() as client:
+        if client is not None:
+            check_worker_versions(client)
+            log.info("group level on the Dask cluster %s", client.scheduler.address)
+        return _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url)
+
+
+def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> dict:
     roi, participants, sessions = load_group_inputs(bids_dir, output_dir, tables_url)
     gd = GroupDesign.from_dict(design) if design else GroupDesign()
     participants = gd.label_groups(participants, source=f"{Path(bids_dir) / 'participants.tsv'}")
@@ -36,7 +47,7 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
     writer.write_run_config(
         {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict(),
          "tables_url": tables_url}, name="qsmdask_group_config.json")
-    tables = run_group_analysis(roi, participants, sessions, design=gd)
+    tables = on_cluster(client, run_group_analysis, roi, participants, sessions, design=gd)
     written = {}
     for name, df in tables.items():
         written[name] = str(writer.save_group_table(name, df))
@@ -52,8 +63,10 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
         vw.setdefault("groups", gd.groups)
         opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
         try:
-            res = run_voxelwise(output_dir, participants, options=opts, atlas=participant_atlas(output_dir),
-                                tables_url=tables_url, acquisition={"acq": gd.acq, "run": gd.run})
+            kwargs = dict(options=opts, atlas=participant_atlas(output_dir), tables_url=tables_url,
+                          acquisition={"acq": gd.acq, "run": gd.run})
+            res = (on_cluster(client, run_voxelwise_on_worker, output_dir, participants, **kwargs)
+                   if client is not None else run_voxelwise(output_dir, participants, **kwargs))
         except Exception as e:  # the ROI statistics above stand on their own
             log.error("voxel-wise analysis failed: %s: %s", type(e).__name__, e)
             res = {"skipped": f"failed: {type(e).__name__}: {e}"}

@@ -18,8 +18,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from qsmdask.config import PipelineConfig
 from qsmdask.io.bids import read_participants
 from qsmdask.io.nifti import InputError
-from qsmdask.orchestration.cluster import (ClusterConfig, current_client, dashboard_link, make_task_runner,
-                                           memory_annotation, worker_memory_capacity)
+from qsmdask.orchestration.cluster import (ClusterConfig, check_worker_versions, current_client, dashboard_link,
+                                           make_task_runner, memory_annotation, worker_memory_capacity)
 from qsmdask.workflows import active as active_work
 from qsmdask.workflows import participant as wf
 from qsmdask.workflows.cohort import check_memory, plan_participants, summarise, write_failures, writer_for
@@ -152,6 +152,9 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     ``validation_errors``: per-file BIDS-validator errors (``qsmdask.io.validation``).
     """
     log = get_run_logger()
+    client = current_client()
+    if client is not None:  # refuse to mix qsmdask versions (e.g. workers left on an old image)
+        check_worker_versions(client)
     cfg = PipelineConfig.from_dict(config or {})
     writer = writer_for(output_dir, bids_dir, cfg, tables_url)
     writer.write_run_config({"level": "participant", "bids_dir": str(bids_dir), "config": cfg.to_dict(),

@@ -348,6 +348,13 @@ def test_ci_docker_script_is_safe_and_runs_the_image_hardened():
         assert flag in text, flag
     assert "demo /tmp/out" in text and "deploy/validate.py" in text
     assert "kubernetes-validate --strict" in text
+    # the pods run for real after the image and manifest steps, on both images
+    assert "python3 .ci/pods.py" in text and "deploy/postgres" in text
+    assert "image manifests pods" in text
+    pods = (REPO / ".ci" / "pods.py").read_text()
+    for piece in ("render_job.pod_env", "deploy/render_job.py", "--read-only", "--cap-drop", "no-new-privileges",
+                  '"--memory"', '"--cpus"', '"--user"', '"kill"', "run_deployment", "tree_digests"):
+        assert piece in pods, piece
 
 
 

@@ -14,7 +14,9 @@ import os
 from dataclasses import dataclass
 
 __all__ = ["ClusterConfig", "make_task_runner", "task_runner_kwargs", "MEMORY_RESOURCE", "memory_annotation",
-           "worker_memory_capacity", "current_client", "dashboard_link", "DEFAULT_DASHBOARD_ADDRESS"]
+           "worker_memory_capacity", "current_client", "dashboard_link", "DEFAULT_DASHBOARD_ADDRESS",
+           "VersionMismatchError", "qsmdask_version", "check_worker_versions", "cluster_client", "on_cluster",
+           "flow_timeout_seconds"]
 
 MEMORY_RESOURCE = "MEMORY"
 KUBE_WORKER_MEMORY = "8GiB"  # the worker container limit of deploy/base/dask-cluster.yaml
@@ -166,3 +168,72 @@ def dashboard_link(client) -> str | None:
         return client.dashboard_link or None
     except Exception:  # noqa: BLE001
         return None
+
+
+class VersionMismatchError(RuntimeError):
+    """Dask workers run another qsmdask than the flow (e.g. a DaskCluster left on the old
+    image after an upgrade: the dask-kubernetes operator does not roll its pods)."""
+
+
+def qsmdask_version() -> str:
+    """The qsmdask version of this process (runs on workers through ``client.run``)."""
+    import qsmdask
+    return str(qsmdask.__version__)
+
+
+def check_worker_versions(client, expected: str | None = None) -> dict[str, str]:
+    """``{worker address: qsmdask version}``; raises :class:`VersionMismatchError` naming
+    every worker whose version differs from ``expected`` (default: this process's)."""
+    expected = expected or qsmdask_version()
+    try:
+        versions = client.run(qsmdask_version)
+    except Exception as e:  # an old worker may not even have this function
+        raise VersionMismatchError(
+            f"could not read the qsmdask version of the Dask workers ({type(e).__name__}: {e}); "
+            f"this flow runs qsmdask {expected}. Recreate the Dask cluster on the flow's image "
+            "(Kubernetes: kubectl delete daskcluster qsmdask, then kubectl apply -k; see deploy/README.md)") from e
+    bad = {w: v for w, v in versions.items() if v != expected}
+    if bad:
+        listing = ", ".join(f"{w} runs {v}" for w, v in sorted(bad.items()))
+        raise VersionMismatchError(
+            f"refusing to start: this flow runs qsmdask {expected} but {len(bad)} of {len(versions)} "
+            f"Dask worker(s) run another version ({listing}). Results of mixed versions are not "
+            "comparable. Recreate the Dask cluster on the flow's image (Kubernetes: kubectl delete "
+            "daskcluster qsmdask, then kubectl apply -k deploy/overlays/<site>; see deploy/README.md, "
+            "'Upgrade').")
+    return versions
+
+
+@contextlib.contextmanager
+def cluster_client(cfg: ClusterConfig | None = None):
+    """A ``distributed.Client`` of the configured external scheduler (kind "address"), else
+    None (work then runs in this process)."""
+    cfg = ClusterConfig.from_env() if cfg is None else cfg
+    if cfg.kind != "address":
+        yield None
+        return
+    from distributed import Client
+
+    client = Client(cfg.address, timeout="120s", set_as_default=False)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def on_cluster(client, fn, /, *args, **kwargs):
+    """``fn(*args, **kwargs)`` as one Dask task when ``client`` is given, else here."""
+    if client is None:
+        return fn(*args, **kwargs)
+    return client.submit(fn, *args, pure=False, **kwargs).result()
+
+
+def flow_timeout_seconds(environ=None) -> float | None:
+    """``QSMDASK_FLOW_TIMEOUT_S`` (seconds) as a flow timeout; None when unset or 0."""
+    env = os.environ if environ is None else environ
+    raw = env.get("QSMDASK_FLOW_TIMEOUT_S") or ""
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"QSMDASK_FLOW_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else None

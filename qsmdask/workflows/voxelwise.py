@@ -268,3 +268,12 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
     n_sig = int((clusters.get("p_fwe_size", pd.Series(dtype=float)) < 0.05).sum()) if len(clusters) else 0
     return {"written": written, "n_subjects": len(ids), "n_voxels": int(mask.sum()),
             "n_significant_clusters": n_sig}
+
+
+def run_voxelwise_on_worker(output_dir, participants: pd.DataFrame, **kwargs) -> dict:
+    """:func:`run_voxelwise` as a Dask task: the permutation batches fan out from this worker
+    to the whole cluster (``worker_client`` secedes this task's thread while it waits)."""
+    from distributed import worker_client
+
+    with worker_client() as client:
+        return run_voxelwise(output_dir, participants, client=client, **kwargs)
