@@ -369,7 +369,7 @@ def main(argv=None) -> int:
         # the group level and the permutations ran on the Dask workers
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
         log(f"task prefixes seen by the scheduler: {prefixes}")
-        for needed in ("reconstruct", "run_group_analysis", "run_voxelwise_on_worker", "_run_batches"):
+        for needed in ("reconstruct", "run_group_analysis", "run_voxelwise_on_worker"):
             assert any(needed in pfx for pfx in prefixes), (needed, prefixes)
         client.close()
 
