@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=2400, help="seconds for the flow run")
     p.add_argument("--keep", action="store_true", help="print every container's log at the end")
+    p.add_argument("--reuse-reference", type=Path, default=None,
+                   help="scratch folder of an earlier run with the same image: take its simulated BIDS "
+                        "dataset and single-process reference instead of computing them again")
     args = p.parse_args(argv)
     t_start = time.monotonic()
 
@@ -226,7 +229,10 @@ def main(argv=None) -> int:
     manifests.write_text(yaml.safe_dump_all(objs))
     one = lambda kind, name: [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name][0]
     db_pw = secrets.token_hex(16)
+    # the Secrets a site creates (deploy/README.md, step 4); this server has no auth: empty values
     secret_values = {
+        ("qsmdask-prefect-api", "PREFECT_API_KEY"): "",
+        ("qsmdask-prefect-api", "PREFECT_API_AUTH_STRING"): "",
         ("qsmdask-prefect-db", "POSTGRES_PASSWORD"): db_pw,
         ("qsmdask-prefect-db", "PREFECT_API_DATABASE_CONNECTION_URL"):
             f"postgresql+asyncpg://prefect:{db_pw}@qsmdask-prefect-db.{CLUSTER_DOMAIN}:5432/prefect",
@@ -246,13 +252,22 @@ def main(argv=None) -> int:
         os.chown(d, UID, UID)
     hardened = [DOCKER, "run", "--rm", "--read-only", "--user", f"{UID}:{UID}", "--cap-drop", "ALL",
                 "--security-opt", "no-new-privileges", "--network", "none", "--tmpfs", "/tmp:rw,exec,size=2g"]
-    log(f"simulate a cohort of {args.subjects} subjects into the data volume")
-    sh(*hardened, "-v", f"{data}:/data", args.image, "simulate", "/data/bids", "--subjects", str(args.subjects),
-       "--sessions", "1", "--seed", "3", "--effect-ppm", "0.05", "--voxel-size", *[str(args.voxel_size)] * 3)
+    if args.reuse_reference:
+        src = args.reuse_reference
+        shutil.copytree(src / "pvc-qsmdask-data" / "bids", data / "bids")
+        shutil.rmtree(ref_out)
+        shutil.copytree(src / "reference", ref_out)
+        for d in (data / "bids", ref_out):
+            sh("chown", "-R", f"{UID}:{UID}", d)
+        args.subjects = len(list((data / "bids").glob("sub-*")))
+        log(f"reusing the cohort ({args.subjects} subjects) and the reference of {src}")
+    t0 = time.monotonic()
+    if not args.reuse_reference:
+        log(f"simulate a cohort of {args.subjects} subjects into the data volume")
+        sh(*hardened, "-v", f"{data}:/data", args.image, "simulate", "/data/bids", "--subjects", str(args.subjects),
+           "--sessions", "1", "--seed", "3", "--effect-ppm", "0.05", "--voxel-size", *[str(args.voxel_size)] * 3)
 
     # ---------------------------------------------------------------- single-process reference
-    t0 = time.monotonic()
-    log("reference: every subject-session in one process (same image, no Dask)")
     reference = (
         "from qsmdask.config import PipelineConfig\n"
         "from qsmdask.workflows.cohort import plan_participants, writer_for\n"
@@ -264,9 +279,11 @@ def main(argv=None) -> int:
         "for ss, key in plan.todo:\n"
         "    wf.process_subject_session(ss, '/ref', cfg)\n"
         "print('reference:', len(plan.todo), 'subject-sessions')\n")
-    sh(*hardened, "-v", f"{data}:/data:ro", "-v", f"{ref_out}:/ref", "-e", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1",
-       "-e", "OMP_NUM_THREADS=1", "-e", "OPENBLAS_NUM_THREADS=1", "-e", "MKL_NUM_THREADS=1",
-       "--entrypoint", "python", args.image, "-c", reference)
+    if not args.reuse_reference:
+        log("reference: every subject-session in one process (same image, no Dask)")
+        sh(*hardened, "-v", f"{data}:/data:ro", "-v", f"{ref_out}:/ref", "-e", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1",
+           "-e", "OMP_NUM_THREADS=1", "-e", "OPENBLAS_NUM_THREADS=1", "-e", "MKL_NUM_THREADS=1",
+           "--entrypoint", "python", args.image, "-c", reference)
     t_ref = time.monotonic() - t0
     log(f"reference done in {t_ref:.0f} s")
 
