@@ -376,12 +376,13 @@ def main(argv=None) -> int:
         print("----- flow-run pod log (tail) -----\n" + (out.stdout + out.stderr)[-5000:])
         if state[1] != "0":
             raise RuntimeError(f"the flow-run container exited {state[1]}")
-        if not killed:
-            raise RuntimeError("the run ended before a worker could be killed (cohort too small?)")
+        # `prefect flow-run execute` exits 0 after a failed flow too: the API has the verdict
         with urllib.request.urlopen(f"{api}/flow_runs/{flow_run_id}", timeout=30) as r:
             fr = json.load(r)
         log(f"flow run state: {fr['state']['type']} ({fr['state']['name']}) in {t_run:.0f} s")
         assert fr["state"]["type"] == "COMPLETED", fr["state"]
+        if not killed:
+            raise RuntimeError("the run ended before a worker could be killed (cohort too small?)")
 
         # the group level and the permutations ran on the Dask workers
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
