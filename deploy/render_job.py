@@ -75,7 +75,24 @@ def pod_env(pod_spec: dict, container: dict, objs: list[dict], secrets: dict[tup
                 env[name] = configmaps[r["name"]][r["key"]]
         elif "fieldRef" in ref:
             env[name] = fields[ref["fieldRef"]["fieldPath"]]
+        elif "resourceFieldRef" in ref:
+            env[name] = str(resource_value(container, ref["resourceFieldRef"]))
     return env
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def resource_value(container: dict, ref: dict) -> int:
+    """What a ``resourceFieldRef`` gives (``limits.memory`` -> bytes, divisor 1)."""
+    section, resource = ref["resource"].split(".", 1)
+    q = str(((container.get("resources") or {}).get(section) or {})[resource])
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti|k|M|G|T)?", q)
+    if not m:
+        raise ValueError(f"cannot read quantity {q!r}")
+    if m.group(2) == "m":
+        return int(-(-float(m.group(1)) // 1000))  # CPU millicores round up to cores
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
 def worker_environment(objs: list[dict], secrets: dict[tuple[str, str], str]) -> dict[str, str]:

@@ -553,6 +553,10 @@ def check_dask(objs: list[dict]) -> list[str]:
         for c in spec["worker"]["spec"].get("containers") or []:
             env = dict(cm, DASK_WORKER_NAME="worker-0", DASK_SCHEDULER_ADDRESS="tcp://scheduler:8786")
             env.update({e["name"]: e["value"] for e in c.get("env") or [] if "value" in e})
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("resourceFieldRef")
+                if ref:
+                    env[e["name"]] = str(_render_job().resource_value(c, ref))
             if env.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS") != "1":
                 problems.append(f"{label} worker: ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS must be '1' "
                                 "(registration reproducibility)")
@@ -566,6 +570,10 @@ def check_dask(objs: list[dict]) -> list[str]:
                 problems.append(f"{label} worker: args lack --resources MEMORY=<bytes>")
                 continue
             limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+            dask_limit = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--memory-limit"]
+            if limit is not None and dask_limit != [str(parse_quantity(limit))]:
+                problems.append(f"{label} worker: --memory-limit {dask_limit} is not the container's memory "
+                                f"limit {limit} in bytes (Dask would pause/restart the worker elsewhere)")
             if limit is not None and int(memory[0]) > parse_quantity(limit) - MEMORY_HEADROOM_BYTES:
                 problems.append(f"{label} worker: MEMORY={memory[0]} leaves less than "
                                 f"{MEMORY_HEADROOM_BYTES >> 20} MiB of the memory limit {limit} to the worker")
@@ -810,17 +818,22 @@ RENDER_SECRETS = {("qsmdask-prefect-api", "PREFECT_API_KEY"): "pnu_render_check_
 _JOB_CACHE: dict[str, dict] = {}
 
 
+def _render_job():
+    sys.path.insert(0, str(DEPLOY_DIR))
+    try:
+        import render_job
+    finally:
+        sys.path.remove(str(DEPLOY_DIR))
+    return render_job
+
+
 def render_flow_run_job(objs: list[dict], template_path: Path, prefect_yaml: Path) -> dict:
     """The flow-run Job from prefect-kubernetes' own code (deploy/render_job.py, run in its
     own process since Prefect reads the worker's environment at import); cached on its inputs."""
     import hashlib
     import tempfile
 
-    sys.path.insert(0, str(DEPLOY_DIR))
-    try:
-        import render_job
-    finally:
-        sys.path.remove(str(DEPLOY_DIR))
+    render_job = _render_job()
     # the render reads only the worker pod's environment, the template and the job variables
     worker_env = render_job.worker_environment(objs, RENDER_SECRETS)
     key = hashlib.sha256(json.dumps(

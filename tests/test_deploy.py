@@ -613,6 +613,8 @@ MUTATIONS = [
                                            'QSMDASK_WORKER_MEMORY: "3221225472"',
                                            'QSMDASK_WORKER_MEMORY: "4294967296"'), "leaves less than"),
     ("pvc-back-in-the-app", _pvc_in_app, "is in the application kustomization"),
+    ("dask-memory-limit-auto", _text_edit("deploy/base/dask-cluster.yaml", "- $(DASK_WORKER_MEMORY_LIMIT)", "- auto"),
+     "is not the container's memory limit"),
     ("no-active-deadline", lambda r: _json_edit(r / "deploy/prefect/base-job-template.json",
                                                 lambda t: t["job_configuration"]["job_manifest"]["spec"]
                                                 .pop("activeDeadlineSeconds")), "no activeDeadlineSeconds"),
