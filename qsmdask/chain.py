@@ -44,6 +44,10 @@ class ChainConfig:
         unwrapped in space); without it a Laplacian unwrapper spreads their error
         over the brain.
     quality_max_gradient_rad : largest trusted wrapped neighbour difference (rad).
+    quality_pairs : "all" (every face neighbour, also outside the mask: removes about two
+        voxels at the whole mask surface) or "inside" (only pairs inside the mask: keeps the
+        cortex; see :func:`qsmdask.mask.phase_quality_mask` and docs/benchmarks.md for
+        which is more accurate on which data).
     unwrap_method : "temporal" (echo-difference phase Laplacian-unwrapped, echoes
         unwrapped in time: fewest spatial wraps, no phase offset;
         :func:`qsmdask.unwrap.temporal_unwrap`), "laplacian" (every echo by
@@ -97,6 +101,7 @@ class ChainConfig:
     mask_open_mm: float = 2.0
     quality_mask: bool = True
     quality_max_gradient_rad: float = 1.0
+    quality_pairs: str = "all"
     unwrap_method: str = "temporal"
     laplacian_form: str = "gradient"
     fit_offset: bool = True
@@ -118,7 +123,7 @@ class ChainConfig:
     def __post_init__(self):
         choices = {"mask_method": MASK_METHODS, "unwrap_method": UNWRAP_METHODS,
                    "bgremove_method": BGREMOVE_METHODS, "inversion_method": INVERSION_METHODS,
-                   "laplacian_form": ("sincos", "gradient")}
+                   "laplacian_form": ("sincos", "gradient"), "quality_pairs": maskmod.PAIRS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -283,7 +288,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         else:
             qphase = phs[..., int(np.argmax(te))]  # the echo with the most wraps
         brain = maskmod.phase_quality_mask(qphase, whole_brain,
-                                           max_gradient_rad=cfg.quality_max_gradient_rad)
+                                           max_gradient_rad=cfg.quality_max_gradient_rad,
+                                           pairs=cfg.quality_pairs)
         del qphase
         if not brain.any():
             raise ValueError("no voxel of reliable phase is left in the brain mask "

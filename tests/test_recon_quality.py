@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from qsmdask import unwrap
 from qsmdask.chain import ChainConfig, reconstruct
@@ -107,3 +108,29 @@ def test_chain_default_survives_aliased_phase_next_to_air():
     assert r.qc["quality_mask_volume_ml"] < r.qc["mask_volume_ml"]
     with pytest.raises(ValueError, match="quality_max_gradient_rad"):
         ChainConfig(quality_max_gradient_rad=0)
+
+
+def test_quality_mask_inside_pairs_keeps_the_surface_next_to_noise():
+    """Issue 15 defect 1: comparing brain voxels with the noise phase outside the mask flags
+    the whole surface layer (and the dilation a second one).  pairs="inside" keeps it."""
+    x, y, z = _grid(48)
+    r2 = x ** 2 + y ** 2 + z ** 2
+    brain = r2 < 20 ** 2
+    rng = np.random.default_rng(1)
+    outside_noise = rng.uniform(-np.pi, np.pi, x.shape)
+    blob = (x - 8) ** 2 + y ** 2 + z ** 2 < 4 ** 2  # aliased phase inside the brain
+    phase = _wrap(np.where(brain, 0.15 * x + 0.05 * z + np.where(blob, outside_noise, 0.0), outside_noise))
+    cover_all = phase_quality_mask(phase, brain, pairs="all").sum() / brain.sum()
+    q = phase_quality_mask(phase, brain, pairs="inside")
+    assert cover_all < 0.85  # the surface layers are lost
+    assert not (q & ~brain).any() and not (q & blob).any()  # aliased voxels still go
+    far = brain & ((x - 8) ** 2 + y ** 2 + z ** 2 > 7 ** 2)
+    assert q[far].all()  # every other voxel, the surface included, stays
+    g = max_wrapped_gradient(phase, brain)
+    assert g[brain & ~ndimage.binary_erosion(brain) & far].max() < 0.5
+    with pytest.raises(ValueError, match="pairs"):
+        phase_quality_mask(phase, brain, pairs="outside")
+    with pytest.raises(ValueError, match="mask shape"):
+        max_wrapped_gradient(phase, brain[:-1])
+    with pytest.raises(ValueError, match="quality_pairs"):
+        ChainConfig(quality_pairs="some")
