@@ -47,6 +47,12 @@ def write_task(ss, meta, output_dir, config, key, tables_url=None, keep_work=Fal
                             keep_work=keep_work)
 
 
+@task(name="write-partial", task_run_name="write-partial-{ss.key}")
+def write_partial_task(ss, recon_meta, output_dir, config, failed_stage, message):
+    return wf.write_partial_outputs(ss, recon_meta, output_dir, config, failed_stage=failed_stage,
+                                    message=message)
+
+
 def _transient(state) -> bool:
     """Retry only transient IO errors (not bad data, not bugs)."""
     try:
@@ -207,10 +213,19 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
         else:
             row = wf.failure_row(ss, _first_error(futs))
             failed.append(row)
-            if not keep_work:  # a failed subject-session's volumes must not keep the disk full
-                wf.discard_work(wf.work_paths(ss, output_dir, work_root))
             status = f"FAILED at {row['stage']}"
             log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])
+            if row["stage"] in wf.AFTER_RECONSTRUCT and futs[1].state.is_completed():
+                # the reconstruction finished: write the native maps (status failed) anyway,
+                # before the work area is discarded
+                part = write_partial_task.submit(ss, futs[1], output_dir, cfg, row["stage"], row["message"])
+                part.wait()
+                if part.state.is_completed():
+                    log.warning("%s: native Chimap written (partial outputs, manifest status failed)", ss.key)
+                else:
+                    log.error("%s: the partial outputs could not be written either", ss.key)
+            if not keep_work:  # a failed subject-session's volumes must not keep the disk full
+                wf.discard_work(wf.work_paths(ss, output_dir, work_root))
         active_work.release(url)
         update_progress_artifact(progress, progress=100.0 * i / len(chains))
         _progress_line(i, len(chains), ss.key, status, time.monotonic() - t0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .nifti import InputError, load_nifti, read_json
+from .nifti import InputError, checked_geometry, load_nifti, read_json
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +411,9 @@ def load_megre(ss: SubjectSession) -> MEGREData:
         phases.append(p)
     if min(shape) < 8:
         raise InputError(ref, f"image shape {shape} too small for QSM (need >= 8 voxels per axis)")
+    affine, geometry_note = checked_geometry(affine, ref)  # shear: fixed once here or refused
+    if geometry_note:
+        notes.append(geometry_note)
     paths = [e.phase for e in ss.echoes]
     try:
         phase_rad, note = phase_to_radians(np.stack(phases, -1), paths[0])

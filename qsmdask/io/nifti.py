@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["InputError", "atomic_write_bytes", "atomic_write_json", "save_nifti", "load_nifti",
-           "read_json", "sweep_temp_files", "process_umask"]
+__all__ = ["InputError", "checked_geometry", "atomic_write_bytes", "atomic_write_json", "save_nifti",
+           "load_nifti", "read_json", "sweep_temp_files", "process_umask"]
 
 
 class InputError(ValueError):
@@ -21,6 +21,31 @@ class InputError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+def checked_geometry(affine, path) -> tuple[np.ndarray, str | None]:
+    """The affine of ``path`` with a small shear removed, and a note saying so.
+
+    :func:`qsmdask.geometry.orthogonalise_affine`: a shear up to
+    ``qsmdask.geometry.SHEAR_TOLERANCE_DEG`` is replaced by orthogonal axes (the note,
+    also logged as a warning, goes into the outputs' sidecars); a larger one raises
+    :class:`InputError` naming ``path``.
+    """
+    import logging
+
+    from ..geometry import SHEAR_TOLERANCE_DEG, orthogonalise_affine
+
+    try:
+        out, shear = orthogonalise_affine(affine)
+    except ValueError as e:
+        raise InputError(path, str(e)) from None
+    if shear <= 1e-4:
+        return out, None
+    note = (f"{Path(path).name}: affine axes were {shear:.3g} degrees from orthogonal; "
+            f"orthogonalised (nearest orthogonal axes, voxel sizes and origin kept; "
+            f"tolerance {SHEAR_TOLERANCE_DEG:g} degrees)")
+    logging.getLogger("qsmdask.io").warning("%s", note)
+    return out, note
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -27,7 +27,7 @@ from ..config import PipelineConfig
 from ..io import zarrstore
 from ..io.bids import SubjectSession, load_megre
 from ..io.derivatives import DerivativesWriter, bids_uri
-from ..io.nifti import load_nifti
+from ..io.nifti import checked_geometry, load_nifti
 from ..report.references import chain_method
 from ..kernels import b0_direction_from_affine, voxel_size_from_affine
 
@@ -35,7 +35,7 @@ from ..kernels import b0_direction_from_affine, voxel_size_from_affine
 ROI_ENTITY_COLUMNS = ("acq", "ce", "rec", "dir", "run")
 
 __all__ = ["StageError", "error_file", "discard_work", "ROI_ENTITY_COLUMNS", "ingest", "reconstruct",
-           "standardise_and_measure", "write_outputs",
+           "standardise_and_measure", "write_outputs", "write_partial_outputs", "AFTER_RECONSTRUCT",
            "process_subject_session", "resume_key", "is_up_to_date", "failure_row",
            "estimate_task_memory_bytes", "estimate_subject_memory_bytes"]
 
@@ -138,6 +138,9 @@ def ingest(ss: SubjectSession, paths: dict) -> dict:
         t1w = False
         if ss.t1w is not None:
             t1, t1_aff, _ = load_nifti(ss.t1w, ndim=3)
+            t1_aff, t1_note = checked_geometry(t1_aff, ss.t1w)
+            if t1_note:
+                data.notes.append(t1_note)
             zarrstore.write_volume(work_url, "t1w", t1, t1_aff)
             t1w = True
         return {"key": ss.key, "work_url": work_url, "shape": list(data.magnitude.shape),
@@ -291,6 +294,51 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
                 "manifest": str(manifest), "n_files": len(files), "qc": meta.get("qc", {})}
 
 
+# stages after the reconstruction: when one of them fails, the native maps are still written
+AFTER_RECONSTRUCT = ("standardise", "roi", "write")
+
+
+def write_partial_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineConfig, *,
+                          failed_stage: str, message: str) -> dict:
+    """Write what a failed subject-session finished: its native-space reconstruction.
+
+    Called when a stage after :func:`reconstruct` failed (``meta`` is reconstruct's result):
+    the native Chimap, brain mask and field maps are written with the one writer, each
+    sidecar saying ``"Status": "partial"`` and the failed stage, and the manifest records
+    ``status: failed`` with ``failed_stage``, so a rerun recomputes the subject-session
+    (only ``status: done`` counts as up to date).  The zarr work group is kept.
+    """
+    with _stage(ss.key, "write_partial"):
+        writer = DerivativesWriter(output_dir)
+        ents = ss.entities
+        sub, ses = ss.subject, ss.session
+        url = meta["work_url"]
+        affine = np.asarray(meta["affine"])
+        sources = [bids_uri(p) for e in ss.echoes for p in (e.magnitude, e.phase)]
+        cfg = config.to_dict()
+        side = {**chain_method(cfg["chain"]), "Chain": cfg["chain"], "EchoTimes": meta["echo_times_s"],
+                "MagneticFieldStrength": meta["b0_tesla"], "B0DirectionVoxel": meta.get("b0_dir"),
+                "Notes": meta.get("notes", []), "Status": "partial",
+                "FailedStage": failed_stage, "FailureMessage": message[:500]}
+        files = []
+        chi, _ = zarrstore.read_volume(url, "chi_ppm", dtype=np.float32)
+        files.append(writer.save_image(sub, ses, "Chimap", chi, affine, sources=sources,
+                                       sidecar={**side, "Units": "ppm", "SkullStripped": True}, **ents))
+        mask, _ = zarrstore.read_volume(url, "mask")
+        files.append(writer.save_image(sub, ses, "mask", mask.astype(np.uint8), affine, desc="brain",
+                                       sources=sources, sidecar={**side, "Type": "Brain"}, **ents))
+        for name, suffix in (("local_field_ppm", "localfield"), ("field_ppm", "totalfield")):
+            arr, _ = zarrstore.read_volume(url, name, dtype=np.float32)
+            files.append(writer.save_image(sub, ses, suffix, arr, affine, sources=sources,
+                                           sidecar={**side, "Units": "ppm", "SkullStripped": True}, **ents))
+        manifest = writer.write_manifest(sub, ses, files, config=cfg,
+                                         status={"status": "failed", "failed_stage": failed_stage,
+                                                 "message": message[:2000], "qc": meta.get("qc", {})},
+                                         **ents)
+        return {"participant_id": ss.participant_id, "session_id": ss.session_id,
+                "manifest": str(manifest), "n_files": len(files), "failed_stage": failed_stage}
+
+
 def _qc_figure(ss, writer, url, chi, mask, labels, affine) -> Path:
     """Orthogonal-slice QC figure (magnitude + mask, total and local field, chi + atlas)."""
     from ..report.qc import qc_figure
@@ -403,10 +451,14 @@ def process_subject_session(ss: SubjectSession, output_dir, config: PipelineConf
     paths = work_paths(ss, output_dir, work_root)
     try:
         meta = ingest(ss, paths)
-        meta = reconstruct(meta, config)
-        meta = standardise_and_measure(meta, config)
-        return write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url,
-                             keep_work=keep_work)
+        recon = reconstruct(meta, config)
+        try:
+            meta = standardise_and_measure(recon, config)
+            return write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url,
+                                 keep_work=keep_work)
+        except StageError as e:  # keep the finished reconstruction, then report the failure
+            write_partial_outputs(ss, recon, output_dir, config, failed_stage=e.stage, message=e.message)
+            raise
     except BaseException:
         if not keep_work:
             discard_work(paths)
