@@ -11,7 +11,15 @@
     study's (V-SHARP + TKD) and mixtures: local-field and chi correlation with truth in the
     final mask, deep-grey ROI mean errors relative to truth.
 
+Section "recon-robustness" (``--robustness``; runs only these, leaves the tables above alone):
+(e) phase-quality mask neighbour pairs ("all" vs "inside") on simulator heads: coverage of the
+    true brain, chi correlation, ROI slope;
+(f) 2016 challenge: the `study` preset's inversion (iterative TKD as Tang et al. 2013 published
+    it) beside TKD and TV: qsm-ci nrmse vs COSMOS and ROI slope over the evaluation labels;
+(g) single-echo and two-echo data vs three echoes of the same simulator heads.
+
 Usage: python bench/recon.py [--quick] [--no-write] [--skip-2016] [--skip-timing] [--skip-heads]
+       python bench/recon.py --robustness [--seeds 5 7] [--no-write]
 """
 
 from __future__ import annotations
@@ -280,6 +288,166 @@ def bench_heads(quick: bool):
     return rows, summary
 
 
+# ------------------------------------------------------------------ section recon-robustness
+def _load_head(seed, tmp):
+    """One simulator head (simulate_cohort, 2 mm, TE 4/12/20 ms): inputs and truth."""
+    import json
+
+    import pandas as pd
+
+    from qsmdask.io.nifti import load_nifti
+    from qsmdask.kernels import b0_direction_from_affine, voxel_size_from_affine
+    from qsmdask.sim.cohort import simulate_cohort
+
+    root = Path(tmp) / f"seed{seed}"
+    simulate_cohort(root, n_subjects=1, seed=seed, n_sessions=1, t1w=False)
+    anat = root / "sub-01" / "anat"
+    mags, phs, tes = [], [], []
+    for e in (1, 2, 3):
+        mag, aff = load_nifti(anat / f"sub-01_echo-{e}_part-mag_MEGRE.nii.gz")[:2]
+        mags.append(mag)
+        phs.append(load_nifti(anat / f"sub-01_echo-{e}_part-phase_MEGRE.nii.gz")[0])
+        tes.append(json.loads((anat / f"sub-01_echo-{e}_part-phase_MEGRE.json").read_text())["EchoTime"])
+    truth = root / "derivatives" / "qsmdask-sim" / "sub-01" / "anat"
+    table = pd.read_csv(root / "derivatives" / "qsmdask-sim" / "tissue_table.tsv", sep="\t")
+    dseg = load_nifti(truth / "sub-01_desc-truth_dseg.nii.gz")[0].astype(int)
+    rois = []
+    for reg in sorted(set(table.region)):
+        sel = np.isin(dseg, table.loc[table.region == reg, "label"].astype(int).to_numpy())
+        if sel.sum() >= 20:
+            rois.append(sel)
+    return {"mag": np.stack(mags, -1).astype(np.float32), "phase": np.stack(phs, -1).astype(np.float32),
+            "te": np.asarray(tes), "vs": voxel_size_from_affine(aff), "b0": b0_direction_from_affine(aff),
+            "chi": load_nifti(truth / "sub-01_desc-truth_Chimap.nii.gz")[0],
+            "brain": load_nifti(truth / "sub-01_desc-truth_mask.nii.gz")[0] > 0, "rois": rois}
+
+
+def _head_scores(h, r):
+    """Coverage of the true brain, chi correlation and ROI slope (ROI mean - mask mean, estimate
+    on truth, least squares over the simulator's tissue regions) in the final mask."""
+    m = r.mask
+    tb = h["brain"]
+    est, tru = [], []
+    for sel in h["rois"]:
+        s = sel & m
+        if s.sum() >= 10:
+            est.append(r.chi_ppm[s].mean() - r.chi_ppm[m].mean())
+            tru.append(h["chi"][s].mean() - h["chi"][m].mean())
+    return {"quality-mask coverage %": 100 * float((r.quality_mask & tb).sum() / tb.sum()),
+            "final-mask coverage %": 100 * float((m & tb).sum() / tb.sum()),
+            "chi corr": _corr(r.chi_ppm, h["chi"], m),
+            "chi corr in true brain": _corr(r.chi_ppm, h["chi"], m & tb),
+            "ROI slope": float(np.polyfit(tru, est, 1)[0]), "n ROIs": len(est)}
+
+
+ECHO_SETS = {"3 echoes (4/12/20 ms)": [0, 1, 2], "2 echoes (4/12 ms)": [0, 1],
+             "1 echo (20 ms)": [2], "1 echo (12 ms)": [1]}
+
+
+def bench_robustness_heads(seeds):
+    import tempfile
+
+    pairs_rows, echo_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            h = _load_head(seed, tmp)
+            for pairs in ("all", "inside"):
+                t0 = time.perf_counter()
+                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
+                                config=DEFAULT.replace(quality_pairs=pairs))
+                pairs_rows.append({"seed": seed, "quality_pairs": pairs, **_head_scores(h, r),
+                                   "time s": time.perf_counter() - t0})
+                print(pairs_rows[-1], flush=True)
+            for name, idx in ECHO_SETS.items():
+                r = reconstruct(h["mag"][..., idx], h["phase"][..., idx], h["te"][idx], h["vs"],
+                                b0_dir=h["b0"], b0_tesla=3.0, config=DEFAULT)
+                echo_rows.append({"seed": seed, "echoes": name, **_head_scores(h, r)})
+                print(echo_rows[-1], flush=True)
+    return pairs_rows, echo_rows
+
+
+STUDY_2016 = {
+    "TKD thr 0.4 (tkd_threshold default)": dict(inversion_method="tkd", tkd_threshold=0.4),
+    "iterative TKD as before (thr 0.19, 20 it, no structure mask)": dict(
+        inversion_method="iterative_tkd", iterative_tkd_threshold=0.19, iterative_tkd_max_iter=20,
+        iterative_tkd_tol=1e-3, iterative_tkd_structure_n_sd=0.0),
+    "study preset: iterative TKD, Tang 2013 (thr 0.1, structure mask, <= 4 it)": dict(preset="study"),
+    "iterative TKD thr 0.1, 4 it, no structure mask": dict(preset="study", iterative_tkd_structure_n_sd=0.0),
+    "iterative TKD thr 0.19, structure mask, <= 4 it": dict(preset="study", iterative_tkd_threshold=0.19),
+    "TV lam 1.5e-3, 30 it (no Bregman)": dict(inversion_method="tv", tv_lambda=1.5e-3, tv_max_iter=30,
+                                              tv_bregman_iterations=0),
+    "default chain inversion (TV + Bregman)": dict(),
+}
+
+
+def _invert_cfg(cfg_dict, f, m, vs):
+    c = ChainConfig.from_dict(cfg_dict)
+    if c.inversion_method == "tkd":
+        return inversion.tkd(f, m, vs, threshold=c.tkd_threshold)
+    if c.inversion_method == "iterative_tkd":
+        n_sd = c.iterative_tkd_structure_n_sd
+        return inversion.iterative_tkd(f, m, vs, threshold=c.iterative_tkd_threshold,
+                                       max_iter=c.iterative_tkd_max_iter, tol=c.iterative_tkd_tol,
+                                       structure_mask="initial" if n_sd > 0 else None,
+                                       structure_n_sd=n_sd or 2.0)
+    return inversion.tv_admm(f, m, vs, lam=c.tv_lambda, max_iter=c.tv_max_iter,
+                             bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter)
+
+
+def bench_study_2016():
+    import nibabel as nib
+    from qsm_ci.qsm_eval import score_arrays
+
+    img = nib.load(DATA / "local_field_ppm.nii.gz")
+    f = img.get_fdata(dtype=np.float32)
+    vs = tuple(float(v) for v in img.header.get_zooms()[:3])
+    m = nib.load(DATA / "mask.nii.gz").get_fdata() > 0
+    cosmos = nib.load(DATA / "chi_cosmos.nii.gz").get_fdata(dtype=np.float32)
+    labels = nib.load(DATA / "evaluation_labels.nii.gz").get_fdata().astype(int)
+    rows = []
+    for name, cfg in STUDY_2016.items():
+        chi, dt, rss = run_isolated(_invert_cfg, cfg, f, m, vs)
+        s_c, _ = score_arrays(chi, cosmos, m, kind="chi")
+        est = [chi[(labels == k) & m].mean() - chi[m].mean() for k in range(1, 12) if ((labels == k) & m).any()]
+        ref = [cosmos[(labels == k) & m].mean() - cosmos[m].mean() for k in range(1, 12) if ((labels == k) & m).any()]
+        rows.append({"inversion": name, "nrmse vs COSMOS": float(s_c["nrmse"]), "hfen": float(s_c["hfen"]),
+                     "corr": float(s_c["correlation"]), "ROI slope vs COSMOS": float(np.polyfit(ref, est, 1)[0]),
+                     "time s": float(dt), "peak RSS MiB": float(rss)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main_robustness(args):
+    machine = machine_description()
+    print(machine, flush=True)
+    seeds = args.seeds
+    parts = [f"## recon-robustness\n\nMachine: {machine} (shared machine, loaded by other jobs: times "
+             f"are inflated)\n\nCommand: `python bench/recon.py --robustness --seeds "
+             f"{' '.join(map(str, seeds))}` (runs only this section; the recon section above is from "
+             f"its own earlier run)\n"]
+    pairs_rows, echo_rows = bench_robustness_heads(seeds)
+    parts.append("### (e) phase-quality mask: neighbour pairs compared (issue 15, defect 1)\n\n"
+                 "Simulator heads (simulate_cohort, 2 mm, 3 echoes, SNR 50), default chain but "
+                 "`quality_pairs`. Coverage: share of the true brain mask (desc-truth_mask) inside the "
+                 "quality mask and inside the final (LBV-eroded) mask; the threshold mask covers all of "
+                 "it plus ~250 ml of extra-cerebral CSF next to bone. ROI slope: ROI-mean estimate on "
+                 "truth over the simulator's tissue regions.\n\n" + markdown_table(pairs_rows, floatfmt=".3g"))
+    if (DATA / "local_field_ppm.nii.gz").exists():
+        rows = bench_study_2016()
+        parts.append("### (f) 2016 challenge: the `study` preset's inversion beside TKD and TV\n\n"
+                     "The given local field and mask; qsm-ci `score_arrays` vs COSMOS; ROI slope: least "
+                     "squares of (ROI mean - mask mean) of the estimate on COSMOS's over the 11 "
+                     "evaluation labels.\n\n" + markdown_table(rows, floatfmt=".3g"))
+    parts.append("### (g) fewer echoes, same heads (issue 15, defect 3)\n\n"
+                 "Default chain on subsets of the same 3-echo acquisitions.\n\n"
+                 + markdown_table(echo_rows, floatfmt=".3g"))
+    body = "\n".join(parts)
+    print(body)
+    if not args.no_write:
+        update_section("recon-robustness", body)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (implies --no-write)")
@@ -287,7 +455,11 @@ def main(argv=None):
     ap.add_argument("--skip-2016", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-heads", action="store_true")
+    ap.add_argument("--robustness", action="store_true", help="run only section recon-robustness")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[5, 7])
     args = ap.parse_args(argv)
+    if args.robustness:
+        return main_robustness(args)
     machine = machine_description()
     print(machine, flush=True)
     parts = [f"Machine: {machine}\n\nCommand: `python bench/recon.py{' --quick' if args.quick else ''}`\n"]

@@ -18,7 +18,7 @@ import numpy as np
 from qsmdask import bgremove, inversion, mask as maskmod, unwrap
 from qsmdask.kernels import check_b0_dir, check_voxel_size
 
-__all__ = ["ChainConfig", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
+__all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
 MASK_METHODS = ("threshold", "bet")
@@ -69,7 +69,16 @@ class ChainConfig:
         "tkd" or "iterative_tkd"
         (Tang et al. 2013: TKD start, cone re-estimated from the image-domain
         estimate constrained to the mask; threshold ``tkd_threshold``).
-    iterative_tkd_max_iter : iterations of "iterative_tkd".
+    iterative_tkd_threshold : |D| below which "iterative_tkd" re-estimates k-space (Tang et
+        al. 2013: 0.1); separate from ``tkd_threshold``.
+    iterative_tkd_max_iter : largest number of iterations of "iterative_tkd" (Tang et al.
+        2013: about 4 were enough).
+    iterative_tkd_tol : stopping rule of "iterative_tkd": relative change of the map in the
+        mask between two iterations.
+    iterative_tkd_structure_n_sd : geometry constraint of "iterative_tkd" derived from the
+        initial TKD estimate (structures: voxels more than this many robust SDs from the
+        median, :func:`qsmdask.inversion.structure_mask_from_estimate`); 0 disables it
+        (support constraint only).
     tkd_threshold : truncation level of |D| for TKD; 0.4 (2016 challenge nrmse vs COSMOS 62.9,
         and lower NRMSE than 0.19 on noisy phantoms) at the price of a larger
         underestimation of deep-grey ROI means (consistent across subjects, so group
@@ -110,7 +119,10 @@ class ChainConfig:
     sharp_threshold: float = 0.05
     inversion_method: str = "tv"
     tkd_threshold: float = 0.4
-    iterative_tkd_max_iter: int = 20
+    iterative_tkd_threshold: float = 0.1
+    iterative_tkd_max_iter: int = 4
+    iterative_tkd_tol: float = 1e-2
+    iterative_tkd_structure_n_sd: float = 2.0
     tv_lambda: float = 2e-3
     tv_max_iter: int = 15
     tv_bregman_iterations: int = 1
@@ -155,6 +167,13 @@ class ChainConfig:
             raise ValueError(f"tv_max_iter must be >= 1, got {self.tv_max_iter!r}")
         if not (0 <= self.tv_edge_fraction < 1):
             raise ValueError(f"tv_edge_fraction must be in [0, 1), got {self.tv_edge_fraction!r}")
+        if not (0 < self.iterative_tkd_threshold < 2 / 3):
+            raise ValueError(f"iterative_tkd_threshold must be in (0, 2/3), got {self.iterative_tkd_threshold!r}")
+        if not (self.iterative_tkd_tol > 0):
+            raise ValueError(f"iterative_tkd_tol must be > 0, got {self.iterative_tkd_tol!r}")
+        if not (self.iterative_tkd_structure_n_sd >= 0):
+            raise ValueError("iterative_tkd_structure_n_sd must be >= 0, got "
+                             f"{self.iterative_tkd_structure_n_sd!r}")
         if not (0 < self.tkd_threshold < 2 / 3):
             raise ValueError(f"tkd_threshold must be in (0, 2/3), got {self.tkd_threshold!r}")
         pad = tuple(int(p) for p in self.pad_voxels)
@@ -172,19 +191,44 @@ class ChainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ChainConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError.  A ``"preset"`` key
+        (see :data:`PRESETS`) sets the starting values that the other keys then change."""
+        d = dict(d)
+        preset = d.pop("preset", None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown ChainConfig keys: {sorted(unknown)}")
-        d = dict(d)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+            d = {**PRESETS[preset], **d}
         if "pad_voxels" in d:
             d["pad_voxels"] = tuple(d["pad_voxels"])
         return cls(**d)
 
+    @classmethod
+    def preset(cls, name: str, **changes) -> "ChainConfig":
+        """The configuration named ``name`` in :data:`PRESETS`, with ``changes`` applied."""
+        return cls.from_dict({"preset": name, **changes})
+
     def replace(self, **changes) -> "ChainConfig":
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+# Named starting configurations (``chain: {preset: study}`` in the pipeline configuration).
+# The phase sign is a property of the data, not of a method: set ``phase_sign`` beside a preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the reference study's methods: BET mask (f = 0.2), V-SHARP up to 6 mm, and the iterative
+    # threshold-based inversion of Tang et al. 2013 as published (threshold 0.1, geometry
+    # constraint from the initial TKD estimate, at most 4 iterations, stop at 1 % change)
+    "study": {"mask_method": "bet", "bet_fraction": 0.2, "bgremove_method": "vsharp",
+              "sharp_radius_mm": 6.0, "inversion_method": "iterative_tkd",
+              "iterative_tkd_threshold": 0.1, "iterative_tkd_max_iter": 4,
+              "iterative_tkd_tol": 1e-2, "iterative_tkd_structure_n_sd": 2.0},
+}
 
 
 @dataclass
@@ -352,9 +396,12 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                                 bregman_max_iter=cfg.tv_bregman_max_iter,
                                 pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
     elif cfg.inversion_method == "iterative_tkd":
-        chi = inversion.iterative_tkd(local, eroded, vs, b0_dir=b, threshold=cfg.tkd_threshold,
-                                      max_iter=cfg.iterative_tkd_max_iter, pad_voxels=cfg.pad_voxels,
-                                      fft_workers=cfg.fft_workers)
+        n_sd = cfg.iterative_tkd_structure_n_sd
+        chi = inversion.iterative_tkd(local, eroded, vs, b0_dir=b, threshold=cfg.iterative_tkd_threshold,
+                                      max_iter=cfg.iterative_tkd_max_iter, tol=cfg.iterative_tkd_tol,
+                                      structure_mask="initial" if n_sd > 0 else None,
+                                      structure_n_sd=n_sd if n_sd > 0 else 2.0,
+                                      pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
     else:
         chi = inversion.tkd(local, eroded, vs, b0_dir=b, threshold=cfg.tkd_threshold,
                             pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
