@@ -44,6 +44,10 @@ class ChainConfig:
         unwrapped in space); without it a Laplacian unwrapper spreads their error
         over the brain.
     quality_max_gradient_rad : largest trusted wrapped neighbour difference (rad).
+    quality_single_echo_gradient_rad : the same for single-echo data, whose one echo is
+        unwrapped in space (it spans the whole echo time, not one echo spacing: at TE 20 ms
+        the field of iron-rich nuclei alone exceeds 1 rad per voxel, and a 1 rad limit cut
+        them out of the mask, underestimating them by a third).
     quality_pairs : "all" (every face neighbour, also outside the mask: removes about two
         voxels at the whole mask surface) or "inside" (only pairs inside the mask: keeps the
         cortex; see :func:`qsmdask.mask.phase_quality_mask` and docs/benchmarks.md for
@@ -110,6 +114,7 @@ class ChainConfig:
     mask_open_mm: float = 2.0
     quality_mask: bool = True
     quality_max_gradient_rad: float = 1.0
+    quality_single_echo_gradient_rad: float = 2.0
     quality_pairs: str = "all"
     unwrap_method: str = "temporal"
     laplacian_form: str = "gradient"
@@ -146,9 +151,10 @@ class ChainConfig:
             raise ValueError(f"mask_threshold_fraction must be None or in (0, 1), got {f!r}")
         if not (0 < self.bet_fraction < 1):
             raise ValueError(f"bet_fraction must be in (0, 1), got {self.bet_fraction!r}")
-        q = self.quality_max_gradient_rad
-        if not (np.isfinite(q) and 0 < q < np.pi):
-            raise ValueError(f"quality_max_gradient_rad must be in (0, pi), got {q!r}")
+        for name in ("quality_max_gradient_rad", "quality_single_echo_gradient_rad"):
+            q = getattr(self, name)
+            if not (np.isfinite(q) and 0 < q < np.pi):
+                raise ValueError(f"{name} must be in (0, pi), got {q!r}")
         if self.mask_open_mm < 0:
             raise ValueError(f"mask_open_mm must be >= 0, got {self.mask_open_mm!r}")
         if not self.sharp_radius_mm > 0:
@@ -331,8 +337,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
             qphase = unwrap.echo_difference_phase(phs, te, magnitude=mag)[0]
         else:
             qphase = phs[..., int(np.argmax(te))]  # the echo with the most wraps
-        brain = maskmod.phase_quality_mask(qphase, whole_brain,
-                                           max_gradient_rad=cfg.quality_max_gradient_rad,
+        max_grad = cfg.quality_max_gradient_rad if phs.shape[3] > 1 else cfg.quality_single_echo_gradient_rad
+        brain = maskmod.phase_quality_mask(qphase, whole_brain, max_gradient_rad=max_grad,
                                            pairs=cfg.quality_pairs)
         del qphase
         if not brain.any():

@@ -15,6 +15,7 @@ Any failure is raised as :class:`StageError` carrying the stage and the file inv
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import traceback
 from pathlib import Path
@@ -166,7 +167,20 @@ def reconstruct(meta: dict, config: PipelineConfig) -> dict:
             zarrstore.write_volume(url, name, getattr(res, name), affine)
         qc = {k: float(v) for k, v in (res.qc or {}).items()}
         qc["recon_seconds"] = seconds
-        return {**meta, "qc": qc, "b0_dir": b0_direction_from_affine(affine).tolist()}
+        notes = list(meta.get("notes", []))
+        if len(meta["echo_times_s"]) == 1:
+            notes.append(SINGLE_ECHO_NOTE)
+            logging.getLogger("qsmdask.workflows").warning("%s: %s", meta["key"], SINGLE_ECHO_NOTE)
+        return {**meta, "qc": qc, "notes": notes, "b0_dir": b0_direction_from_affine(affine).tolist()}
+
+
+# Single-echo data: the field is the spatially unwrapped phase / (2 pi gamma B0 TE); a receiver
+# phase offset cannot be told apart from the field with one echo (docs/benchmarks.md,
+# recon-robustness (g)).
+SINGLE_ECHO_NOTE = ("single echo: field = unwrapped phase / (2 pi gamma B0 TE); the receiver phase "
+                    "offset cannot be separated from the field with one echo, so any offset the "
+                    "coil combination left that is not harmonic in the brain stays in the map "
+                    "(use 2 or more echoes, or offset-free combined phase)")
 
 
 def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
