@@ -72,7 +72,8 @@ class ChainConfig:
     inversion_method : "tv" (default; total variation, ADMM, with Bregman debiasing),
         "tkd" or "iterative_tkd"
         (Tang et al. 2013: TKD start, cone re-estimated from the image-domain
-        estimate constrained to the mask; threshold ``tkd_threshold``).
+        estimate constrained to the mask and the structures of the initial estimate;
+        ``iterative_tkd_*`` options).
     iterative_tkd_threshold : |D| below which "iterative_tkd" re-estimates k-space (Tang et
         al. 2013: 0.1); separate from ``tkd_threshold``.
     iterative_tkd_max_iter : largest number of iterations of "iterative_tkd" (Tang et al.
@@ -83,7 +84,7 @@ class ChainConfig:
         initial TKD estimate (structures: voxels more than this many robust SDs from the
         median, :func:`qsmdask.inversion.structure_mask_from_estimate`); 0 disables it
         (support constraint only).
-    tkd_threshold : truncation level of |D| for TKD; 0.4 (2016 challenge nrmse vs COSMOS 62.9,
+    tkd_threshold : truncation level of |D| for TKD (not the iterative TKD); 0.4 (2016 challenge nrmse vs COSMOS 62.9,
         and lower NRMSE than 0.19 on noisy phantoms) at the price of a larger
         underestimation of deep-grey ROI means (consistent across subjects, so group
         contrasts scale but keep their sign and rank).
