@@ -83,7 +83,7 @@ def phase_quality_mask(phase_rad, mask, *, max_gradient_rad: float = 1.0,
         compares only pairs with both voxels in ``mask``: the surface is kept unless its
         own phase is aliased.  Measured on the project's simulated heads (threshold mask
         reaching into the extra-cerebral CSF next to bone) "all" is the more accurate
-        (see docs/benchmarks.md, recon section (e)); "inside" suits tight brain masks.
+        (see docs/benchmarks.md, section recon-robustness (e)); "inside" suits tight brain masks.
 
     Returns
     -------
