@@ -122,6 +122,13 @@ def test_stray_entries_are_ignored_or_one_failure_row(tmp_path, caplog):
     plan = plan_participants(root, tmp_path / "out", PipelineConfig())
     assert [r["participant_id"] for r in plan.invalid] == ["sub-0 2"]
     assert plan.invalid[0]["stage"] == "discover" and len(plan.todo) == 2
+    if validator_available():  # the official validator does not stop the cohort either
+        (root / "participants.tsv").write_text("participant_id\tgroup\nsub-01\tpatient\nsub-02\tcontrol\n")
+        res = validate_bids(root)
+        assert res.dataset == [], res.dataset  # e.g. PARTICIPANT_ID_MISMATCH caused by sub-01_old
+        plan = plan_participants(root, tmp_path / "out", PipelineConfig(), validation_errors=res.files)
+        assert [s.key for s, _ in plan.todo] == ["sub-01", "sub-02"]
+        assert [r["participant_id"] for r in plan.invalid] == ["sub-0 2"]
 
 
 # ------------------------------------------------------------------------ file modes

@@ -6,8 +6,10 @@ offline) and splits its *errors* (severity ``error``; warnings are not faults) i
 - dataset-level errors (``dataset_description.json``, ``participants.tsv``, a missing file
   the dataset needs, ...): the dataset cannot be trusted, the run stops
   (:class:`BIDSValidationError`);
-- errors located under a ``sub-*`` folder, and stray entries the specification does not
-  include (``NOT_INCLUDED``) anywhere: handed to the participant level, where an
+- errors located under a ``sub-*`` folder, stray entries the specification does not
+  include (``NOT_INCLUDED``) anywhere, and ``participants.tsv`` not listing every ``sub-*``
+  folder (``PARTICIPANT_ID_MISMATCH``, also caused by a stray ``sub-01_old``): handed to the
+  participant level, where an
   acquisition reading such a file fails alone (stage ``validate``) and errors in files
   qsmdask does not read are logged as warnings (see
   :func:`qsmdask.workflows.cohort.apply_validation_errors`).
@@ -29,6 +31,11 @@ __all__ = ["VALIDATOR", "BIDSValidationError", "ValidationResult", "validator_av
 
 VALIDATOR = "bids-validator-deno"
 _SUBJECT_PATH = re.compile(r"^/sub-[^/]+/")
+
+#: Errors that never stop the run wherever they are located: a stray entry the specification
+#: does not include, and participants.tsv not listing every ``sub-*`` folder (a stray
+#: ``sub-01_old`` counts as one; qsmdask matches participants to subjects itself).
+_CONFINED_CODES = {"NOT_INCLUDED", "PARTICIPANT_ID_MISMATCH"}
 
 
 class BIDSValidationError(ValueError):
@@ -84,7 +91,7 @@ def validate_bids(bids_dir, *, timeout_s: float = 900.0) -> ValidationResult | N
         it = _issue(i)
         loc = it["location"]
         # under a sub-* folder (valid or stray), or a stray entry anywhere: confined to it
-        if _SUBJECT_PATH.match(loc) or it["code"] == "NOT_INCLUDED":
+        if _SUBJECT_PATH.match(loc) or it["code"] in _CONFINED_CODES:
             res.files.append(it)
         else:
             res.dataset.append(it)
