@@ -71,6 +71,8 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/qsmdask /opt/qsmdask
 
+# ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1: seeded ANTs registration is bit-identical from one run to
+# the next only with one ITK thread, set before ANTs starts (every process of the image).
 # Everything that must be writable lives directly under /tmp (which exists even when a fresh
 # tmpfs/emptyDir is mounted there; Prefect does not create missing parents of its home), so
 # the root filesystem can be mounted read-only (Kubernetes: readOnlyRootFilesystem + an
@@ -86,7 +88,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DASK_TEMPORARY_DIRECTORY=/tmp/dask \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1
 
 LABEL org.opencontainers.image.title="qsmdask" \
       org.opencontainers.image.description="QSM for research cohorts on Dask and Prefect" \

@@ -14,6 +14,11 @@ map with the warped atlas vs with the truth labels.
 
 Usage:  python bench/registration.py [--threads N] [--modes syn,affine,direct-fast]
 Writes the "registration" section of docs/benchmarks.md.
+
+        python bench/registration.py --determinism direct [--repeats 2]
+times the reproducible setting (seeded ANTs, one ITK thread) side by side with two ITK
+threads and with a clock seed, each in fresh processes, checks which give byte-identical
+results, and writes the "registration-determinism" section.
 """
 
 from __future__ import annotations
@@ -52,13 +57,111 @@ def _dice(a, b):
     return float(2 * np.logical_and(a, b).sum() / s) if s else float("nan")
 
 
+def _standardise(mode, mag, mag_img, t1, t1_img, brain, seed=1):
+    from qsmdask.atlas import load_template
+    from qsmdask.registration import standardise
+
+    if mode == "syn-1mm":
+        tmpl, taff = load_template(1)
+        return standardise(mag, mag_img.affine, t1w=t1, t1w_affine=t1_img.affine, template=tmpl,
+                           template_affine=taff, method="syn", magnitude_mask=brain,
+                           registration_mm=None, seed=seed)
+    if mode == "syn":
+        return standardise(mag, mag_img.affine, t1w=t1, t1w_affine=t1_img.affine,
+                           method="syn", magnitude_mask=brain, seed=seed)
+    if mode == "affine":
+        return standardise(mag, mag_img.affine, t1w=t1, t1w_affine=t1_img.affine,
+                           method="affine", magnitude_mask=brain, seed=seed)
+    if mode == "direct":
+        return standardise(mag, mag_img.affine, method="affine", magnitude_mask=brain, seed=seed)
+    if mode == "direct-fast":
+        return standardise(mag, mag_img.affine, method="affine", quick=True,
+                           magnitude_mask=brain, seed=seed)
+    raise ValueError(f"mode must be syn-1mm, syn, affine, direct or direct-fast, got {mode!r}")
+
+
+def run_repro(mode: str, bids: str, seed) -> dict:
+    """One registration for the determinism comparison: time and a hash of its results."""
+    import hashlib
+    import resource
+
+    import nibabel as nib
+    import numpy as np
+
+    root = Path(bids)
+    anat = root / "sub-01" / "anat"
+    mags = sorted(anat.glob("*part-mag_MEGRE.nii.gz"))
+    mag_img = nib.load(mags[0])
+    mag = np.stack([nib.load(p).get_fdata(dtype=np.float32) for p in mags], axis=-1)
+    t1_img = nib.load(next(anat.glob("*_T1w.nii.gz")))
+    t1 = t1_img.get_fdata(dtype=np.float32)
+    deriv = root / "derivatives" / "qsmdask-sim" / "sub-01" / "anat"
+    brain = np.asarray(nib.load(next(deriv.glob("*desc-truth_mask.nii.gz"))).dataobj) > 0
+
+    def cpu_s():
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    c0, t0 = cpu_s(), time.perf_counter()
+    norm = _standardise(mode, mag, mag_img, t1, t1_img, brain, seed=seed)
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    warped, _ = norm.to_template(np.sqrt((mag ** 2).sum(-1)))
+    return {"wall_s": wall, "cpu_s": cpu, "load": os.getloadavg()[0],
+            "sha256": hashlib.sha256(warped.tobytes()).hexdigest()}
+
+
+def determinism(args, machine, bids):
+    """Side by side: the reproducible setting (seed, one ITK thread) vs two ITK threads, and
+    the previous default (seed 0 = ANTs' clock seed); each twice, in fresh processes,
+    interleaved."""
+    from _report import markdown_table, update_section
+    import numpy as np
+
+    settings = [("seed 1, 1 ITK thread (pipeline default)", "1", "1"),
+                ("seed 1, 2 ITK threads", "2", "1"),
+                ("clock seed (0, the previous default), 2 ITK threads", "2", "none")]
+    runs = {name: [] for name, _, _ in settings}
+    for rep in range(args.repeats):
+        for name, threads, seed in settings:
+            env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=threads)
+            cmd = [sys.executable, __file__, "--_repro", args.determinism, "--bids", bids, "--reg-seed", seed]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{name} failed")
+            runs[name].append(json.loads(line[-1][7:]))
+            print(name, runs[name][-1], flush=True)
+    base = runs[settings[0][0]]
+    rows = []
+    for name, _, _ in settings:
+        r = runs[name]
+        rows.append({"setting": name, "wall (s), median": float(np.median([x["wall_s"] for x in r])),
+                     "CPU (s), median": float(np.median([x["cpu_s"] for x in r])),
+                     "wall / reproducible (per repeat)": ", ".join(
+                         f"{x['wall_s'] / b['wall_s']:.2f}" for x, b in zip(r, base)),
+                     f"{len(r)} processes byte-identical": len({x["sha256"] for x in r}) == 1,
+                     "load during runs": f"{min(x['load'] for x in r):.1f}-{max(x['load'] for x in r):.1f}"})
+    md = ("## Cost of reproducible registration\n\n"
+          f"Machine: {machine}\n\n"
+          f"Command: `python bench/registration.py --determinism {args.determinism} --repeats {args.repeats}` "
+          f"(one simulated subject, seed {args.seed}, as above; mode `{args.determinism}`; each row's runs are "
+          "fresh processes, the settings interleaved repeat by repeat so they share the machine's load). "
+          "Byte-identical: the GRE magnitude resampled to the template by each process's transform has the "
+          "same SHA-256. The machine is shared (2 cores, load far above 2 at times): compare the ratios "
+          "and CPU seconds.\n\n" + markdown_table(rows))
+    if not args.no_write:
+        update_section("registration-determinism", md)
+    print(md)
+    return 0
+
+
 def run_mode(mode: str, bids: str) -> dict:
     """Run one mode in this process and return its measurements."""
     import nibabel as nib
     import numpy as np
 
-    from qsmdask.atlas import load_atlas, load_template
-    from qsmdask.registration import standardise
+    from qsmdask.atlas import load_atlas
     from qsmdask.roi import roi_statistics
 
     root = Path(bids)
@@ -83,22 +186,7 @@ def run_mode(mode: str, bids: str) -> dict:
 
     c0 = cpu_s()
     t0 = time.perf_counter()
-    if mode == "syn-1mm":
-        tmpl, taff = load_template(1)
-        norm = standardise(mag, mag_img.affine, t1w=t1, t1w_affine=t1_img.affine, template=tmpl,
-                           template_affine=taff, method="syn", magnitude_mask=brain,
-                           registration_mm=None)
-    elif mode == "syn":
-        norm = standardise(mag, mag_img.affine, t1w=t1, t1w_affine=t1_img.affine,
-                           method="syn", magnitude_mask=brain)
-    elif mode == "affine":
-        norm = standardise(mag, mag_img.affine, t1w=t1, t1w_affine=t1_img.affine,
-                           method="affine", magnitude_mask=brain)
-    elif mode == "direct-fast":
-        norm = standardise(mag, mag_img.affine, method="affine", quick=True,
-                           magnitude_mask=brain)
-    else:
-        raise ValueError(f"mode must be syn-1mm, syn, affine or direct-fast, got {mode!r}")
+    norm = _standardise(mode, mag, mag_img, t1, t1_img, brain)
     t_reg = time.perf_counter() - t0
     c_reg = cpu_s() - c0
     t0 = time.perf_counter()
@@ -151,10 +239,21 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--bids", default=None, help="existing simulated cohort (else simulated)")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_repro", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reg-seed", default="1", help=argparse.SUPPRESS)
+    ap.add_argument("--determinism", default=None, metavar="MODE",
+                    help="instead of the accuracy table: time MODE (e.g. direct, affine) reproducible "
+                         "(seed, 1 ITK thread) vs 2 ITK threads vs clock-seeded, each --repeats times in "
+                         "fresh processes, and check the results are byte-identical")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args._child:
         print("RESULT " + json.dumps(run_mode(args._child, args.bids)), flush=True)
+        return 0
+    if args._repro:
+        seed = None if args.reg_seed == "none" else int(args.reg_seed)
+        print("RESULT " + json.dumps(run_repro(args._repro, args.bids, seed)), flush=True)
         return 0
 
     from _report import machine_description, markdown_table, update_section
@@ -172,6 +271,8 @@ def main(argv=None):
                             write_fields=False)
             t_sim = time.perf_counter() - t0
             print(f"simulated the subject in {t_sim:.0f} s", flush=True)
+        if args.determinism:
+            return determinism(args, machine, bids)
         env = dict(os.environ)
         if args.threads:
             env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)

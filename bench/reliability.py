@@ -224,10 +224,9 @@ def main(argv=None) -> int:
         "uninterrupted run (key: participant, session, atlas, ROI, hemisphere, level, label, name, measure). "
         "Every run uses one snapshot of the code (the checkout is edited while the scenarios run) and "
         "`ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`. Native-space chi maps are compared byte for byte "
-        "with the reference run (reconstruction is deterministic). ROI values are reported, not required "
-        "equal: they pass through ANTs registration to the template, which is not reproducible from one "
-        "process to another even with a seed and one ITK thread (two uninterrupted runs of the same code "
-        "differ by up to ~50 voxels per ROI and ~0.03 ppm in a ROI mean).",
+        "with the reference run (reconstruction is deterministic). ROI values are reported; registration "
+        "is seeded and single-threaded, so they are expected equal (tests/test_registration_repro.py "
+        "checks byte identity across processes and worker counts).",
         "",
         "Reproduce: `python bench/reliability.py` (about "
         f"{total / 60:.0f} min here). The same scenarios run as tests: `python -m pytest "

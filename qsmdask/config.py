@@ -27,6 +27,12 @@ class PipelineConfig:
         Options of :class:`qsmdask.chain.ChainConfig` (methods and their parameters).
     registration : {"affine", "syn"}
         Spatial normalisation to the template (T1w -> template when a T1w exists).
+    registration_seed : int >= 1
+        Seed of every ANTs call (metric sampling): with one ITK thread per task the
+        template-space maps and ROI tables are bit-identical across runs.
+    registration_quick : bool
+        ANTs' quick presets (fewer iterations: "QuickRigid", "AffineFast"); for previews
+        and tests, not for analyses.
     template_resolution_mm : {1, 2}
         Resolution of the MNI152 template from nilearn's package data.
     atlas : str
@@ -43,6 +49,8 @@ class PipelineConfig:
 
     chain: dict = field(default_factory=dict)
     registration: str = "affine"
+    registration_seed: int = 1
+    registration_quick: bool = False
     template_resolution_mm: int = 2
     atlas: str = "aal"
     atlas_labels_tsv: str | None = None
@@ -54,6 +62,12 @@ class PipelineConfig:
     def __post_init__(self):
         if self.registration not in _REGISTRATION:
             raise ValueError(f"registration must be one of {_REGISTRATION}, got {self.registration!r}")
+        if (not isinstance(self.registration_seed, int) or isinstance(self.registration_seed, bool)
+                or not 1 <= self.registration_seed < 2**31):
+            raise ValueError("registration_seed must be an integer in [1, 2**31) (ANTs reads 0 as "
+                             f"'seed from the clock'), got {self.registration_seed!r}")
+        if not isinstance(self.registration_quick, bool):
+            raise ValueError(f"registration_quick must be true or false, got {self.registration_quick!r}")
         if self.template_resolution_mm not in (1, 2):
             raise ValueError(f"template_resolution_mm must be 1 or 2, got {self.template_resolution_mm!r}")
         if not (0 <= float(self.erode_mm) <= 10):

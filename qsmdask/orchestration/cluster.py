@@ -13,12 +13,17 @@ import logging
 import os
 from dataclasses import dataclass
 
-__all__ = ["ClusterConfig", "make_task_runner", "task_runner_kwargs", "MEMORY_RESOURCE", "memory_annotation",
-           "worker_memory_capacity", "current_client", "dashboard_link", "DEFAULT_DASHBOARD_ADDRESS",
+__all__ = ["ClusterConfig", "make_task_runner", "task_runner_kwargs", "MEMORY_RESOURCE", "WORKER_ENV",
+           "memory_annotation", "worker_memory_capacity", "current_client", "dashboard_link", "DEFAULT_DASHBOARD_ADDRESS",
            "VersionMismatchError", "qsmdask_version", "check_worker_versions", "cluster_client", "on_cluster",
            "flow_timeout_seconds"]
 
 MEMORY_RESOURCE = "MEMORY"
+# Environment of every worker: one thread per library inside each task (Dask owns the
+# parallelism), and one ITK thread so that seeded ANTs registration is bit-identical from one
+# run to the next (it must be set before ANTs starts in the worker process).
+WORKER_ENV = {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "OMP_NUM_THREADS": "1",
+              "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 KUBE_WORKER_MEMORY = "8GiB"  # the worker container limit of deploy/base/dask-cluster.yaml
 #: The local Dask dashboard shows logs and tracebacks: only this machine may see it by default.
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
@@ -104,7 +109,8 @@ def task_runner_kwargs(cfg: ClusterConfig) -> dict:
         return {"address": cfg.address}
     memory = cfg.worker_memory_bytes()
     if cfg.kind == "kubernetes":
-        env = {k: v for k, v in os.environ.items() if k in ("PREFECT_API_URL", "PREFECT_API_KEY")}
+        env = {**WORKER_ENV,
+               **{k: v for k, v in os.environ.items() if k in ("PREFECT_API_URL", "PREFECT_API_KEY")}}
         return {"cluster_class": "dask_kubernetes.operator.KubeCluster",
                 "cluster_kwargs": {"name": cfg.kube_name, "image": cfg.kube_image, "env": env,
                                    "resources": {"requests": {"memory": str(memory)},
@@ -117,6 +123,8 @@ def task_runner_kwargs(cfg: ClusterConfig) -> dict:
               "resources": {MEMORY_RESOURCE: memory}}
     if cfg.processes:
         kwargs["memory_limit"] = memory
+        # worker processes start with these (values already set in this process win)
+        kwargs["env"] = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     return {"cluster_class": "distributed.LocalCluster", "cluster_kwargs": kwargs}
 
 

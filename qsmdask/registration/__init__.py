@@ -19,9 +19,11 @@ Typical use in a participant workflow::
     chi_mni, mni_affine = norm.to_template(chi_ppm)
     norm.save(out_dir / "xfm")
 
-Reproducibility: results are identical for a given ``seed`` only with one ITK thread;
-set ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` in the environment of the process (e.g.
-the Dask worker) before ANTs first runs; Dask then provides the parallelism.
+Reproducibility: for a given ``seed`` (>= 1; ANTs reads 0 as a clock seed) the transforms
+and everything resampled with them are bit-identical across processes and reruns only
+with one ITK thread: set ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` in the environment of
+the process (e.g. the Dask worker) before ANTs first runs; Dask then provides the
+parallelism. ``register`` logs a warning once when the variable is not 1.
 """
 
 from qsmdask.registration.register import TRANSFORMS, register

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,19 @@ _ANTS_TYPE = {("rigid", False): "Rigid", ("rigid", True): "QuickRigid",
               ("affine", False): "Affine", ("affine", True): "AffineFast",
               ("syn", False): "SyN", ("syn", True): "SyN"}
 _SEED_LOCK = threading.Lock()
+ITK_THREADS_VAR = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+log = logging.getLogger(__name__)
+_warned = False
+
+
+def _check_single_thread():
+    """Warn once per process when ITK may run several threads (results then vary run to run)."""
+    global _warned
+    if os.environ.get(ITK_THREADS_VAR) != "1" and not _warned:
+        _warned = True
+        log.warning("%s is %r, not '1': ANTs registration is then not reproducible from one run to "
+                    "the next; set it to 1 before ANTs is first used in the process",
+                    ITK_THREADS_VAR, os.environ.get(ITK_THREADS_VAR))
 
 
 def _validate_image(arr, affine, name):
@@ -43,7 +57,7 @@ def _coarsen(img, resample_mm, mask: bool = False):
 
 
 def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "rigid",
-             seed: int | None = 0, metric: str = "mattes", moving_mask=None, fixed_mask=None,
+             seed: int | None = 1, metric: str = "mattes", moving_mask=None, fixed_mask=None,
              quick: bool = False, syn_iterations: tuple[int, ...] = (40, 20, 0),
              resample_mm: float | None = None) -> Transform:
     """Estimate the transform that maps ``moving`` onto ``fixed`` (ANTs).
@@ -56,11 +70,14 @@ def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "ri
         registration together with a centre-of-mass alignment.
     transform : {"rigid", "affine", "syn"}
         ``"syn"`` is affine followed by symmetric normalisation (ANTs "SyN").
-    seed : int or None, default 0
-        Seed of ANTs' metric sampling. With a seed and one ITK thread
+    seed : int >= 1 or None, default 1
+        Seed of ANTs' metric sampling (``--random-seed``; the linear stages sample 20 %
+        of the voxels on a regular grid with a random jitter). ANTs reads 0 as "seed
+        from the clock", so 0 is refused; None explicitly asks for a clock seed (results
+        then differ between processes). With a seed and one ITK thread
         (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` set before ANTs first runs in the
-        process, e.g. in the Dask worker's environment) results are reproducible; with
-        several threads they can differ in the last digits between runs.
+        process, e.g. in the Dask worker's environment) the transform is bit-identical
+        across processes and reruns; with several threads it can differ between runs.
     metric : {"mattes", "mi", "cc", "meansquares"}
         Similarity metric of the linear stages (mutual information variants suit
         different contrasts, e.g. GRE magnitude vs T1w).
@@ -93,8 +110,11 @@ def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "ri
     metrics = {"mattes": "mattes", "mi": "mattes", "cc": "CC", "meansquares": "meansquares"}
     if metric not in metrics:
         raise ValueError(f"metric must be one of {sorted(metrics)}, got {metric!r}")
-    if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
+                             or not 1 <= seed < 2**31):
+        raise ValueError(f"seed must be an integer in [1, 2**31) (ANTs reads 0 as 'seed from the "
+                         f"clock') or None, got {seed!r}")
+    _check_single_thread()
     mov = _validate_image(moving, moving_affine, "moving")
     fix = _validate_image(fixed, fixed_affine, "fixed")
     if resample_mm is not None and (not np.isfinite(resample_mm) or resample_mm <= 0):
@@ -129,6 +149,7 @@ def register(moving, moving_affine, fixed, fixed_affine, *, transform: str = "ri
             finally:
                 ants.config._random_seed = old
         meta = {"transform": transform, "ants_type": ants_type, "seed": seed, "metric": metric,
+                "itk_threads": os.environ.get(ITK_THREADS_VAR, "default"),
                 "resample_mm": resample_mm, "moving_shape": list(mov.shape),
                 "moving_affine": np.asarray(moving_affine, float).tolist(),
                 "fixed_shape": list(fix.shape),

@@ -115,7 +115,7 @@ def _as_3d(image, name):
 
 def standardise(magnitude, magnitude_affine, *, t1w=None, t1w_affine=None, template=None,
                 template_affine=None, method: str = "affine", magnitude_mask=None,
-                t1w_mask=None, seed: int | None = 0, quick: bool = False,
+                t1w_mask=None, seed: int | None = 1, quick: bool = False,
                 registration_mm: float | None = 2.0) -> SpatialNormalisation:
     """Estimate the native GRE -> template mapping.
 
@@ -137,8 +137,8 @@ def standardise(magnitude, magnitude_affine, *, t1w=None, t1w_affine=None, templ
         template is skull-stripped, so masking improves robustness). Without
         ``t1w_mask`` the magnitude mask, carried to the T1w by the rigid GRE -> T1w
         transform, strips the T1w.
-    seed : int or None
-        Passed to ``register``.
+    seed : int >= 1 or None, default 1
+        Passed to every ``register`` call (reproducible with one ITK thread; see there).
     quick : bool
         ANTs' quick presets (the demo fast path: ``method="affine", quick=True``
         with the 2 mm template takes a few seconds).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -31,6 +32,12 @@ from ..io.derivatives import DerivativesWriter, bids_uri
 from ..io.nifti import checked_geometry, load_nifti
 from ..report.references import chain_method
 from ..kernels import b0_direction_from_affine, voxel_size_from_affine
+from ..registration.register import ITK_THREADS_VAR
+
+# The stages run ANTs: one ITK thread per task (Dask provides the parallelism), so that a seeded
+# registration is bit-identical across processes and reruns. It must be set before ANTs' first
+# use in the process; a value set beforehand (environment, worker configuration) is kept.
+os.environ.setdefault(ITK_THREADS_VAR, "1")
 
 #: ROI-table columns of the acquisition entities (``""`` where the input has none).
 ROI_ENTITY_COLUMNS = ("acq", "ce", "rec", "dir", "run")
@@ -199,7 +206,8 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
         if meta.get("has_t1w"):
             t1, t1_aff = zarrstore.read_volume(url, "t1w", dtype=np.float32)
         sn = standardise(mag, affine, t1w=t1, t1w_affine=t1_aff, template=tpl, template_affine=tpl_aff,
-                         method=config.registration, magnitude_mask=mask)
+                         method=config.registration, magnitude_mask=mask, seed=config.registration_seed,
+                         quick=config.registration_quick)
         chi_tpl, _ = sn.to_template(chi, interpolation="linear")
         mask_tpl, _ = sn.to_template(mask.astype(np.float32), interpolation="linear")
         zarrstore.write_volume(url, "chi_template_ppm", chi_tpl, tpl_aff)
@@ -223,6 +231,7 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
         roi_path.parent.mkdir(parents=True, exist_ok=True)
         roi.to_parquet(roi_path, index=False)
         return {**meta, "roi_tmp": str(roi_path), "transform_files": transform_files,
+                "itk_threads": os.environ.get(ITK_THREADS_VAR, "default"),
                 "template_affine": np.asarray(tpl_aff).tolist()}
 
 
@@ -263,7 +272,10 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
                                            **ents))
         tpl_aff = np.asarray(meta["template_affine"])
         space = "MNI152NLin2009aSym"
-        reg_meta = {"Registration": config.registration, "Template": "MNI152 (nilearn package data)",
+        reg_meta = {"Registration": config.registration + (" (quick)" if config.registration_quick else ""),
+                    "RegistrationSeed": config.registration_seed,
+                    "ITKThreads": meta.get("itk_threads", "default"),
+                    "Template": "MNI152 (nilearn package data)",
                     "TemplateResolution_mm": config.template_resolution_mm,
                     "Transforms": [Path(p).name for p in meta.get("transform_files", [])]}
         chi_src = [writer.uri(chi_path)]
