@@ -71,6 +71,9 @@ __all__ = [
     "null_batches",
     "product_group_batches",
     "BLOCK_VOXELS",
+    "TIE_RTOL",
+    "TIE_ATOL",
+    "tie_lowered_t",
     "NullAccumulator",
     "finalize",
     "permutation_test",
@@ -384,11 +387,28 @@ def kernel_to_t(stat, dof: int, two_sided: bool) -> np.ndarray:
     return np.sqrt(s) if two_sided else np.sign(s) * np.sqrt(np.abs(s))
 
 
+# A permuted t within TIE_ATOL + TIE_RTOL * |t| of the observed one counts as a tie (>=):
+# permutations equivalent to the identity (e.g. within-block shuffles that keep the groups)
+# give the observed t up to float32 rounding, which depends on the product's shape.
+TIE_RTOL = 1e-5
+TIE_ATOL = 1e-5
+
+
+def tie_lowered_t(t) -> np.ndarray:
+    """``t - (TIE_ATOL + TIE_RTOL * |t|)``: the threshold a permuted t must reach to count."""
+    t = np.asarray(t)
+    return t - (np.asarray(TIE_ATOL, t.dtype) + np.asarray(TIE_RTOL, t.dtype) * np.abs(t))
+
+
 def observed_kernel_stat(prepared: PreparedModel, two_sided: bool) -> np.ndarray:
-    """The observed t in the scale :func:`voxel_null_block` compares against."""
-    t = prepared.t_obs
+    """The observed t in the scale :func:`voxel_null_block` compares against, lowered by the
+    tie tolerance (:func:`tie_lowered_t`)."""
     inv = np.float32(1.0 / prepared.dof)
-    return (np.square(t) * inv) if two_sided else (t * np.abs(t) * inv)
+    if two_sided:
+        s = tie_lowered_t(np.abs(prepared.t_obs))
+        return np.where(s > 0, np.square(s) * inv, np.float32(-1.0)).astype(np.float32)
+    s = tie_lowered_t(prepared.t_obs)
+    return (s * np.abs(s) * inv).astype(np.float32)
 
 
 def default_threads() -> int:
@@ -506,7 +526,7 @@ def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index
         return {"max_t": mx, "count_unc": cnt}
     t = batch_t(prepared, perms)
     stat = np.abs(t) if options.two_sided else t
-    obs = np.abs(prepared.t_obs) if options.two_sided else prepared.t_obs
+    obs = tie_lowered_t(np.abs(prepared.t_obs) if options.two_sided else prepared.t_obs)
     out = {"max_t": stat.max(axis=1).astype(np.float64),
            "count_unc": (stat >= obs[None, :]).sum(axis=0, dtype=np.int32)}
     del stat
@@ -620,7 +640,7 @@ def finalize(prepared: PreparedModel, options: PermutationOptions, null: dict, *
         mask=np.asarray(mask, dtype=bool), t=t, z=t_to_z(t, dof), dof=dof,
         logp_unc=-np.log10((1.0 + null["count_unc"]) / (1.0 + n)),
         logp_unc_param=-np.log10(np.clip(p_unc_param, 1e-300, 1.0)),
-        logp_fwe_t=-np.log10(_fwe_p(stat, null["max_t"])),
+        logp_fwe_t=-np.log10(_fwe_p(tie_lowered_t(stat), null["max_t"])),
         null=null, options=options, cluster_t=prepared.cluster_t)
     if affine is not None:
         res.extras["affine"] = np.asarray(affine, dtype=np.float64)
