@@ -135,7 +135,7 @@ def _voxel_block_task(store, rows, c0, c1, keep, design, options, glm_only, scra
     ``perm_block`` rows at a time: this task is the only writer of those chunks.
     """
     from dataclasses import replace
-    from qsmdask.perm.permute import batch_t, random_permutations
+    from qsmdask.perm.permute import batch_t, random_permutations, tie_lowered_t
     y = _stack_block(store, rows, c0, c1, keep)
     v = y.shape[1]
     out = {"v": v}
@@ -156,7 +156,8 @@ def _voxel_block_task(store, rows, c0, c1, keep, design, options, glm_only, scra
     else:
         import zarr
         arr = zarr.open_array(scratch, mode="r+")
-        obs = np.abs(prepared.t_obs) if options.two_sided else prepared.t_obs
+        # the tie rule of null_batch (qsmdask.perm.permute.tie_lowered_t)
+        obs = tie_lowered_t(np.abs(prepared.t_obs) if options.two_sided else prepared.t_obs)
         buf = np.zeros((perm_block, c1 - c0), np.float32)
         p0 = filled = 0
         for i, b in enumerate(sizes):  # the permutations of null_batch, t kept for the cluster pass
