@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.futures import as_completed
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
@@ -128,6 +127,66 @@ def _first_error(futures):
     return RuntimeError("subject-session did not complete")
 
 
+def in_flight_window(client, per_thread: int = 4, minimum: int = 64) -> int:
+    """Default bound on the chains in flight: ``per_thread`` per worker thread, at least ``minimum``."""
+    try:
+        threads = sum(client.nthreads().values()) if client is not None else 0
+    except Exception:  # noqa: BLE001 - no scheduler answer: the minimum
+        threads = 0
+    return max(minimum, per_thread * threads)
+
+
+def bounded_completion(items, submit, window: int):
+    """Submit ``submit(*item)`` for each item with at most ``window`` chains in flight.
+
+    ``submit`` returns a chain ``(ss, futures, ...)``. Yields ``(chain, j)`` each time future
+    ``j`` of a chain finishes; a chain leaves the window when its last future finishes, and the
+    next item is submitted then. Completion is watched on the Dask futures behind the Prefect
+    futures (``distributed.as_completed``, to which new chains are added); without Dask
+    futures the futures are awaited in submission order.
+    """
+    if int(window) < 1:
+        raise ValueError(f"window must be >= 1, got {window!r}")
+    from distributed import Future as DaskFuture, as_completed as dask_as_completed
+    pending = iter(items)
+    watched: dict = {}   # Dask key -> (chain, index of the future in the chain)
+    ordered: list = []   # (chain, j) awaited in order (no Dask future behind)
+    n_open = 0
+    watcher = None       # created with the first Dask future (on that future's client loop)
+
+    def fill():
+        nonlocal watcher, n_open
+        while n_open < window:
+            try:
+                item = next(pending)
+            except StopIteration:
+                return
+            chain = submit(*item)
+            n_open += 1
+            for j, fut in enumerate(chain[1]):
+                inner = getattr(fut, "wrapped_future", None)
+                if isinstance(inner, DaskFuture):
+                    watched[inner.key] = (chain, j)
+                    if watcher is None:
+                        watcher = dask_as_completed([inner], loop=inner.client.loop)
+                    else:
+                        watcher.add(inner)
+                else:
+                    ordered.append((chain, j))
+
+    fill()
+    while watched or ordered:
+        if ordered:
+            chain, j = ordered.pop(0)
+            chain[1][j].wait()
+        else:
+            chain, j = watched.pop(next(watcher).key)
+        yield chain, j
+        if j == len(chain[1]) - 1:
+            n_open -= 1
+            fill()
+
+
 def _cluster(log):
     """Dashboard link and the largest worker MEMORY of the flow's Dask cluster (started here)."""
     client = current_client()
@@ -148,7 +207,8 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
                      config: dict | None = None, force: bool = False,
                      work_root: str | None = None, tables_url: str | None = None,
                      session_labels: list[str] | None = None, keep_work: bool = False,
-                     validation_errors: list[dict] | None = None) -> dict:
+                     validation_errors: list[dict] | None = None,
+                     max_in_flight: int | None = None) -> dict:
     """Reconstruct and measure every subject-session that is new or changed.
 
     ``session_labels``: only these sessions (labels with or without ``ses-``; None: all).
@@ -156,6 +216,9 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     ``tables_url``: where the Parquet tables go (path or fsspec URL; default ``output_dir``).
     ``keep_work``: keep the zarr work stores (of failed subject-sessions too).
     ``validation_errors``: per-file BIDS-validator errors (``qsmdask.io.validation``).
+    ``max_in_flight``: subject-session chains submitted at once (default: 4 per worker thread,
+    at least 64); the next chain is submitted when one finishes, so the flow holds a bounded
+    number of futures however large the cohort.
     """
     log = get_run_logger()
     client = current_client()
@@ -173,8 +236,7 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
 
     link, capacity = _cluster(log) if plan.todo else (None, None)
     runnable, too_big = check_memory(plan.todo, capacity, template_resolution_mm=cfg.template_resolution_mm)
-    chains = []
-    for ss, key, need in runnable:
+    def submit(ss, key, need):
         paths = wf.work_paths(ss, output_dir, work_root)
         if not keep_work:
             active_work.register(paths["work_url"])  # removed by the CLI if the run is interrupted
@@ -183,7 +245,10 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
             r = reconstruct_task.submit(m, cfg)
             s = standardise_task.submit(r, cfg)
         w = write_task.submit(ss, s, output_dir, cfg, key, tables_url, keep_work)
-        chains.append((ss, [m, r, s, w], paths["work_url"]))
+        return ss, [m, r, s, w], paths["work_url"]
+
+    window = int(max_in_flight or in_flight_window(current_client()))
+    log.info("at most %d subject-session chains in flight", window)
 
     done, failed = [], list(plan.invalid) + too_big
     for row in plan.invalid:
@@ -193,19 +258,19 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
         key = "_".join(x for x in (row["participant_id"], row["session_id"], row["acquisition"]) if x)
         log.error("%s not submitted: %s", key, row["message"])
     t0 = time.monotonic()
-    if chains:
-        sys.stderr.write(f"  stages: {'  '.join(f'{k} 0/{len(chains)}' for k in STAGES)}  (started)\n")
-    stage_of = {f: STAGES[j] for _, futs, _ in chains for j, f in enumerate(futs)}
-    by_final = {futs[-1]: (ss, futs, url) for ss, futs, url in chains}
-    stages = _StageProgress(len(chains), t0)
+    n_chains = len(runnable)
+    if runnable:
+        sys.stderr.write(f"  stages: {'  '.join(f'{k} 0/{n_chains}' for k in STAGES)}  (started)\n")
+    stages = _StageProgress(n_chains, t0)
     i = 0
-    for fut in as_completed(list(stage_of)):
-        if fut.state.is_completed():
-            stages.update(stage_of[fut])
-        if fut not in by_final:
+    for (ss, futs, url), j in bounded_completion(runnable, submit, window):
+        fut = futs[j]
+        if j < len(futs) - 1:  # a stage of a chain still in flight
+            fut.wait()
+            if fut.state.is_completed():
+                stages.update(STAGES[j])
             continue
         i += 1
-        ss, futs, url = by_final[fut]
         fut.wait()
         if fut.state.is_completed():
             done.append(fut.result())
@@ -227,9 +292,9 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
             if not keep_work:  # a failed subject-session's volumes must not keep the disk full
                 wf.discard_work(wf.work_paths(ss, output_dir, work_root))
         active_work.release(url)
-        update_progress_artifact(progress, progress=100.0 * i / len(chains))
-        _progress_line(i, len(chains), ss.key, status, time.monotonic() - t0)
-    if not chains:
+        update_progress_artifact(progress, progress=100.0 * i / n_chains)
+        _progress_line(i, n_chains, ss.key, status, time.monotonic() - t0)
+    if not runnable:
         update_progress_artifact(progress, progress=100.0)
 
     write_failures(output_dir, failed, attempted=[ss for ss, _ in plan.todo], tables_url=tables_url)

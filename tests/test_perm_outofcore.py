@@ -107,8 +107,11 @@ def test_stack_inference_equals_in_memory(cohort):
     for name in ("t", "z", "logp_unc_param", "logp_unc", "logp_fwe_t", "logp_fwe_size", "logp_fwe_mass",
                  "logp_fwe_tfce", "tfce"):
         np.testing.assert_allclose(getattr(got, name), getattr(ref, name), atol=1e-6, rtol=1e-6, err_msg=name)
-    for key in ("max_t", "max_size", "max_mass", "max_tfce"):
+    for key in ("max_t", "max_size"):
         np.testing.assert_allclose(got.null[key], ref.null[key], atol=1e-6, rtol=1e-6, err_msg=key)
+    # cluster mass and TFCE sum (|t| - threshold) over many voxels: float32 rounding of t adds up
+    for key in ("max_mass", "max_tfce"):
+        np.testing.assert_allclose(got.null[key], ref.null[key], atol=1e-5, rtol=1e-6, err_msg=key)
     np.testing.assert_array_equal(got.null["count_unc"], ref.null["count_unc"])
     np.testing.assert_array_equal(got.cluster_labels, ref.cluster_labels)
     assert not any(k.startswith("scratch") for k in zarr.open_group(store, mode="r").array_keys())

@@ -127,6 +127,42 @@ def _coverage_task(store, rows, c0, c1):
     return root["inside"].get_orthogonal_selection((np.asarray(rows), slice(c0, c1))).sum(axis=0, dtype=np.int64)
 
 
+def _prepare_block(y, design, options):
+    """:func:`qsmdask.perm.permute.prepare_model` of one voxel block, residuals kept in subject
+    coordinates (``complement=None``).
+
+    ``prepare_model`` expresses the residuals in an orthonormal basis Q (n x (n - k)) of the
+    complement of the nuisance space: n^2 float64 (800 MB at 10,000 subjects, 9.8 GB at
+    35,000) and an O(n^2 k) decomposition in every task. Here ``R = (I - H_Z) Y`` (n x V)
+    is used as is, which the kernel supports (same t; memory O(n V)).
+    """
+    from scipy import linalg
+
+    from qsmdask.perm.cluster import cluster_threshold_t
+    from qsmdask.perm.permute import PreparedModel, _nuisance_and_basis, batch_t
+    z, basis = _nuisance_and_basis(design)
+    r = np.array(y, dtype=np.float64)
+    if z.shape[1]:
+        zq = linalg.orth(z)
+        r -= zq @ (zq.T @ r)
+    scale = np.sqrt(np.einsum("ij,ij->j", r, r))
+    scale[scale == 0] = 1.0
+    r /= scale
+    r32 = np.ascontiguousarray(r, dtype=np.float32)
+    del r
+    ss = np.einsum("ij,ij->j", r32, r32, dtype=np.float64).astype(np.float32)
+    v = r32.shape[1]
+    prepared = PreparedModel(residuals=r32, basis=basis.astype(np.float32), ss=ss, dof=design.dof,
+                             design=design, coords=np.zeros((v, 3), np.int32), t_obs=np.zeros(0, np.float32),
+                             cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
+                                                           two_sided=options.two_sided),
+                             complement=None)
+    prepared.floor = (np.float32(1e-12) * ss + np.float32(1e-30)).astype(np.float32)
+    ident = np.arange(design.n_subjects)[None, :]
+    prepared.t_obs = batch_t(prepared, ident if not design.sign_flip else np.ones_like(ident, np.float32))[0]
+    return prepared
+
+
 def _voxel_block_task(store, rows, c0, c1, keep, design, options, glm_only, scratch, perm_block):
     """GLM and permutation nulls of one voxel block; returns t_obs, per-permutation maxima, counts.
 
@@ -142,7 +178,7 @@ def _voxel_block_task(store, rows, c0, c1, keep, design, options, glm_only, scra
     if v == 0:
         return out
     voxel_opts = replace(options, inference=("voxel",))
-    prepared = prepare_model(y, design, mask=np.ones((v, 1, 1), bool), options=voxel_opts)
+    prepared = _prepare_block(y, design, voxel_opts)
     del y
     out["t_obs"] = prepared.t_obs
     if glm_only:

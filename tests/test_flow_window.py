@@ -1,0 +1,76 @@
+"""Bounded submission window of the participant flow (issue 18: the flow must not hold every
+future of a 10,000 subject-session cohort at once)."""
+
+import threading
+import time
+
+import pytest
+
+
+class _Wrapped:
+    """Stand-in for a Prefect future: ``wrapped_future`` and ``wait()`` as PrefectDaskFuture."""
+
+    def __init__(self, fut):
+        self.wrapped_future = fut
+
+    def wait(self):
+        self.wrapped_future.result()
+
+
+def _work(i):
+    time.sleep(0.01 * (i % 3))
+    return i
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A client that is not the default one (the flow's task runner does not set one)."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None) as lc, \
+            Client(lc, set_as_default=False) as c:
+        yield c
+
+
+@pytest.mark.parametrize("dask_futures", [True, False])
+def test_bounded_completion_never_exceeds_window(client, dask_futures):
+    from flows.participant import bounded_completion, in_flight_window
+    lock = threading.Lock()
+    state = {"in_flight": 0, "peak": 0}
+    assert in_flight_window(client) == 64 and in_flight_window(client, per_thread=20) == 80
+
+    def submit(i):
+        with lock:
+            state["in_flight"] += 1
+            state["peak"] = max(state["peak"], state["in_flight"])
+        first = client.submit(_work, i, pure=False)
+        last = client.submit(_work, first, pure=False)
+        wrap = _Wrapped if dask_futures else _Done
+        return i, [wrap(first), wrap(last)]
+
+    seen, stages = [], []
+    for (i, futs), j in bounded_completion([(k,) for k in range(40)], submit, 5):
+        futs[j].wait()
+        if j == 0:
+            stages.append(i)
+            continue
+        seen.append(i)
+        with lock:
+            state["in_flight"] -= 1
+    assert sorted(seen) == list(range(40)) and sorted(stages) == list(range(40))
+    assert state["peak"] == 5
+
+
+class _Done:
+    """A future without a Dask future behind it (awaited in submission order)."""
+
+    def __init__(self, fut):
+        self.fut = fut
+
+    def wait(self):
+        self.fut.result()
+
+
+def test_bounded_completion_rejects_empty_window():
+    from flows.participant import bounded_completion
+    with pytest.raises(ValueError, match="window"):
+        list(bounded_completion([(1,)], lambda i: (i, []), 0))
