@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -64,7 +65,7 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
         opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
         try:
             kwargs = dict(options=opts, atlas=participant_atlas(output_dir), tables_url=tables_url,
-                          acquisition={"acq": gd.acq, "run": gd.run})
+                          acquisition={"acq": gd.acq, "run": gd.run}, sessions=sessions)
             res = (on_cluster(client, run_voxelwise_on_worker, output_dir, participants, **kwargs)
                    if client is not None else run_voxelwise(output_dir, participants, **kwargs))
         except Exception as e:  # the ROI statistics above stand on their own
@@ -73,9 +74,15 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
         if "skipped" in res:
             log.warning("voxel-wise analysis skipped: %s", res["skipped"])
         else:
-            log.info("voxel-wise: %d subjects, %d voxels, %d FWE-significant cluster(s)",
-                     res["n_subjects"], res["n_voxels"], res["n_significant_clusters"])
+            log.info("voxel-wise (%s, %s): %d subjects, %d voxels, %d FWE-significant cluster(s)",
+                     res["session_id"] or "no sessions", res["session_choice"], res["n_subjects"],
+                     res["n_voxels"], res["n_significant_clusters"])
             written.update({f"perm_{k}": v for k, v in res["written"].items()})
+        if res.get("covariates_left_out"):  # listed with the other skipped analyses
+            extra = pd.DataFrame([("voxelwise", why) for _, why in res["covariates_left_out"]],
+                                 columns=["test", "reason"])
+            tables["skipped"] = pd.concat([tables["skipped"], extra], ignore_index=True)
+            written["skipped"] = str(writer.save_group_table("skipped", tables["skipped"]))
     report = build_cohort_report(output_dir, bids_dir, tables_url=tables_url)
     log.info("cohort report: %s", report)
     create_markdown_artifact(key="qsmdask-report", markdown=(

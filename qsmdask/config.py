@@ -45,6 +45,13 @@ class PipelineConfig:
         ROIs with fewer voxels after erosion get no statistics.
     smoothing_fwhm_mm : float
         FWHM in mm of the Gaussian applied to the template-space chi for voxel-wise statistics.
+    reference : str
+        Which region's median chi is subtracted from every map and ROI value
+        (``qsmdask.reference``): ``"csf"`` (lateral ventricles; default, chosen by
+        ``bench/reference.py``), ``"whole_brain"``, ``"white_matter"``, ``"roi:<atlas ROI group or
+        label name>"`` or ``"none"``.
+    reference_erode_mm : float
+        Erosion radius in mm of the reference region (keeps it away from its neighbours).
     """
 
     chain: dict = field(default_factory=dict)
@@ -58,6 +65,8 @@ class PipelineConfig:
     erode_mm: float = 1.0
     min_voxels: int = 10
     smoothing_fwhm_mm: float = 3.0
+    reference: str = "csf"
+    reference_erode_mm: float = 2.0
 
     def __post_init__(self):
         if self.registration not in _REGISTRATION:
@@ -76,6 +85,10 @@ class PipelineConfig:
             raise ValueError(f"min_voxels must be >= 1, got {self.min_voxels!r}")
         if not (0 <= float(self.smoothing_fwhm_mm) <= 20):
             raise ValueError(f"smoothing_fwhm_mm must be in [0, 20] mm, got {self.smoothing_fwhm_mm!r}")
+        from .reference import validate_reference
+        validate_reference(self.reference)
+        if not (0 <= float(self.reference_erode_mm) <= 10):
+            raise ValueError(f"reference_erode_mm must be in [0, 10] mm, got {self.reference_erode_mm!r}")
         if not isinstance(self.chain, dict):
             raise ValueError("chain must be a mapping of ChainConfig options")
 

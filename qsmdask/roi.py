@@ -6,8 +6,9 @@ Pure numpy/scipy/pandas: arrays and voxel sizes in, tidy tables out, no file IO.
 - ``roi_statistics``: per-label and per-group (left, right, midline and bilateral)
   voxel counts, mean, median, standard deviation and interquartile range.
 - ``hemisphere_average``: the "median averaged across hemispheres" of the study.
-- ``reference_normalise``: subtract a reference region's value (e.g. a CSF or white
-  matter reference) from the mean and median columns.
+- Referencing (subtracting a reference region's chi) happens on the maps, before any ROI
+  statistic, in :mod:`qsmdask.reference` (``PipelineConfig.reference``), so maps, ROI tables
+  and the voxel-wise stack share one reference.
 - ``smooth_gaussian``: Gaussian smoothing given as FWHM in mm (3 mm for the voxel-wise
   analyses), optionally mask-aware (normalised convolution).
 - ``postmortem_iron_validation``: regression of control ROI susceptibility on the
@@ -21,7 +22,7 @@ import pandas as pd
 from scipy import ndimage, stats
 
 __all__ = ["STAT_COLUMNS", "ROI_COLUMNS", "SUBJECT_KEYS", "sphere_offsets", "erode_labels",
-           "roi_statistics", "hemisphere_average", "reference_normalise", "smooth_gaussian",
+           "roi_statistics", "hemisphere_average", "smooth_gaussian",
            "postmortem_iron_validation"]
 
 STAT_COLUMNS = ["mean_ppm", "median_ppm", "std_ppm", "iqr_ppm"]
@@ -253,59 +254,6 @@ def hemisphere_average(table: pd.DataFrame, *, statistic: str = "median_ppm",
     n = wide.notna().sum(axis=1)
     avg = wide.mean(axis=1, skipna=not require_both)
     out = pd.DataFrame({statistic: avg, "n_hemispheres": n.astype(np.int64)}).reset_index()
-    return out
-
-
-def reference_normalise(table: pd.DataFrame, *, reference_roi: str,
-                        reference_hemisphere: str = "B", statistic: str = "median_ppm",
-                        reference_label: int | None = None) -> pd.DataFrame:
-    """Subtract a reference region's value from ``mean_ppm`` and ``median_ppm``.
-
-    Susceptibility is relative; referencing to a region (e.g. a CSF or white matter
-    ROI) removes a per-subject offset. ``std_ppm`` and ``iqr_ppm`` are unchanged.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        Output of ``roi_statistics`` (one or many subjects, see ``hemisphere_average``).
-    reference_roi : str
-        Group name of the reference (``level == "group"`` rows).
-    reference_hemisphere : str, default "B"
-    statistic : str, default "median_ppm"
-        Which value of the reference row is subtracted (one of ``STAT_COLUMNS``).
-    reference_label : int, optional
-        Use this label row (``level == "label"``) as reference instead of a group.
-
-    Returns
-    -------
-    pandas.DataFrame
-        A copy with shifted ``mean_ppm`` and ``median_ppm`` and a ``reference_ppm``
-        column (the subtracted value; NaN when the reference is missing).
-    """
-    if statistic not in STAT_COLUMNS:
-        raise ValueError(f"statistic must be one of {STAT_COLUMNS}, got {statistic!r}")
-    if reference_label is not None:
-        ref = table[(table["level"] == "label") & (table["label"] == int(reference_label))]
-        what = f"label {reference_label}"
-    else:
-        ref = table[(table["level"] == "group") & (table["roi"] == reference_roi)
-                    & (table["hemisphere"] == reference_hemisphere)]
-        what = f"roi {reference_roi!r} hemisphere {reference_hemisphere!r}"
-    if ref.empty:
-        raise ValueError(f"reference_roi: no rows for {what} in table")
-    keys = _keys(table)
-    out = table.copy()
-    if keys:
-        if ref.duplicated(keys).any():
-            raise ValueError(f"reference_roi: several rows for {what} per {keys}")
-        refv = ref[[*keys, statistic]].rename(columns={statistic: "reference_ppm"})
-        out = out.merge(refv, on=keys, how="left")
-    else:
-        if len(ref) != 1:
-            raise ValueError(f"reference_roi: several rows for {what}")
-        out["reference_ppm"] = float(ref[statistic].iloc[0])
-    for c in ("mean_ppm", "median_ppm"):
-        out[c] = out[c] - out["reference_ppm"]
     return out
 
 

@@ -47,12 +47,20 @@ def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api
     side = json.loads((out / "sub-01/anat/sub-01_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["GeneratedBy"][0]["Version"]
     assert "inversion_method" in side["Chain"]
+    # issue 14: one reference for every map and table, named in every sidecar
+    tside = json.loads((out / "sub-01/anat/sub-01_space-MNI152NLin2009aSym_desc-smooth_Chimap.json").read_text())
+    assert side["Reference"] == tside["Reference"] == "csf" and side["ReferenceVoxels"] > 0
+    assert side["ReferenceValue_ppm"] == tside["ReferenceValue_ppm"]
     assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     assert (out / "sub-01/anat/sub-01_desc-brain_mask.nii.gz").exists()
     assert (out / "sub-01/anat/sub-01_space-MNI152NLin2009aSym_desc-smooth_Chimap.nii.gz").exists()
 
     roi = pd.read_parquet(out / "roi")  # the folder reads as one dataset
-    assert ROI_COLUMNS <= set(roi.columns)
+    assert ROI_COLUMNS | {"reference", "reference_ppm"} <= set(roi.columns)
+    assert (roi["reference"] == "csf").all() and np.isfinite(roi["reference_ppm"]).all()
+    one = roi[roi.participant_id == "sub-01"]
+    assert one["reference_ppm"].nunique() == 1
+    assert one["reference_ppm"].iloc[0] == pytest.approx(side["ReferenceValue_ppm"])
     assert sorted(roi["participant_id"].unique()) == ["sub-01", "sub-02", "sub-03", "sub-04"]
     put = roi[(roi["roi"] == "putamen") & (roi["hemisphere"] == "L") & (roi["level"] == "group")]
     assert len(put) == 4 and (put["n_voxels"] > 0).all()

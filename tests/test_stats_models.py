@@ -182,7 +182,7 @@ def test_bonferroni_family_wise_error_under_null():
 
 
 def test_run_group_analysis_full_design():
-    roi, part, ses = simulate_roi_cohort(n_patients=14, n_controls=12,
+    roi, part, ses = simulate_roi_cohort(n_patients=32, n_controls=12,
                                          rois={"putamen": 0.05, "caudate": 0.06},
                                          sessions=("ses-pre", "ses-post"), n_sites=2,
                                          site_offset_ppm=[0.0, 0.01],
@@ -192,10 +192,21 @@ def test_run_group_analysis_full_design():
     out = run_group_analysis(roi, part, ses, design=design)
     for a, b in zip(before, (roi, part, ses)):  # inputs are not modified
         pd.testing.assert_frame_equal(a, b)
-    assert set(out) == set(design.tests) | {"skipped"}
-    assert out["skipped"].empty
+    assert set(out) == set(design.tests) | {"skipped", "design_diagnostics"}
+    # medication: 14/32 patients, 0/12 controls -> constant in the controls, so it is left
+    # out of the group models (and only of them), with the reason listed
+    sk = out["skipped"]
+    assert list(sk.test) == ["group_ols, mixed_model"], sk
+    assert "'medication' left out" in sk.reason.iloc[0] and "control" in sk.reason.iloc[0]
+    assert "medication" not in out["group_ols"].method.iloc[0]
+    diag = out["design_diagnostics"]
+    assert {"vif", "rank", "coverage", "left_out"} <= set(diag.columns)
+    med = diag[(diag.covariate == "medication") & diag.model.str.startswith("group_ols")]
+    assert med.left_out.all() and (med.constant_in_group == "control").all()
+    other = diag[(diag.covariate == "medication") & ~diag.model.str.startswith("group_ols")]
+    assert len(other) and not other.left_out.any()  # within patients it is not nested
     for name, df in out.items():
-        if name != "skipped":
+        if name not in ("skipped", "design_diagnostics"):
             assert len(df) > 0 and df["test"].eq(name).all(), name
     gw = out["group_wilcoxon"]
     assert (gw.effect_size > 0).all()
@@ -210,6 +221,31 @@ def test_run_group_analysis_full_design():
     assert "covariates" in skipped and "sex" in skipped["covariates"]
     assert {"group_wilcoxon", "group_ols", "hemisphere_wilcoxon",
             "clinical_correlation"} <= set(one)
+
+
+def test_uninterpretable_models_are_listed_not_run():
+    """Issue 14: 14 patients give mediation and interaction models < 10 residual dof and
+    sex strata < 10 subjects: they are not run (never reported as findings), but listed."""
+    roi, part, ses = simulate_roi_cohort(n_patients=14, n_controls=12,
+                                         rois={"putamen": 0.05}, sessions=("ses-pre",),
+                                         group_effect_ppm=0.02, seed=9)
+    design = GroupDesign(n_boot=200, mediation_paths=[["crp", "hdrs"]],
+                         tests=["group_ols", "sex_interaction", "sex_stratified_correlation",
+                                "mediation"])
+    out = run_group_analysis(roi, part, ses, design=design)
+    for t in ("sex_interaction", "sex_stratified_correlation", "mediation"):
+        assert t not in out
+    reasons = out["skipped"].groupby("test").reason.apply(" | ".join)
+    assert "residual degrees of freedom" in reasons["mediation"]
+    assert "residual degrees of freedom" in reasons["sex_interaction"]
+    assert "strata" in reasons["sex_stratified_correlation"]
+    # the design file can keep a nested covariate on purpose
+    kept = run_group_analysis(roi, part, ses, design=GroupDesign(
+        tests=["group_ols"], keep_covariates=["medication"]))
+    assert "medication" in kept["group_ols"].method.iloc[0]
+    assert kept["skipped"].empty
+    dropped = run_group_analysis(roi, part, ses, design=GroupDesign(tests=["group_ols"]))
+    assert "medication" not in dropped["group_ols"].method.iloc[0]
 
 
 def test_modality_agnostic_measures_are_analysed_separately():

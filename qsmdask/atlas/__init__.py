@@ -27,6 +27,7 @@ from qsmdask.atlas.groups import ROI_GROUPS, aal_group, brainnetome_group
 from qsmdask.io.nifti import InputError
 
 __all__ = ["Atlas", "ROI_GROUPS", "load_atlas", "load_iron_reference", "load_template", "load_template_mask",
+           "load_template_tissue",
            "group_table_path", "aal_group", "brainnetome_group", "BRAINNETOME_NAME"]
 
 BRAINNETOME_NAME = "brainnetome274"
@@ -221,6 +222,30 @@ def load_template_mask(resolution_mm: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Brain mask of the MNI152 template (bool array, affine); see ``load_template``."""
     img = _nilearn_image("mask", resolution_mm)
     return np.asarray(img.get_fdata()) > 0.5, np.asarray(img.affine, dtype=np.float64)
+
+
+def load_template_tissue(kind: str, resolution_mm: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue probability of the MNI152 2009a template (nilearn package data, no download).
+
+    ``kind`` is ``"gm"``, ``"wm"`` or ``"csf"``; CSF is ``1 - gm - wm`` inside the template
+    brain mask (nilearn ships no CSF map). Returns (float32 probability in [0, 1], affine).
+    """
+    if kind not in ("gm", "wm", "csf"):
+        raise ValueError(f"kind must be 'gm', 'wm' or 'csf', got {kind!r}")
+    if resolution_mm not in (1, 2, 1.0, 2.0):
+        raise ValueError(f"resolution_mm must be 1 or 2, got {resolution_mm!r}")
+    from nilearn import datasets
+
+    res = int(resolution_mm)
+    if kind == "csf":
+        gm = datasets.load_mni152_gm_template(resolution=res)
+        wm = np.asarray(datasets.load_mni152_wm_template(resolution=res).get_fdata())
+        brain = load_template_mask(res)[0]
+        p = np.where(brain, np.clip(1.0 - np.asarray(gm.get_fdata()) - wm, 0.0, 1.0), 0.0)
+        return p.astype(np.float32), np.asarray(gm.affine, dtype=np.float64)
+    loader = {"gm": datasets.load_mni152_gm_template, "wm": datasets.load_mni152_wm_template}[kind]
+    img = loader(resolution=res)
+    return np.asarray(img.get_fdata(), dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
 
 
 def load_iron_reference() -> pd.DataFrame:

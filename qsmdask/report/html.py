@@ -993,13 +993,24 @@ def _qc_images(output_dir: Path, keys, limit: int = 8) -> str:
     return "".join(parts)
 
 
+def _of_interest(t: pd.DataFrame) -> pd.Series:
+    """Rows that are contrasts of interest: never intercepts or covariate terms."""
+    if "contrast_of_interest" in t.columns:
+        return t["contrast_of_interest"].fillna(False).astype(bool)
+    if "term" in t.columns:
+        return ~t["term"].astype(str).isin(["const", "Intercept", "intercept"])
+    return pd.Series(True, index=t.index)
+
+
 def _section_other(inp: _Inputs) -> str:
-    shown = {"group_wilcoxon", "group_ols", "skipped"}
+    shown = {"group_wilcoxon", "group_ols", "skipped", "design_diagnostics",
+             "perm_design_diagnostics", "perm_clusters"}
     out = []
     alpha = inp.design.alpha
     for name, t in sorted(inp.group_tables.items()):
         if name in shown:
             continue
+        t = t[_of_interest(t)]
         n_sig = int(_finding(t, alpha).sum()) if "p_corrected" in t.columns else 0
         caveat = (f" (intercepts and rows of fewer than {MIN_STRATUM_N} participants are not counted or "
                   "highlighted)" if {"term", "n"} & set(t.columns) else "")
@@ -1013,7 +1024,14 @@ def _section_other(inp: _Inputs) -> str:
                           else None, formats=_p_formats(tt)))
     sk = inp.group_tables.get("skipped")
     if sk is not None and len(sk):
-        out.append("<h3>Analyses not run</h3>" + _table(sk))
+        out.append("<h3>Analyses not run, covariates left out</h3>" + _table(sk))
+    for name in ("design_diagnostics", "perm_design_diagnostics"):
+        dd = inp.group_tables.get(name)
+        if dd is not None and len(dd):
+            out.append(f"<h3>Design diagnostics ({_esc(name)})</h3><p>Per model: variance "
+                       "inflation (VIF) of every design column, design rank, per-group coverage "
+                       "of each covariate; left_out: nearly nested in the tested effect.</p>"
+                       + _table(dd, highlight=dd["left_out"].astype(bool) if "left_out" in dd else None))
     if not out:
         return _note("No further group tables in OUTPUT_DIR/group.")
     return "".join(out)
@@ -1125,6 +1143,14 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         at = f"the Brainnetome atlas {cite('fan2016')}"
     else:
         at = f"the atlas {Path(atlas).name}"
+    if pc.reference == "none":
+        s.append("Susceptibility was not referenced: values are relative to the mean over the "
+                 "brain mask left by the inversion.")
+    else:
+        from ..reference import describe_reference
+        s.append("Susceptibility was referenced per subject-session before any other step (the "
+                 "native, template-space and smoothed maps and the ROI values all use the same "
+                 f"referenced map): {describe_reference(pc.reference, pc.reference_erode_mm)}.")
     s.append(f"ROI statistics were extracted in native space from {at}, brought to native space "
              f"with the inverse transform; labels were eroded by {pc.erode_mm:g} mm and ROIs with "
              f"fewer than {pc.min_voxels} voxels were excluded. Template-space maps were smoothed "
@@ -1139,10 +1165,20 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
              f"({', '.join(design.clinical_variables)}) and inflammatory markers "
              f"({', '.join(design.markers)}) were assessed with Pearson and Spearman correlations "
              "and least-squares fits.")
+    s.append("Every regression design was checked (rank, variance inflation, per-group covariate "
+             "coverage); a covariate nearly nested in the tested effect (VIF > 5 or constant in "
+             "one group) was left out"
+             + (f" unless kept on purpose ({', '.join(design.keep_covariates)} kept)"
+                if design.keep_covariates else "")
+             + f", and mediation, interaction and sex-stratified models with fewer than "
+             f"{design.min_residual_dof} residual degrees of freedom (or strata under "
+             f"{design.min_stratum_n} subjects) were not run.")
     if design.combat:
         s.append(f"Site effects were harmonised with ComBat {cite('johnson2007')}.")
     if voxelwise:
-        s.append(f"Voxel-wise inference used permutation tests {cite('nichols2002', 'winkler2014')} "
+        s.append("Voxel-wise analyses used one session per subject, the chronological baseline "
+                 "unless configured otherwise. "
+                 f"Voxel-wise inference used permutation tests {cite('nichols2002', 'winkler2014')} "
                  f"of a general linear model with Freedman-Lane permutation {cite('freedman1983')}, "
                  f"with family-wise error control by the maximum statistic, cluster size and TFCE "
                  f"{cite('smith2009')}.")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 
-from ._common import long_table
+from ._common import encode_columns, long_table
 from .combat import combat_roi_table
 from .correlation import clinical_correlation, partial_correlation, sex_stratified_correlation
 from .design import GroupDesign
+from .diagnostics import screen_covariates
 from .group import group_wilcoxon
 from .hemisphere import hemisphere_wilcoxon
 from .longitudinal import mixed_model, paired_ttest
@@ -15,6 +18,8 @@ from .mediation import mediation
 from .regression import group_ols, sex_interaction
 
 __all__ = ["run_group_analysis"]
+
+log = logging.getLogger("qsmdask.stats")
 
 
 def _has(df, col):
@@ -36,6 +41,15 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
     first (protecting age, sex and group where present); ``design.site_covariate`` adds site
     to the regression covariates instead.
 
+    Designs (issue 14): every regression family's design is examined on the subjects it
+    uses (:func:`qsmdask.stats.diagnostics.screen_covariates`: VIF, rank, per-group
+    coverage, in ``"design_diagnostics"``); a covariate nearly nested in the tested effect
+    (VIF > 5, or constant in one group) is left out of that family with a warning in the
+    log and a ``skipped`` row, unless ``design.keep_covariates`` names it. Mediation paths,
+    interaction markers and sex-stratified markers whose models would have fewer than
+    ``design.min_residual_dof`` residual degrees of freedom (or strata under
+    ``design.min_stratum_n`` subjects) are not run and are listed in ``skipped``.
+
     Parameters
     ----------
     roi_table : DataFrame
@@ -51,7 +65,8 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
     -------
     dict[str, DataFrame]
         One tidy table per analysis run, keyed by the test name, plus ``"skipped"``
-        (columns ``test, reason``).
+        (columns ``test, reason``) and ``"design_diagnostics"`` (see
+        :func:`qsmdask.stats.diagnostics.design_diagnostics`).
     """
     if not isinstance(design, GroupDesign):
         raise ValueError("design must be a GroupDesign")
@@ -94,6 +109,54 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
     clin_group = d.clinical_group if _has(participants, "group") else None
     corr = dict(correction=d.correction, **sel)
 
+    # -- design diagnostics and nested covariates ------------------------------------------
+    ids = set(long["participant_id"])
+    subj = participants[participants["participant_id"].isin(ids)].reset_index(drop=True)
+    diagnostics = []
+
+    def screen(model, frame, tested, group_column=None):
+        kept, dropped, diag = screen_covariates(frame, model=model, tested=tested,
+                                                covariates=covs, group_column=group_column,
+                                                keep=d.keep_covariates)
+        diagnostics.append(diag)
+        for _, why in dropped:
+            log.warning(why)
+            skipped.append((model, why))
+        return kept
+
+    covs_group = covs
+    if has_groups and any(t in d.tests for t in ("group_ols", "mixed_model")):
+        gterm = f"group[{d.groups[0]}]"
+        gframe = subj[subj["group"].isin(d.groups)].copy()
+        gframe[gterm] = (gframe["group"] == d.groups[0]).astype(float)
+        covs_group = screen("group_ols, mixed_model", gframe, gterm, "group")
+    cframe = subj if clin_group is None else subj[subj["group"] == clin_group]
+    covs_clin = list(covs)
+    tested_clin = list(dict.fromkeys(
+        [m for m in markers if m in cframe.columns]
+        + [p[0] for p in d.mediation_paths if p[0] in cframe.columns]))
+    if any(t in d.tests for t in ("partial_correlation", "sex_interaction", "mediation")):
+        for x in tested_clin:
+            frame = cframe.assign(**{x: pd.to_numeric(cframe[x], errors="coerce")})
+            kept = screen(f"{x} models (partial_correlation, sex_interaction, mediation)",
+                          frame, x)
+            covs_clin = [c for c in covs_clin if c in kept]
+
+    def n_with(frame, variables):
+        ok = pd.Series(True, index=frame.index)
+        for v in variables:
+            if v in frame.columns and frame[v].notna().any():
+                ok &= frame[v].notna()
+            elif _has(sessions, v):
+                have = set(sessions.loc[sessions[v].notna(), "participant_id"])
+                ok &= frame["participant_id"].isin(have)
+            else:
+                ok &= False
+        return ok
+
+    def n_params(frame, covariates):
+        return encode_columns(frame, list(covariates)).shape[1] if len(frame) else 0
+
     out: dict[str, pd.DataFrame] = {}
     for test in d.tests:
         why = None
@@ -117,7 +180,7 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
             res = group_wilcoxon(roi_table, participants, groups=d.groups,
                                  ci_method=d.ci_method, n_boot=d.n_boot, seed=d.seed, **corr)
         elif test == "group_ols":
-            res = group_ols(roi_table, participants, covariates=covs, groups=d.groups, **corr)
+            res = group_ols(roi_table, participants, covariates=covs_group, groups=d.groups, **corr)
         elif test == "hemisphere_wilcoxon":
             res = hemisphere_wilcoxon(roi_table, participants, n_boot=d.n_boot, seed=d.seed,
                                       **corr)
@@ -129,30 +192,77 @@ def run_group_analysis(roi_table: pd.DataFrame, participants: pd.DataFrame,
                 res = paired_ttest(roi_table, participants, sessions,
                                    session_order=d.session_order, group=None, **corr)
         elif test == "mixed_model":
-            res = mixed_model(roi_table, participants, sessions, covariates=covs,
+            res = mixed_model(roi_table, participants, sessions, covariates=covs_group,
                               session_order=d.session_order, groups=d.groups, **corr)
         elif test == "clinical_correlation":
             res = clinical_correlation(roi_table, participants, sessions, variables=variables,
                                        group=clin_group, **corr)
         elif test == "partial_correlation":
             res = partial_correlation(roi_table, participants, sessions, markers=markers,
-                                      covariates=covs, group=clin_group, **corr)
+                                      covariates=covs_clin, group=clin_group, **corr)
         elif test == "sex_interaction":
-            res = sex_interaction(roi_table, participants, markers=markers, covariates=covs,
-                                  group=clin_group, **corr)
+            icovs = [c for c in covs_clin if c != "sex"]
+            ok_markers = []
+            for m in markers:
+                sel_ = n_with(cframe, [m, "sex", *icovs])
+                n = int(sel_.sum())
+                dof = n - 4 - n_params(cframe[sel_], icovs)
+                if dof < d.min_residual_dof:
+                    skipped.append((test, f"{m}: not interpretable, {dof} residual degrees of "
+                                          f"freedom (n = {n}; needs >= {d.min_residual_dof})"))
+                else:
+                    ok_markers.append(m)
+            if not ok_markers:
+                continue
+            res = sex_interaction(roi_table, participants, markers=ok_markers,
+                                  covariates=icovs, group=clin_group, **corr)
         elif test == "sex_stratified_correlation":
-            res = sex_stratified_correlation(roi_table, participants, sessions, markers=markers,
-                                             group=clin_group, **corr)
+            ok_markers = []
+            for m in markers:
+                sel_ = n_with(cframe, [m, "sex"])
+                sexes = cframe.loc[sel_, "sex"].astype(str).str.upper()
+                counts = {sx: int((sexes == sx).sum()) for sx in ("F", "M")}
+                small = min(counts.values())
+                if small < d.min_stratum_n or small - 2 < d.min_residual_dof:
+                    skipped.append((test, f"{m}: not interpretable, strata F {counts['F']}, "
+                                          f"M {counts['M']} subjects (needs >= {d.min_stratum_n} "
+                                          f"per stratum and >= {d.min_residual_dof} residual "
+                                          "degrees of freedom)"))
+                else:
+                    ok_markers.append(m)
+            if not ok_markers:
+                continue
+            res = sex_stratified_correlation(roi_table, participants, sessions,
+                                             markers=ok_markers, group=clin_group, **corr)
         elif test == "mediation":
             paths = [p for p in d.mediation_paths
                      if all(_has(participants, v) or _has(sessions, v) for v in p)]
             if not paths:
                 skipped.append((test, "no mediation path with both variables present"))
                 continue
-            res = mediation(roi_table, participants, sessions, paths=paths, covariates=covs,
-                            group=clin_group, n_boot=d.n_boot, seed=d.seed, **corr)
+            ok_paths = []
+            for p in paths:
+                sel_ = n_with(cframe, [*p, *covs_clin])
+                n = int(sel_.sum())
+                dof = n - 3 - n_params(cframe[sel_], covs_clin)
+                if dof < d.min_residual_dof:
+                    skipped.append((test, f"{p[0]} -> ROI -> {p[1]}: not interpretable, {dof} "
+                                          f"residual degrees of freedom (n = {n}; needs >= "
+                                          f"{d.min_residual_dof})"))
+                else:
+                    ok_paths.append(p)
+            if not ok_paths:
+                continue
+            res = mediation(roi_table, participants, sessions, paths=ok_paths,
+                            covariates=covs_clin, group=clin_group, n_boot=d.n_boot,
+                            seed=d.seed, **corr)
         else:  # pragma: no cover - GroupDesign validates test names
             raise ValueError(f"unknown test {test!r}")
         out[test] = res
     out["skipped"] = pd.DataFrame(skipped, columns=["test", "reason"])
+    out["design_diagnostics"] = (pd.concat(diagnostics, ignore_index=True) if diagnostics
+                                 else pd.DataFrame(columns=["model", "term", "role", "covariate",
+                                                            "vif", "rank", "n_columns", "n",
+                                                            "constant_in_group", "coverage",
+                                                            "left_out"]))
     return out

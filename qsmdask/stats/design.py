@@ -137,6 +137,16 @@ class GroupDesign:
         :func:`qsmdask.workflows.cohort.select_acquisitions`.
     run : str
         Which run of that acquisition: ``"lowest"`` (default), ``"highest"`` or a run number.
+    keep_covariates : tuple of str
+        Covariates kept even when nearly nested in the tested effect (VIF > 5 or constant in
+        one group; :func:`qsmdask.stats.diagnostics.screen_covariates`). By default such a
+        covariate is left out of that model, with the reason in ``skipped.parquet``.
+    min_residual_dof : int
+        Mediation and interaction models with fewer residual degrees of freedom, and
+        sex-stratified correlations with fewer residual degrees of freedom per stratum, are
+        not run (listed in ``skipped.parquet``).
+    min_stratum_n : int
+        Sex-stratified correlations need at least this many subjects per stratum.
     """
 
     tests: tuple = ALL_TESTS
@@ -164,6 +174,9 @@ class GroupDesign:
     seed: int = 0
     acq: str | None = None
     run: str = "lowest"
+    keep_covariates: tuple = ()
+    min_residual_dof: int = 10
+    min_stratum_n: int = 10
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
@@ -177,7 +190,8 @@ class GroupDesign:
             set_("group_values", tuple(_value_text(v) for v in _tuple(self.group_values)))
             if len(self.group_values) != 2 or self.group_values[0] == self.group_values[1]:
                 raise ValueError(f"group_values must be two distinct values, got {self.group_values!r}")
-        for k in ("tests", "groups", "covariates", "clinical_variables", "markers"):
+        for k in ("tests", "groups", "covariates", "clinical_variables", "markers",
+                  "keep_covariates"):
             set_(k, _tuple(getattr(self, k)))
         if self.tests == ("all",):
             set_("tests", ALL_TESTS)
@@ -214,6 +228,10 @@ class GroupDesign:
         if int(self.n_boot) < 100:
             raise ValueError(f"n_boot must be >= 100, got {self.n_boot!r}")
         set_("n_boot", int(self.n_boot))
+        for k in ("min_residual_dof", "min_stratum_n"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)!r}")
+            set_(k, int(getattr(self, k)))
         set_("seed", int(self.seed))
         if self.acq is not None and (not isinstance(self.acq, str) or not self.acq.isalnum()):
             raise ValueError(f"acq must be an acq label (letters and digits) or null, got {self.acq!r}")

@@ -121,7 +121,9 @@ def mixed_model(roi_table: pd.DataFrame, participants: pd.DataFrame,
         Tidy schema, one row per fixed effect, ``test="mixed_model"``, ``session_id="*"``,
         ``statistic`` the Wald z, ``dof`` NaN, ``effect_size`` the coefficient with its
         Wald 95 % CI; extra columns ``term``, ``se``, ``converged``, ``group_var``
-        (random-intercept variance). Empty when fewer than two sessions.
+        (random-intercept variance), ``contrast_of_interest`` (True for ``visit``, the group
+        term and their interaction; False for the intercept and the covariates, which the
+        report never highlights). Empty when fewer than two sessions.
     """
     validate_choice("correction", correction, CORRECTIONS)
     groups = tuple(groups)
@@ -162,6 +164,7 @@ def mixed_model(roi_table: pd.DataFrame, participants: pd.DataFrame,
                                  p=float(fit.pvalues[term]), effect_size=float(fit.params[term]),
                                  se=float(fit.bse[term]), ci_low=float(ci.loc[term, 0]),
                                  ci_high=float(ci.loc[term, 1]), converged=bool(fit.converged),
-                                 group_var=float(np.asarray(fit.cov_re)[0, 0])))
-    out = tidy_frame(rows, extra=["term", "se", "converged", "group_var"])
+                                 group_var=float(np.asarray(fit.cov_re)[0, 0]),
+                                 contrast_of_interest=term in ("visit", gterm, f"visit:{gterm}")))
+    out = tidy_frame(rows, extra=["term", "se", "converged", "group_var", "contrast_of_interest"])
     return apply_correction(out, correction=correction, family=["measure", "term"])

@@ -190,8 +190,41 @@ SINGLE_ECHO_NOTE = ("single echo: field = unwrapped phase / (2 pi gamma B0 TE); 
                     "(use 2 or more echoes, or offset-free combined phase)")
 
 
+def _native_reference(config: PipelineConfig, sn, chi, mask, affine, labels, atlas, url, echo_times_s):
+    """Reference region in native space and its median chi: (value_ppm, sidecar dict)."""
+    from ..atlas import load_template_tissue
+    from ..reference import (describe_reference, lateral_ventricle_prior, r2star_map,
+                             reference_mask, reference_value)
+
+    ref = config.reference
+    prior = r2s = None
+    if ref in ("csf", "white_matter"):
+        prob, paff = load_template_tissue("csf" if ref == "csf" else "wm",
+                                          config.template_resolution_mm)
+        prior_tpl = lateral_ventricle_prior(prob, paff) if ref == "csf" else prob > 0.9
+        prior = sn.labels_to_native(prior_tpl.astype(np.int32), paff, chi.shape, affine) > 0
+    if ref == "csf" and len(echo_times_s) >= 2:
+        mag4, _ = zarrstore.read_volume(url, "magnitude", dtype=np.float32)
+        r2s = r2star_map(mag4, echo_times_s, mask)
+        del mag4
+    region, info = reference_mask(ref, mask=mask, voxel_size_mm=voxel_size_from_affine(affine),
+                                  erode_mm=config.reference_erode_mm, prior=prior, labels=labels,
+                                  label_table=atlas.table, r2star_hz=r2s)
+    value = reference_value(chi, region)
+    return value, {"Reference": ref,
+                   "ReferenceDescription": describe_reference(ref, config.reference_erode_mm),
+                   "ReferenceValue_ppm": value, "ReferenceVoxels": info["n_voxels"],
+                   "ReferenceErosion_mm": float(config.reference_erode_mm),
+                   "ReferenceR2starRefined": bool(info["r2star_refined"])}
+
+
 def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
-    """Register to the template, bring atlas labels to native space, extract ROI statistics."""
+    """Register to the template, bring atlas labels to native space, reference chi
+    (``config.reference``), extract ROI statistics and the template-space maps.
+
+    Every later output uses the referenced map ``chi_referenced_ppm`` (written as a new
+    zarr volume, so a rerun of this task never references twice).
+    """
     with _stage(meta["key"], "standardise"):
         from ..atlas import load_atlas, load_template
         from ..registration import standardise
@@ -208,14 +241,6 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
         sn = standardise(mag, affine, t1w=t1, t1w_affine=t1_aff, template=tpl, template_affine=tpl_aff,
                          method=config.registration, magnitude_mask=mask, seed=config.registration_seed,
                          quick=config.registration_quick)
-        chi_tpl, _ = sn.to_template(chi, interpolation="linear")
-        mask_tpl, _ = sn.to_template(mask.astype(np.float32), interpolation="linear")
-        zarrstore.write_volume(url, "chi_template_ppm", chi_tpl, tpl_aff)
-        zarrstore.write_volume(url, "mask_template", mask_tpl > 0.5, tpl_aff)
-        if config.smoothing_fwhm_mm > 0:
-            sm = smooth_gaussian(chi_tpl, voxel_size_mm=voxel_size_from_affine(tpl_aff),
-                                 fwhm_mm=config.smoothing_fwhm_mm, mask=mask_tpl > 0.5)
-            zarrstore.write_volume(url, "chi_template_smooth_ppm", sm, tpl_aff)
         transform_dir = Path(meta["transform_dir"])
         transform_files = [str(p) for p in sn.save(transform_dir)]
 
@@ -224,15 +249,35 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
                            groups_tsv=config.atlas_groups_tsv)
         labels = sn.labels_to_native(atlas.labels, atlas.affine, chi.shape, affine)
         zarrstore.write_volume(url, "atlas_native", labels.astype(np.int32), affine)
+
+    with _stage(meta["key"], "reference"):
+        ref_ppm, ref_meta = _native_reference(config, sn, chi, mask, affine, labels, atlas, url,
+                                              meta["echo_times_s"])
+        chi = np.where(mask, chi - np.float32(ref_ppm), 0).astype(np.float32)
+        zarrstore.write_volume(url, "chi_referenced_ppm", chi, affine)
+
+    with _stage(meta["key"], "standardise"):
+        chi_tpl, _ = sn.to_template(chi, interpolation="linear")
+        mask_tpl, _ = sn.to_template(mask.astype(np.float32), interpolation="linear")
+        zarrstore.write_volume(url, "chi_template_ppm", chi_tpl, tpl_aff)
+        zarrstore.write_volume(url, "mask_template", mask_tpl > 0.5, tpl_aff)
+        if config.smoothing_fwhm_mm > 0:
+            sm = smooth_gaussian(chi_tpl, voxel_size_mm=voxel_size_from_affine(tpl_aff),
+                                 fwhm_mm=config.smoothing_fwhm_mm, mask=mask_tpl > 0.5)
+            zarrstore.write_volume(url, "chi_template_smooth_ppm", sm, tpl_aff)
+
+    with _stage(meta["key"], "roi"):
         roi = roi_statistics(chi, labels, atlas.table, voxel_size_mm=voxel_size_from_affine(affine),
                              erode_mm=config.erode_mm, min_voxels=config.min_voxels, mask=mask,
                              atlas_name=atlas.name)
+        roi["reference"] = config.reference
+        roi["reference_ppm"] = ref_ppm
         roi_path = Path(meta["roi_tmp"])
         roi_path.parent.mkdir(parents=True, exist_ok=True)
         roi.to_parquet(roi_path, index=False)
         return {**meta, "roi_tmp": str(roi_path), "transform_files": transform_files,
                 "itk_threads": os.environ.get(ITK_THREADS_VAR, "default"),
-                "template_affine": np.asarray(tpl_aff).tolist()}
+                "template_affine": np.asarray(tpl_aff).tolist(), "reference": ref_meta}
 
 
 def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineConfig, *,
@@ -253,9 +298,12 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
         sources = [bids_uri(p) for e in ss.echoes for p in (e.magnitude, e.phase)]
         chain_meta = {**chain_method(cfg["chain"]), "Chain": cfg["chain"],
                       "EchoTimes": meta["echo_times_s"], "MagneticFieldStrength": meta["b0_tesla"],
-                      "B0DirectionVoxel": meta["b0_dir"], "Notes": meta.get("notes", [])}
+                      "B0DirectionVoxel": meta["b0_dir"], "Notes": meta.get("notes", []),
+                      **meta.get("reference", {})}
         files = []
-        chi, _ = zarrstore.read_volume(url, "chi_ppm", dtype=np.float32)
+        referenced = zarrstore.has_volume(url, "chi_referenced_ppm")
+        chi, _ = zarrstore.read_volume(url, "chi_referenced_ppm" if referenced else "chi_ppm",
+                                       dtype=np.float32)
         chi_path = writer.save_image(sub, ses, "Chimap", chi, affine, sources=sources,
                                      sidecar={**chain_meta, "Units": "ppm", "SkullStripped": True}, **ents)
         files.append(chi_path)
@@ -277,7 +325,8 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
                     "ITKThreads": meta.get("itk_threads", "default"),
                     "Template": "MNI152 (nilearn package data)",
                     "TemplateResolution_mm": config.template_resolution_mm,
-                    "Transforms": [Path(p).name for p in meta.get("transform_files", [])]}
+                    "Transforms": [Path(p).name for p in meta.get("transform_files", [])],
+                    **meta.get("reference", {})}
         chi_src = [writer.uri(chi_path)]
         arr, _ = zarrstore.read_volume(url, "chi_template_ppm", dtype=np.float32)
         files.append(writer.save_image(sub, ses, "Chimap", arr, tpl_aff, space=space, sources=chi_src,

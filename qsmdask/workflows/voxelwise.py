@@ -37,6 +37,12 @@ class VoxelwiseOptions:
     covariates : participants.tsv columns used as covariates when present and not constant.
     mask_fraction : a voxel enters the analysis when inside at least this fraction of the
         subjects' template-space brain masks.
+    session : session analysed (``"ses-pre"`` or ``"pre"``); None: the chronological
+        baseline (``qsmdask.stats._common.order_sessions``: sessions.tsv ``acq_time``, else
+        names such as pre/baseline before post/follow-up).
+    keep_covariates : covariates kept even when nearly nested in group (VIF > 5 or constant
+        in one group; ``qsmdask.stats.diagnostics.screen_covariates``); by default they are
+        left out with a warning.
     """
 
     n_perm: int = 1000
@@ -49,23 +55,56 @@ class VoxelwiseOptions:
     mask_fraction: float = 0.9
     session: str | None = None
     groups: tuple[str, str] = ("patient", "control")
+    keep_covariates: tuple[str, ...] = ()
 
 
 def _design_inputs(participants: pd.DataFrame, ids: list[str], covariates,
-                   groups=("patient", "control")) -> tuple[np.ndarray, dict]:
+                   groups=("patient", "control"), keep=()
+                   ) -> tuple[np.ndarray, dict, list, pd.DataFrame]:
+    """Group indicator, covariates, [(covariate, reason)] left out, design diagnostics."""
+    from ..stats.diagnostics import screen_covariates
+
     p = participants.set_index("participant_id").loc[ids]
     group = (p["group"].astype(str) == str(groups[0])).astype(float).to_numpy()
+    usable = [c for c in covariates if c in p.columns and not p[c].isna().any() and p[c].nunique() >= 2]
+    gname = f"group[{groups[0]}]"
+    frame = p.reset_index().assign(**{gname: group})
+    kept, dropped, diag = screen_covariates(frame, model="voxelwise", tested=gname,
+                                            covariates=usable, group_column="group", keep=keep)
     cov = {}
-    for c in covariates:
-        if c not in p.columns:
-            continue
+    for c in kept:
         col = p[c]
-        if col.isna().any() or col.nunique() < 2:
-            continue
-        if c == "medication" and np.array_equal((col.astype(float) > 0).to_numpy(), group > 0):
-            continue  # collinear with group (every patient medicated): not estimable
         cov[c] = col.to_numpy() if col.dtype == object or c in ("sex", "site") else col.astype(float).to_numpy()
-    return group, cov
+    return group, cov, dropped, diag
+
+
+def _session_of(f) -> str:
+    """``ses-<s>`` of a derivatives path or a stack row key (``sub-01_ses-pre``), else ``""``."""
+    name = getattr(f, "name", str(f))
+    return "ses-" + name.split("_ses-")[1].split("_")[0] if "_ses-" in name else ""
+
+
+def choose_session(files, sessions: pd.DataFrame | None, session: str | None) -> tuple[str, str]:
+    """(session id analysed, how it was chosen); ``""`` when the dataset has no sessions.
+
+    ``files``: derivatives paths or stack row keys of the available subject-sessions.
+    """
+    from ..stats._common import order_sessions
+
+    present = sorted({_session_of(f) for f in files} - {""})
+    if not present:
+        return "", "no sessions"
+    if session:
+        sid = "ses-" + str(session).removeprefix("ses-")
+        if sid not in present:
+            raise ValueError(f"voxelwise session {session!r} not found; sessions with "
+                             f"template-space maps: {present}")
+        return sid, "configured"
+    order = order_sessions(present, sessions)
+    how = ("chronological baseline (sessions.tsv acq_time)"
+           if sessions is not None and "acq_time" in sessions.columns else
+           "baseline by session name (no acq_time)")
+    return order[0], how
 
 
 def _estimable_design(make, group, cov: dict):
@@ -185,7 +224,8 @@ def update_voxelwise_stack(output_dir, *, client=None) -> tuple[str, dict]:
 
 
 def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseOptions = VoxelwiseOptions(),
-                  client=None, atlas=None, tables_url=None, acquisition: dict | None = None) -> dict:
+                  client=None, atlas=None, tables_url=None, acquisition: dict | None = None,
+                  sessions: pd.DataFrame | None = None) -> dict:
     """Run the voxel-wise group comparison; returns paths of what it wrote and a summary.
 
     ``acquisition``: ``{"acq": ..., "run": ...}``, the rule that picks one acquisition per
@@ -194,7 +234,14 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
 
     Out of core: the maps go into the cohort stack (:func:`update_voxelwise_stack`), and the
     GLM and permutations run over its voxel blocks (:func:`qsmdask.perm.distributed.permutation_test_stack`).
+    The session analysed is ``options.session`` or else the chronological baseline
+    (``sessions``: the sessions.tsv rows with ``acq_time``); it is named in the cluster
+    table (``session_id``), the run record and the returned summary (``session_id``,
+    ``session_choice``). Covariates nearly nested in group are left out
+    (``covariates_left_out`` with reasons) unless ``options.keep_covariates`` keeps them.
     """
+    import logging
+    log = logging.getLogger("qsmdask.voxelwise")
     from ..perm import two_group_design
     from ..perm.distributed import permutation_test_stack, stack_analysis_mask
     from ..perm.stack import stack_rows
@@ -204,23 +251,25 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
     if not Path(store).exists():
         return {"skipped": "voxel-wise analysis needs >= 4 subjects with template-space maps, found 0"}
     rows = stack_rows(store)
-    sessions = {}
+    by_session = {}
     for key in rows:
-        sessions.setdefault(_key_entities(key).get("ses", ""), []).append(key)
-    if options.session:
-        ses = options.session.removeprefix("ses-")
-    else:
-        ses = sorted(sessions)[0] if sessions else ""
+        by_session.setdefault(_key_entities(key).get("ses", ""), []).append(key)
+    session_id, how = choose_session(rows, sessions, options.session)
+    ses = session_id.removeprefix("ses-")
     in_groups = participants["group"].astype(str).isin([str(g) for g in options.groups]) \
         if "group" in participants.columns else pd.Series(False, index=participants.index)
     known = set(participants.loc[in_groups, "participant_id"])
-    parsed = {k: _key_entities(k) for k in sessions.get(ses, [])}
+    parsed = {k: _key_entities(k) for k in by_session.get(ses, [])}
     keys = [k for k, ents in parsed.items() if f"sub-{ents['sub']}" in known]
     keys = _one_acquisition_per_subject(keys, **(acquisition or {}))
     if len(keys) < 4:
-        return {"skipped": f"voxel-wise analysis needs >= 4 subjects with template-space maps, found {len(keys)}"}
+        return {"skipped": f"voxel-wise analysis needs >= 4 subjects with template-space maps, found {len(keys)}"
+                           + (f" in {session_id}" if session_id else ""), "session_id": session_id}
     ids = [f"sub-{parsed[k]['sub']}" for k in keys]
-    group, cov = _design_inputs(participants, ids, options.covariates, options.groups)
+    group, cov, left_out, diag = _design_inputs(participants, ids, options.covariates, options.groups,
+                                                options.keep_covariates)
+    for _, why in left_out:
+        log.warning(why)
     if group.sum() < 2 or (1 - group).sum() < 2:
         return {"skipped": "voxel-wise analysis needs >= 2 patients and >= 2 controls"}
     design, dropped = _estimable_design(two_group_design, group, cov)
@@ -256,18 +305,26 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
             vol = vol.astype(np.int16)
         written[name] = str(save_nifti(gdir / f"perm_{name}.nii.gz", vol.astype(vol.dtype), affine))
     clusters = res.clusters if res.clusters is not None else pd.DataFrame()
+    clusters = clusters.copy()
+    clusters.insert(0, "session_id", session_id)
     writer = DerivativesWriter(out, tables_url=tables_url)
+    written["design_diagnostics"] = str(writer.save_group_table(
+        "perm_design_diagnostics", diag.assign(session_id=session_id)))
     written["clusters"] = str(writer.save_group_table(
         "perm_clusters", clusters.astype({c: str for c in clusters.columns if clusters[c].dtype == object})))
     writer.write_run_config(
-        {"level": "group-voxelwise", "subjects": ids, "n_patients": int(group.sum()),
-         "covariates": sorted(cov), "covariates_dropped": dropped, "n_voxels": int(mask.sum()),
+        {"level": "group-voxelwise", "session_id": session_id, "session_choice": how,
+         "subjects": ids, "n_patients": int(group.sum()),
+         "covariates": sorted(cov), "covariates_dropped": dropped,
+         "covariates_left_out": [{"covariate": c, "reason": r} for c, r in left_out],
+         "n_voxels": int(mask.sum()),
          "stack": {"store": store, "rows_written": update["rows"], "failed": update["failed"]},
          "options": options.__dict__},
         name="qsmdask_voxelwise_config.json")
     n_sig = int((clusters.get("p_fwe_size", pd.Series(dtype=float)) < 0.05).sum()) if len(clusters) else 0
     return {"written": written, "n_subjects": len(ids), "n_voxels": int(mask.sum()),
-            "n_significant_clusters": n_sig}
+            "n_significant_clusters": n_sig, "session_id": session_id, "session_choice": how,
+            "covariates_left_out": left_out}
 
 
 def run_voxelwise_on_worker(output_dir, participants: pd.DataFrame, **kwargs) -> dict:

@@ -1,0 +1,316 @@
+"""Referencing and halo benchmark (issue 14): does a planted deep-nuclei increase move other ROIs?
+
+Part 1, heads. For each of a few simulated heads (``qsmdask.sim.phantom``; 2 mm GRE, TE
+4/12/20 ms, 3 T, T1w), the SAME head (same tissue values, pose, phase offsets and noise
+draws, one seed) is simulated twice: without and with +EFFECT ppm planted in putamen,
+thalamus and hippocampus (the demo's effect regions), noise-free (SNR 1e6) and with noise
+(SNR 50). Both are reconstructed with the default chain. The shift of every non-planted
+ROI (AAL groups, L and R) is reported as a percentage of the planted effect, per stage:
+
+- ``truth``: the simulator's own chi map (partial volume of the planted nuclei on the
+  oblique acquisition grid; the floor every later stage inherits);
+- ``inversion``: TV inversion of the TRUE local field (no unwrapping, no background removal);
+- ``chain``: the whole default chain from the wrapped phase (background removal's share is
+  ``chain - inversion``);
+- ``chain + <reference>``: the chain's chi referenced to each reference choice;
+- ``template``: the referenced map in MNI space (one affine registration per head, computed
+  on the unplanted data and applied to both, so only interpolation is measured), ROIs from the
+  AAL atlas on the template grid inside the template-space brain mask;
+- ``smooth``: the template map smoothed with 3 mm FWHM (mask-aware), as in the voxel-wise stack;
+- erosion: native ROIs with erode 0 / 1 / 2 mm.
+
+Native ROIs use the simulator's true AAL labels (``dseg``) inside the reconstruction's
+final mask of the unplanted run, eroded 1 mm (the pipeline default), so registration error
+does not enter the native stages. A ROI is "adjacent" to the planted ones when at least 5 %
+of its AAL voxels lie within 4 mm of a planted label (MNI space, 1 mm atlas): amygdala,
+caudate, insula and pallidum; frontal, temporal, occipital, parietal, cingulum and cerebellum
+are not.
+
+Part 2, null cohorts: see :func:`null_cohorts` (built from the heads' ROI values).
+
+Command: ``nice python bench/reference.py [--heads 3] [--cohorts 200] [--write-doc]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._report import machine_description, markdown_table, update_section  # noqa: E402
+
+EFFECT_PPM = 0.05
+PLANTED = ("putamen", "thalamus", "hippocampus")
+REFERENCES = ("none", "whole_brain", "white_matter", "csf", "roi:occipital")
+SNRS = {"noise-free": 1e6, "SNR 50": 50.0}
+STUDY_ROIS = ("frontal", "temporal", "occipital", "parietal", "cingulum", "cerebellum", "insula",
+              "amygdala", "caudate", "pallidum")
+
+
+def _simulate(seed: int, effect: float, snr: float):
+    from qsmdask.sim import phantom
+
+    rv = np.random.default_rng([seed, 2])
+    values = phantom.sample_tissue_values(rv, age_years=40.0, effect_ppm=effect,
+                                          effect_regions=PLANTED if effect else ())
+    shape = phantom.random_shape(rv)
+    rng = np.random.default_rng([seed, 4])
+    pose = phantom.random_pose(rng, shape=shape)
+    return phantom.simulate_session(values=values, pose=pose, rng=rng, snr=snr, t1w=True,
+                                    local_field=True)
+
+
+def _roi_means(chi, labels, table, vs, mask, erode_mm=1.0) -> pd.Series:
+    from qsmdask.roi import roi_statistics
+
+    t = roi_statistics(chi, labels.astype(np.int32), table, voxel_size_mm=vs, erode_mm=erode_mm,
+                       min_voxels=5, mask=mask)
+    t = t[(t.level == "group") & t.hemisphere.isin(["L", "R"])]
+    return pd.Series(t.mean_ppm.to_numpy(), index=t.roi + "_" + t.hemisphere)
+
+
+def _adjacent_rois(atlas) -> set:
+    from scipy import ndimage
+
+    planted = atlas.table.loc[atlas.table.roi.isin(PLANTED), "index"].to_numpy()
+    vs = np.abs(np.diag(atlas.affine)[:3])
+    dist = ndimage.distance_transform_edt(~np.isin(atlas.labels, planted), sampling=vs)
+    near = set()
+    for (roi, hemi), g in atlas.table.groupby(["roi", "hemisphere"]):
+        m = np.isin(atlas.labels, g["index"].to_numpy())
+        if m.any() and (dist[m] <= 4.0).mean() >= 0.05:
+            near.add(f"{roi}_{hemi}")
+    return near
+
+
+class Context:
+    def __init__(self):
+        from qsmdask.atlas import load_atlas, load_template, load_template_mask, load_template_tissue
+        from qsmdask.reference import lateral_ventricle_prior
+        from qsmdask.registration import Transform, apply_transform
+
+        self.atlas = load_atlas("aal")
+        self.tpl, self.tpl_aff = load_template(2)
+        self.tpl_mask = load_template_mask(2)[0]
+        csf, aff = load_template_tissue("csf", 2)
+        self.ventricles = lateral_ventricle_prior(csf, aff).astype(np.int32)
+        self.wm = (load_template_tissue("wm", 2)[0] > 0.9).astype(np.int32)
+        self.atlas_tpl = apply_transform(self.atlas.labels, self.atlas.affine, Transform.identity(),
+                                         self.tpl.shape, self.tpl_aff,
+                                         interpolation="nearest").astype(np.int32)
+        self.adjacent = _adjacent_rois(self.atlas)
+
+
+def head_rows(seed: int, ctx: Context) -> list[dict]:
+    """Every stage's ROI means for one head, both noise levels, with and without the effect."""
+    from qsmdask.chain import ChainConfig, reconstruct
+    from qsmdask.inversion import tv_admm
+    from qsmdask.kernels import voxel_size_from_affine
+    from qsmdask.reference import r2star_map, reference_mask, reference_value
+    from qsmdask.registration import standardise
+    from qsmdask.roi import smooth_gaussian
+
+    cfg = ChainConfig()
+    rows = []
+    sn = None
+    for noise, snr in SNRS.items():
+        sims = {e: _simulate(seed, e, snr) for e in (0.0, EFFECT_PPM)}
+        s0 = sims[0.0]
+        vs = voxel_size_from_affine(s0.affine)
+        if sn is None:  # one registration per head (T1w identical with and without the effect)
+            t0 = time.perf_counter()
+            sn = standardise(s0.magnitude[..., 0], s0.affine, t1w=s0.t1w, t1w_affine=s0.t1w_affine,
+                             template=ctx.tpl, template_affine=ctx.tpl_aff, method="affine")
+            print(f"  seed {seed}: registration {time.perf_counter() - t0:.0f} s", flush=True)
+        labels = s0.dseg.astype(np.int32)
+        vent = sn.labels_to_native(ctx.ventricles, ctx.tpl_aff, s0.brain.shape, s0.affine) > 0
+        wm = sn.labels_to_native(ctx.wm, ctx.tpl_aff, s0.brain.shape, s0.affine) > 0
+        mask = None
+        for e, s in sims.items():
+            t0 = time.perf_counter()
+            r = reconstruct(s.magnitude, s.phase_rad, s.echo_times_s, vs, b0_dir=s.b0_dir,
+                            b0_tesla=s.b0_tesla, config=cfg)
+            if mask is None:
+                mask, final = r.brain_mask, r.mask
+            inv = tv_admm(np.where(final, s.local_field_ppm, 0).astype(np.float32), final, vs,
+                          b0_dir=s.b0_dir, lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter,
+                          edge_fraction=0.0, mask_data=False, bregman_iterations=cfg.tv_bregman_iterations,
+                          bregman_max_iter=cfg.tv_bregman_max_iter, pad_voxels=cfg.pad_voxels)
+            print(f"  seed {seed} {noise} effect {e}: recon {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+            base = dict(seed=seed, noise=noise, effect=e)
+            tab = ctx.atlas.table
+            rows.append({**base, "stage": "truth",
+                         **_roi_means(np.where(s.brain, s.chi_ppm, 0), labels, tab, vs, final)})
+            rows.append({**base, "stage": "inversion", **_roi_means(inv, labels, tab, vs, final)})
+            r2s = r2star_map(s.magnitude, s.echo_times_s, final)
+            for ref in REFERENCES:
+                prior = vent if ref == "csf" else wm
+                region, info = reference_mask(ref, mask=final, voxel_size_mm=vs, prior=prior,
+                                              labels=labels, label_table=tab, r2star_hz=r2s)
+                chi = r.chi_ppm - reference_value(r.chi_ppm, region)
+                rows.append({**base, "stage": f"chain, ref {ref}",
+                             **_roi_means(chi, labels, tab, vs, final)})
+                if ref in ("none", "csf"):
+                    for er in (0.0, 2.0):
+                        rows.append({**base, "stage": f"chain, ref {ref}, erode {er:g} mm",
+                                     **_roi_means(chi, labels, tab, vs, final, erode_mm=er)})
+                    ctpl, _ = sn.to_template(chi, interpolation="linear")
+                    mtpl = sn.to_template(final.astype(np.float32))[0] > 0.5
+                    rows.append({**base, "stage": f"template, ref {ref}",
+                                 **_roi_means(ctpl, ctx.atlas_tpl, tab, (2, 2, 2), mtpl)})
+                    sm = smooth_gaussian(ctpl, voxel_size_mm=(2, 2, 2), fwhm_mm=3.0, mask=mtpl)
+                    rows.append({**base, "stage": f"template smooth 3 mm, ref {ref}",
+                                 **_roi_means(sm, ctx.atlas_tpl, tab, (2, 2, 2), mtpl)})
+                if ref == "csf":
+                    rows.append({**base, "stage": "_csf_info", "n_voxels": info["n_voxels"],
+                                 "r2star_refined": info["r2star_refined"]})
+    return rows
+
+
+def shift_table(rows: pd.DataFrame, adjacent: set) -> pd.DataFrame:
+    """Shift (% of the planted effect) of every non-planted ROI, mean over heads."""
+    rows = rows[~rows.stage.str.startswith("_")].dropna(axis=1, how="all")
+    rois = [c for c in rows.columns if "_" in c and c.split("_")[0] not in PLANTED
+            and c.split("_")[0] in STUDY_ROIS]
+    out = []
+    for (noise, stage), g in rows.groupby(["noise", "stage"], sort=False):
+        a = g[g.effect == 0.0].set_index("seed")[rois]
+        b = g[g.effect > 0].set_index("seed")[rois]
+        pct = 100.0 * (b - a) / EFFECT_PPM
+        mean = pct.mean()
+        far = [c for c in rois if c not in adjacent]
+        near = [c for c in rois if c in adjacent]
+        out.append({"noise": noise, "stage": stage,
+                    "non-adjacent max |shift| %": float(mean[far].abs().max()),
+                    "non-adjacent mean shift %": float(mean[far].mean()),
+                    "worst non-adjacent": mean[far].abs().idxmax(),
+                    "adjacent max |shift| %": float(mean[near].abs().max()),
+                    "worst adjacent": mean[near].abs().idxmax(),
+                    "frontal L %": float(mean.get("frontal_L", np.nan)),
+                    "cingulum L %": float(mean.get("cingulum_L", np.nan)),
+                    "caudate L %": float(mean.get("caudate_L", np.nan)),
+                    "pallidum L %": float(mean.get("pallidum_L", np.nan))})
+    return pd.DataFrame(out)
+
+
+def null_cohorts(rows: pd.DataFrame, adjacent: set, *, reference: str, n_cohorts: int,
+                 n_per_group: int = 8, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Bonferroni-significant rate per non-planted ROI across simulated cohorts.
+
+    Built from the reconstructed heads (noisy, SNR 50, native, erode 1 mm, ``reference``):
+    a subject's ROI vector is ``u_k + b + s * (p_k - u_k)`` with ``k`` a head drawn at
+    random, ``u_k``/``p_k`` that head's unplanted/planted ROI means, ``b`` the simulator's
+    between-subject deviation (normal, SD 8 % of the tissue's base chi + 0.004 ppm, the
+    ``sample_tissue_values`` model, drawn per ROI) and ``s`` = 0 for controls, a severity
+    ~ N(1, 0.25) for patients (the planted deep-nuclei effect scaled, including whatever it
+    does to the other ROIs in the reconstruction: the chain is linear to first order in chi).
+    Per cohort: Mann-Whitney U per ROI x hemisphere over the 8 study ROIs (16 tests,
+    Bonferroni), as ``qsmdask.stats.group_wilcoxon`` does.
+    """
+    from scipy import stats
+
+    from qsmdask.sim.phantom import BASE_CHI_PPM
+
+    g = rows[(rows.noise == "SNR 50") & (rows.stage == f"chain, ref {reference}")]
+    study = ("frontal", "temporal", "occipital", "hippocampus", "putamen", "thalamus", "cingulum",
+             "cerebellum")
+    cols = [f"{r}_{h}" for r in study for h in "LR"]
+    u = g[g.effect == 0.0].set_index("seed")[cols].to_numpy()
+    p = g[g.effect > 0].set_index("seed")[cols].to_numpy()
+    base = {"frontal": "gm", "temporal": "gm", "occipital": "gm", "cingulum": "gm",
+            "cerebellum": "gm"}
+    sd = np.array([0.08 * abs(BASE_CHI_PPM[base.get(c.split("_")[0], c.split("_")[0])]) + 0.004
+                   for c in cols])
+    rng = np.random.default_rng(seed)
+    m = len(cols)
+    hits = np.zeros(m, int)
+    for _ in range(n_cohorts):
+        n = 2 * n_per_group
+        k = rng.integers(0, len(u), size=n)
+        sev = np.r_[np.zeros(n_per_group), rng.normal(1.0, 0.25, n_per_group)]
+        x = u[k] + rng.normal(0.0, sd, size=(n, m)) + sev[:, None] * (p[k] - u[k])
+        pv = stats.mannwhitneyu(x[n_per_group:], x[:n_per_group], axis=0).pvalue
+        hits += (np.minimum(pv * m, 1.0) < alpha)
+    rate = hits / n_cohorts
+    nominal = alpha / m
+    upper = stats.binom.ppf(0.975, n_cohorts, nominal) / n_cohorts
+    res = {"reference": reference, "cohorts": n_cohorts, "nominal per ROI": nominal,
+           "95% upper band": upper}
+    far, near = [], []
+    for c, r in zip(cols, rate):
+        if c.split("_")[0] in PLANTED:
+            res[f"power {c}"] = r
+        else:
+            (near if c in adjacent else far).append((c, r))
+    res["max rate non-planted"] = max(r for _, r in far + near)
+    res["worst non-planted"] = max(far + near, key=lambda t: t[1])[0]
+    res["non-planted within band"] = all(r <= upper for _, r in far + near)
+    res["frontal_L rate"] = dict(far + near).get("frontal_L", np.nan)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--cohorts", type=int, default=400)
+    ap.add_argument("--write-doc", action="store_true")
+    ap.add_argument("--rows", default=None, help="reuse rows saved by an earlier run (CSV)")
+    ap.add_argument("--save-rows", default=None)
+    a = ap.parse_args(argv)
+    machine = machine_description()
+    t0 = time.perf_counter()
+    ctx = Context()
+    if a.rows:
+        rows = pd.read_csv(a.rows)
+    else:
+        rows = []
+        for seed in range(101, 101 + a.heads):
+            rows += head_rows(seed, ctx)
+        rows = pd.DataFrame(rows)
+        if a.save_rows:
+            rows.to_csv(a.save_rows, index=False)
+    shifts = shift_table(rows, ctx.adjacent)
+    pd.set_option("display.width", 250)
+    print(shifts.to_string(index=False))
+    csf = rows[rows.stage == "_csf_info"][["seed", "noise", "effect", "n_voxels", "r2star_refined"]]
+    print(csf.to_string(index=False))
+    nulls = [null_cohorts(rows, ctx.adjacent, reference=ref, n_cohorts=a.cohorts)
+             for ref in REFERENCES]
+    ncols = ["reference", "cohorts", "nominal per ROI", "95% upper band", "max rate non-planted",
+             "worst non-planted", "frontal_L rate", "non-planted within band",
+             "power putamen_L", "power thalamus_L", "power hippocampus_L"]
+    print(pd.DataFrame(nulls)[ncols].to_string(index=False))
+    wall = time.perf_counter() - t0
+    if a.write_doc:
+        text = (f"Command: `nice python bench/reference.py --heads {a.heads} --cohorts {a.cohorts} "
+                f"--write-doc`. Machine: {machine} (shared, loaded). Wall {wall:.0f} s.\n\n"
+                f"{a.heads} simulated heads (seeds 101..{100 + a.heads}), each simulated without and "
+                f"with +{EFFECT_PPM} ppm in putamen, thalamus and hippocampus (same seed: same "
+                "values, pose and noise), noise-free (SNR 1e6) and SNR 50, default chain. Shift = "
+                "(planted - unplanted) mean of a non-planted AAL ROI group (L/R rows of frontal, "
+                "temporal, occipital, parietal, cingulum, cerebellum, insula, amygdala, caudate, "
+                "pallidum) as % of the planted effect, mean over heads. Adjacent = >= 5 % of the "
+                f"ROI's AAL voxels within 4 mm of a planted label: {sorted(c for c in ctx.adjacent if c.split('_')[0] not in PLANTED)}.\n\n"
+                + markdown_table(shifts.to_dict("records"), floatfmt=".2f")
+                + "\nCSF reference voxels per run (eroded 2 mm, R2* <= 10/s refinement):\n\n"
+                + markdown_table(csf.to_dict("records"))
+                + "\nNull cohorts (how they are built: `bench/reference.py::null_cohorts`; 8 patients"
+                  " + 8 controls each, 16 Bonferroni-corrected Mann-Whitney tests, alpha 0.05): "
+                  "rate of Bonferroni-significant results per ROI; a non-planted ROI should stay "
+                  "under the upper end of the 95 % binomial band of its nominal rate "
+                  "(alpha / 16).\n\n"
+                + markdown_table([{k: r[k] for k in ncols} for r in nulls], floatfmt=".4f"))
+        update_section("reference", "## Referencing and halo (`bench/reference.py`, issue 14)\n\n" + text)
+    print(f"wall {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
