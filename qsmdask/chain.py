@@ -101,6 +101,11 @@ class ChainConfig:
     this less smoothed default scores nrmse 70 vs COSMOS; plain TV (no Bregman step,
     lambda 1e-3 to 1.5e-3) scores 58-57.6 there but underestimates deep-grey means by
     10-27 %.  See docs/benchmarks.md.
+    tv_mask_data : "tv" fits the field only inside the mask (``tv_admm(mask_data=True)``)
+        instead of taking it as 0 outside. A focal source's field does not stop at the mask
+        edge; forcing it to 0 there makes the inversion add a broad negative halo around
+        every focal increase (measured in ``bench/reference.py``: a deep-nuclei increase
+        moved the cingulum by -3.2 % of itself with False, -0.8 % with True).
     tv_edge_fraction : fraction of the magnitude's strongest gradients left
         unpenalised by "tv" (MEDI-like edge mask; 0 disables).
     phase_sign : +1 for the right-handed convention (positive chi -> positive phase,
@@ -134,6 +139,7 @@ class ChainConfig:
     tv_bregman_iterations: int = 1
     tv_bregman_max_iter: int = 15
     tv_edge_fraction: float = 0.0
+    tv_mask_data: bool = False
     phase_sign: int = 1
     pad_voxels: tuple[int, int, int] = (16, 16, 16)
     fft_workers: int = 1
@@ -172,6 +178,8 @@ class ChainConfig:
             raise ValueError(f"tv_bregman_max_iter must be >= 1, got {self.tv_bregman_max_iter!r}")
         if int(self.tv_max_iter) < 1:
             raise ValueError(f"tv_max_iter must be >= 1, got {self.tv_max_iter!r}")
+        if not isinstance(self.tv_mask_data, (bool, np.bool_)):
+            raise ValueError(f"tv_mask_data must be true or false, got {self.tv_mask_data!r}")
         if not (0 <= self.tv_edge_fraction < 1):
             raise ValueError(f"tv_edge_fraction must be in [0, 1), got {self.tv_edge_fraction!r}")
         if not (0 < self.iterative_tkd_threshold < 2 / 3):
@@ -398,7 +406,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     if cfg.inversion_method == "tv":
         chi = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter,
                                 magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
-                                edge_fraction=cfg.tv_edge_fraction, mask_data=False,
+                                edge_fraction=cfg.tv_edge_fraction, mask_data=bool(cfg.tv_mask_data),
                                 bregman_iterations=cfg.tv_bregman_iterations,
                                 bregman_max_iter=cfg.tv_bregman_max_iter,
                                 pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)

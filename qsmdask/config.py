@@ -47,8 +47,8 @@ class PipelineConfig:
         FWHM in mm of the Gaussian applied to the template-space chi for voxel-wise statistics.
     reference : str
         Which region's median chi is subtracted from every map and ROI value
-        (``qsmdask.reference``): ``"csf"`` (lateral ventricles; default, chosen by
-        ``bench/reference.py``), ``"whole_brain"``, ``"white_matter"``, ``"roi:<atlas ROI group or
+        (``qsmdask.reference``): ``"whole_brain"`` (default, chosen with
+        ``bench/reference.py``), ``"csf"`` (lateral ventricles), ``"white_matter"``, ``"roi:<atlas ROI group or
         label name>"`` or ``"none"``.
     reference_erode_mm : float
         Erosion radius in mm of the reference region (keeps it away from its neighbours).
@@ -65,7 +65,7 @@ class PipelineConfig:
     erode_mm: float = 1.0
     min_voxels: int = 10
     smoothing_fwhm_mm: float = 3.0
-    reference: str = "csf"
+    reference: str = "whole_brain"
     reference_erode_mm: float = 2.0
 
     def __post_init__(self):

@@ -49,7 +49,9 @@ def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api
     assert "inversion_method" in side["Chain"]
     # issue 14: one reference for every map and table, named in every sidecar
     tside = json.loads((out / "sub-01/anat/sub-01_space-MNI152NLin2009aSym_desc-smooth_Chimap.json").read_text())
-    assert side["Reference"] == tside["Reference"] == "csf" and side["ReferenceVoxels"] > 0
+    from qsmdask.config import PipelineConfig
+    default_ref = PipelineConfig().reference
+    assert side["Reference"] == tside["Reference"] == default_ref and side["ReferenceVoxels"] > 0
     assert side["ReferenceValue_ppm"] == tside["ReferenceValue_ppm"]
     assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     assert (out / "sub-01/anat/sub-01_desc-brain_mask.nii.gz").exists()
@@ -57,7 +59,7 @@ def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api
 
     roi = pd.read_parquet(out / "roi")  # the folder reads as one dataset
     assert ROI_COLUMNS | {"reference", "reference_ppm"} <= set(roi.columns)
-    assert (roi["reference"] == "csf").all() and np.isfinite(roi["reference_ppm"]).all()
+    assert (roi["reference"] == default_ref).all() and np.isfinite(roi["reference_ppm"]).all()
     one = roi[roi.participant_id == "sub-01"]
     assert one["reference_ppm"].nunique() == 1
     assert one["reference_ppm"].iloc[0] == pytest.approx(side["ReferenceValue_ppm"])
