@@ -780,6 +780,22 @@ def _section_voxelwise(inp: _Inputs) -> str:
                      "fill this section.")
     alpha = inp.design.alpha
     out = [f"<p>Source: {_esc(perm.get('source', ''))}.</p>"]
+    vpath = Path(inp.output_dir) / "logs" / "qsmdask_voxelwise_config.json"
+    try:
+        vcfg = json.loads(vpath.read_text()) if vpath.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        vcfg = {}
+    ses = vcfg.get("session_id")
+    if ses is None and perm.get("clusters") is not None and "session_id" in perm["clusters"]:
+        ses = next(iter(pd.DataFrame(perm["clusters"])["session_id"].astype(str)), None)
+    if ses is not None:
+        left = "; ".join(d.get("reason", "") for d in vcfg.get("covariates_left_out", []))
+        out.append(f"<p>Session analysed: <b>{_esc(ses or 'single session')}</b>"
+                   + (f" ({_esc(vcfg['session_choice'])})" if vcfg.get("session_choice") else "")
+                   + (f", n = {len(vcfg['subjects'])}" if vcfg.get("subjects") else "")
+                   + (f", covariates {_esc(', '.join(vcfg.get('covariates', [])) or 'none')}"
+                      if "covariates" in vcfg else "")
+                   + (f". Left out: {_esc(left)}" if left else "") + ".</p>")
     t = perm.get("t")
     if t is not None:
         t = np.asarray(t, dtype=np.float32)
