@@ -202,10 +202,10 @@ def shift_table(rows: pd.DataFrame, adjacent: set) -> pd.DataFrame:
         far = [c for c in rois if c not in adjacent]
         near = [c for c in rois if c in adjacent]
         out.append({"noise": noise, "stage": stage,
-                    "non-adjacent max |shift| %": float(mean[far].abs().max()),
+                    "non-adjacent max abs shift %": float(mean[far].abs().max()),
                     "non-adjacent mean shift %": float(mean[far].mean()),
                     "worst non-adjacent": mean[far].abs().idxmax(),
-                    "adjacent max |shift| %": float(mean[near].abs().max()),
+                    "adjacent max abs shift %": float(mean[near].abs().max()),
                     "worst adjacent": mean[near].abs().idxmax(),
                     "frontal L %": float(mean.get("frontal_L", np.nan)),
                     "cingulum L %": float(mean.get("cingulum_L", np.nan)),
@@ -307,7 +307,7 @@ def main(argv=None):
                 f"--write-doc`. Machine: {machine} (shared, loaded). Wall {wall:.0f} s.\n\n"
                 f"{a.heads} simulated heads (seeds 101..{100 + a.heads}), each simulated without and "
                 f"with +{EFFECT_PPM} ppm in putamen, thalamus and hippocampus (same seed: same "
-                "values, pose and noise), noise-free (SNR 1e6) and SNR 50, default chain. Shift = "
+                "values, pose and noise), noise-free (SNR 1e6) and SNR 50, two chains (`tv`: LBV + TV with the field taken as 0 outside the mask, the default; `tv_mask_data`: the TV data term inside the mask only). Shift = "
                 "(planted - unplanted) mean of a non-planted AAL ROI group (L/R rows of frontal, "
                 "temporal, occipital, parietal, cingulum, cerebellum, insula, amygdala, caudate, "
                 "pallidum) as % of the planted effect, mean over heads. Adjacent = >= 5 % of the "

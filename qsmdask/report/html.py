@@ -1140,7 +1140,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                 if ch.tv_bregman_iterations else "")
         s.append(f"Susceptibility was computed by total-variation regularised dipole inversion "
                  f"solved by ADMM {tv_ref} (lambda {ch.tv_lambda:g}, {ch.tv_max_iter} "
-                 f"iterations{breg}).")
+                 f"iterations{breg}"
+                 + ("; the field was fitted inside the mask only" if ch.tv_mask_data else "")
+                 + ").")
     elif ch.inversion_method == "iterative_tkd":
         s.append(f"Susceptibility was computed by the iterative thresholded k-space division of "
                  f"Tang et al. {cite('tang2013')} (threshold {ch.tkd_threshold:g}, "
