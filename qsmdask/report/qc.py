@@ -195,8 +195,7 @@ def qc_figure_object(magnitude, mask, field_ppm, local_field_ppm, chi_ppm, *, vo
     fovs = [_fov(inside, vs, ax_i, shape) for _, ax_i in _VIEWS]
     for r, (name, vol, cmap, norm, unit) in enumerate(rows):
         im = None
-        cm = colormaps[cmap].copy()
-        cm.set_bad(OUTSIDE_MASK_COLOUR)
+        cm = colormaps[cmap].with_extremes(bad=OUTSIDE_MASK_COLOUR)
         for c, (view, ax_i) in enumerate(_VIEWS):
             ax = fig.add_subplot(grid[r, c])
             ext = _extent(shape, vs, ax_i)
