@@ -273,6 +273,7 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
         i += 1
         fut.wait()
         if fut.state.is_completed():
+            stages.update(STAGES[-1])
             done.append(fut.result())
             status = "done"
         else:
