@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +40,13 @@ def group_flow(bids_dir: str, output_dir: str, design: dict | None = None,
 
 
 def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> dict:
+    t0 = time.monotonic()
+
+    def stage(msg):  # progress on the console (and in the run's log file), and in the flow-run log
+        sys.stderr.write(f"  group level: {msg}  (elapsed {time.monotonic() - t0:.0f} s)\n")
+        sys.stderr.flush()
+        log.info(msg)
+
     roi, participants, sessions = load_group_inputs(bids_dir, output_dir, tables_url)
     gd = GroupDesign.from_dict(design) if design else GroupDesign()
     participants = gd.label_groups(participants, source=f"{Path(bids_dir) / 'participants.tsv'}")
@@ -48,6 +57,8 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
     writer.write_run_config(
         {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict(),
          "tables_url": tables_url}, name="qsmdask_group_config.json")
+    stage(f"ROI statistics on {roi[['participant_id', 'session_id']].drop_duplicates().shape[0]} "
+          f"subject-session(s)")
     tables = on_cluster(client, run_group_analysis, roi, participants, sessions, design=gd)
     written = {}
     for name, df in tables.items():
@@ -63,6 +74,8 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
     if vw.pop("enabled", True):
         vw.setdefault("groups", gd.groups)
         opts = VoxelwiseOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in vw.items()})
+        stage(f"{len(tables) - ('skipped' in tables)} table(s) written; voxel-wise analysis with "
+              f"{opts.n_perm} permutations")
         try:
             kwargs = dict(options=opts, atlas=participant_atlas(output_dir), tables_url=tables_url,
                           acquisition={"acq": gd.acq, "run": gd.run}, sessions=sessions)
@@ -83,6 +96,7 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
                                  columns=["test", "reason"])
             tables["skipped"] = pd.concat([tables["skipped"], extra], ignore_index=True)
             written["skipped"] = str(writer.save_group_table("skipped", tables["skipped"]))
+    stage("cohort report")
     report = build_cohort_report(output_dir, bids_dir, tables_url=tables_url)
     log.info("cohort report: %s", report)
     create_markdown_artifact(key="qsmdask-report", markdown=(
