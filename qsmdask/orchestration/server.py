@@ -153,7 +153,7 @@ def recorded_server(home: Path) -> dict | None:
 
 
 # -- the API ---------------------------------------------------------------------------------
-def ensure_prefect_api(*, port: int | None = None, home: Path | None = None, timeout_s: float = 120.0,
+def ensure_prefect_api(*, port: int | None = None, home: Path | None = None, timeout_s: float = 300.0,
                        stop_at_exit: bool = True) -> PrefectAPI:
     """Return a healthy Prefect API and export ``PREFECT_API_URL`` for this process and its children.
 
