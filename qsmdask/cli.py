@@ -259,14 +259,19 @@ class _QuietShutdown(logging.Filter):
 
 
 class _NotOnConsole(logging.Filter):
-    """Prefect's crash report of a flow stopped by Ctrl-C/SIGTERM: the CLI says it in one line
-    (the report stays in the log file and the Prefect UI)."""
+    """Prefect's report of a flow stopped by Ctrl-C/SIGTERM or by an exception: the CLI says it
+    in one line (the report and its traceback stay in the log file and the Prefect UI)."""
 
     def filter(self, record):
+        if not record.name.startswith("prefect.flow_runs"):
+            return True
         msg = record.getMessage()
-        return not (record.name.startswith("prefect") and "Crash detected!" in msg
-                    and ("termination signal" in msg or "interrupted by the user" in msg
-                         or "KeyboardInterrupt" in msg))
+        if "Crash detected!" in msg and ("termination signal" in msg or "interrupted by the user" in msg
+                                         or "KeyboardInterrupt" in msg):
+            return False
+        # a flow's exception: the CLI prints it as one line (the traceback is in the log file)
+        return not (msg.startswith("Encountered exception during execution")
+                    or msg.startswith("Finished in state Failed"))
 
 
 _CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"

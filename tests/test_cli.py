@@ -150,3 +150,24 @@ def test_session_label_selects_sessions(tiny_bids, tmp_path):
     assert sorted(ss.key for ss, _ in plan.todo) == ["sub-01_ses-pre", "sub-02_ses-pre"]
     with pytest.raises(ValueError, match=r"ses-post not found; sessions present: ses-pre"):
         plan_participants(tiny_bids, tmp_path / "out", PipelineConfig(), session_labels=["post"])
+
+
+def test_console_keeps_flow_errors_to_one_line():
+    """Prefect's own report of a failed or interrupted flow (with its traceback) stays off the
+    console: the CLI prints one line, the log file and the Prefect UI keep the report."""
+    import logging
+
+    from qsmdask.cli import _NotOnConsole, _QuietShutdown
+
+    def rec(name, level, msg):
+        return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+    f = _NotOnConsole()
+    assert not f.filter(rec("prefect.flow_runs", logging.ERROR, "Encountered exception during execution: ValueError(...)"))
+    assert not f.filter(rec("prefect.flow_runs", logging.ERROR, "Finished in state Failed('Flow run encountered an exception.')"))
+    assert not f.filter(rec("prefect.flow_runs", logging.ERROR, "Crash detected! Execution was aborted by a termination signal."))
+    assert f.filter(rec("prefect.flow_runs", logging.ERROR, "sub-03 failed at ingest: file truncated"))
+    assert f.filter(rec("qsmdask", logging.ERROR, "Finished in state Failed"))
+    noise = rec("distributed.nanny", logging.WARNING, "Worker process still alive after 4.0 seconds, killing")
+    assert not _QuietShutdown().filter(noise) and noise.levelno == logging.DEBUG
+    assert _QuietShutdown().filter(rec("distributed.nanny", logging.WARNING, "Restarting worker"))

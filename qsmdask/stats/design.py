@@ -265,8 +265,8 @@ class GroupDesign:
             pairs = ", ".join(f"{g}: {v}" for g, v in zip(self.groups, values))
             raise ValueError(
                 f"{source}: column 'group' has value(s) {unmapped} that the design does not map "
-                f"(values found: {found}; the design's groups: {{{pairs}}}); name the two groups in the "
-                f"design file, e.g. groups: {{patient: {found[0]}, control: {found[-1]}}}")
+                f"(values found: {found}; the design's groups: {{{pairs}}}); map the values in the design "
+                f"file, e.g. groups: {{patient: <value>, control: <value>}} with values from {found}")
         out = participants.copy()
         out["group"] = text.map(lambda v: None if v is None or pd.isna(v) else mapping[v])
         return out
