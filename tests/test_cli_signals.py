@@ -144,8 +144,9 @@ def test_dask_dashboard_binds_localhost_by_default(monkeypatch):
     cfg = ClusterConfig.from_env({"QSMDASK_N_WORKERS": "1"})
     kw = task_runner_kwargs(cfg)["cluster_kwargs"]
     assert kw["dashboard_address"] == "127.0.0.1:0"
-    kw.update(processes=False, n_workers=1)
-    kw.pop("memory_limit", None)
+    kw.update(processes=False, n_workers=1)  # in-process workers: the sockets are this process's
+    for k in ("memory_limit", "env"):  # nanny-only options
+        kw.pop(k, None)
     with LocalCluster(**kw) as cluster:
         port = int(cluster.dashboard_link.split(":")[2].split("/")[0])
         addrs = {c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
