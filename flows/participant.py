@@ -114,13 +114,23 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _first_error(futures):
-    """The original exception of the first failed stage of a subject-session's chain."""
-    for fut in futures:
+def _first_error(futures, key: str = ""):
+    """The original exception of the first failed stage of a subject-session's chain.
+
+    A stage that never reached a final state (its Dask client or worker was lost, so the
+    Prefect state stays PENDING or RUNNING) has no result to read: it becomes a
+    :class:`StageError` naming that stage, so the subject-session is one failure row
+    instead of a crash of the whole flow.
+    """
+    for stage, fut in zip(STAGES, futures):
         fut.wait()  # the state then comes from the worker, with its exception attached
         state = fut.state
         if state.is_completed():
             continue
+        if not state.is_final():
+            return wf.StageError(key, stage, RuntimeError(
+                f"the {stage} stage did not finish (Prefect state {state.type.value}): "
+                "its Dask worker or the scheduler connection was lost"))
         res = state.result(raise_on_failure=False)
         if isinstance(res, BaseException):
             return res
@@ -277,7 +287,7 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
             done.append(fut.result())
             status = "done"
         else:
-            row = wf.failure_row(ss, _first_error(futs))
+            row = wf.failure_row(ss, _first_error(futs, ss.key))
             failed.append(row)
             status = f"FAILED at {row['stage']}"
             log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])

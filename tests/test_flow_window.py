@@ -74,3 +74,27 @@ def test_bounded_completion_rejects_empty_window():
     from flows.participant import bounded_completion
     with pytest.raises(ValueError, match="window"):
         list(bounded_completion([(1,)], lambda i: (i, []), 0))
+
+
+class _StateFuture:
+    """Stand-in for a Prefect future whose state is fixed (as after a lost Dask client)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def wait(self):
+        return None
+
+
+def test_unfinished_stage_is_a_failure_row_not_a_flow_crash():
+    """A stage left PENDING (its Dask client disconnected under load, seen in the pods run of
+    issue 17) used to raise ``UnfinishedRun`` out of the flow: it must be one failure row
+    naming the stage."""
+    from prefect.states import Completed, Pending
+
+    from flows.participant import _first_error
+    from qsmdask.workflows.participant import StageError
+    err = _first_error([_StateFuture(Completed(data=1)), _StateFuture(Pending())], "sub-01_ses-pre")
+    assert isinstance(err, StageError)
+    assert err.stage == "reconstruct" and err.key == "sub-01_ses-pre"
+    assert "PENDING" in err.message and "did not finish" in err.message
