@@ -308,9 +308,12 @@ def test_storage_and_secrets_are_references_only(rendered):
     claims = [v["persistentVolumeClaim"]["claimName"] for v in worker["volumes"]
               if "persistentVolumeClaim" in v]
     assert claims == [pvc["metadata"]["name"]]
-    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in worker["containers"][0]["env"]
-            if "valueFrom" in e}
+    env = worker["containers"][0]["env"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
     assert refs == {"qsmdask-object-store"}
+    # the other references are the pod's own fields (the memory limit), never a plain secret
+    assert {k for e in env for k in e.get("valueFrom", {})} <= {"secretKeyRef", "resourceFieldRef", "fieldRef"}
+    assert not [e["name"] for e in env if "value" in e and V.SECRET_NAME_RE.search(e["name"])]
     cm = _one(objs, "ConfigMap")["data"]
     assert not [k for k in cm if V.SECRET_NAME_RE.search(k)]
 

@@ -259,6 +259,19 @@ def _run_tasks(client, calls, max_in_flight):
             f.release()
 
 
+def _selected_rows(store, keys=None) -> tuple:
+    """``(keys, rows)``: the committed stack rows of ``keys`` (default: every committed row,
+    in stack order); a key without a committed row is an error naming the store."""
+    from qsmdask.perm.stack import stack_rows
+    committed = stack_rows(store)
+    if keys is None:
+        keys = sorted(committed, key=committed.get)
+    missing = [k for k in keys if k not in committed]
+    if missing:
+        raise ValueError(f"{store}: no committed row for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return list(keys), np.array([committed[k] for k in keys], dtype=np.int64)
+
+
 def stack_analysis_mask(store, keys=None, *, mask_fraction: float = 0.9, client=None) -> tuple:
     """Rows and voxels of an analysis on a cohort stack.
 
@@ -267,14 +280,7 @@ def stack_analysis_mask(store, keys=None, *, mask_fraction: float = 0.9, client=
     voxels inside at least ``mask_fraction`` of those rows' brain masks.
     """
     import zarr
-    from qsmdask.perm.stack import stack_rows
-    committed = stack_rows(store)
-    if keys is None:
-        keys = sorted(committed, key=committed.get)
-    missing = [k for k in keys if k not in committed]
-    if missing:
-        raise ValueError(f"{store}: no committed row for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    rows = np.array([committed[k] for k in keys], dtype=np.int64)
+    keys, rows = _selected_rows(store, keys)
     root = zarr.open_group(store, mode="r")
     v = root["data"].shape[1]
     vb = int(root.attrs["voxel_block"])
@@ -283,7 +289,7 @@ def stack_analysis_mask(store, keys=None, *, mask_fraction: float = 0.9, client=
     for k, part in _run_tasks(client, calls, 16):
         c0 = calls[k][1][2]
         cover[c0:c0 + part.size] = part
-    return rows, list(keys), cover >= float(mask_fraction) * rows.size
+    return rows, keys, cover >= float(mask_fraction) * rows.size
 
 
 def permutation_test_stack(store, design: Design, *, keys=None, voxel_keep=None, client=None,
@@ -323,7 +329,6 @@ def permutation_test_stack(store, design: Design, *, keys=None, voxel_keep=None,
     import zarr
     from qsmdask.perm.cluster import cluster_threshold_t, connectivity_structure
     from qsmdask.perm.permute import PreparedModel
-    from qsmdask.perm.stack import stack_rows
     from qsmdask.perm.tfce import neighbour_pairs
 
     glm_only = int(n_perm) == 0
@@ -335,15 +340,9 @@ def permutation_test_stack(store, design: Design, *, keys=None, voxel_keep=None,
     stack_mask = np.asarray(root["mask"][...], dtype=bool)
     affine = root.attrs.get("affine")
     affine = None if affine is None else np.asarray(affine)
-    committed = stack_rows(store)
-    if keys is None:
-        keys = sorted(committed, key=committed.get)
-    missing = [k for k in keys if k not in committed]
-    if missing:
-        raise ValueError(f"{store}: no committed row for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    keys, rows = _selected_rows(store, keys)
     if len(keys) != design.n_subjects:
         raise ValueError(f"design has {design.n_subjects} rows but {len(keys)} keys were selected")
-    rows = np.array([committed[k] for k in keys], dtype=np.int64)
     v_stack = root["data"].shape[1]
     vb = int(root.attrs["voxel_block"])
     keep = np.ones(v_stack, bool) if voxel_keep is None else np.asarray(voxel_keep, dtype=bool)
