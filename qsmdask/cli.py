@@ -55,6 +55,22 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _terminated_inside(exc: BaseException) -> bool:
+    """Whether ``exc`` is Prefect's SIGTERM in disguise.
+
+    During a flow Prefect's own SIGTERM handler raises ``TerminationSignal``; when the signal
+    lands inside serialisation (pydantic) it comes back wrapped in another error, and only its
+    name survives in the message. Such an error is a termination, not a failure.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "TerminationSignal" or "TerminationSignal" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _existing_dir(s: str) -> Path:
     p = Path(s)
     if not p.is_dir():
@@ -630,6 +646,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         return _interrupted(args, e)
     except Exception as e:  # one clear line; the traceback only with --debug
+        if _terminated_inside(e):
+            return _interrupted(args, Terminated())
         if args.debug:
             raise
         print(f"qsmdask: error: {e}", file=sys.stderr)

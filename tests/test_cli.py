@@ -171,3 +171,20 @@ def test_console_keeps_flow_errors_to_one_line():
     noise = rec("distributed.nanny", logging.WARNING, "Worker process still alive after 4.0 seconds, killing")
     assert not _QuietShutdown().filter(noise) and noise.levelno == logging.DEBUG
     assert _QuietShutdown().filter(rec("distributed.nanny", logging.WARNING, "Restarting worker"))
+
+
+def test_prefect_termination_wrapped_in_another_error_is_a_termination():
+    """SIGTERM landing inside pydantic serialisation reaches the CLI as
+    "Error calling function `_ser_model`: TerminationSignal": exit 143, not 1."""
+    from prefect.exceptions import TerminationSignal
+
+    from qsmdask.cli import _terminated_inside
+    assert _terminated_inside(RuntimeError("Error calling function `_ser_model`: TerminationSignal: "))
+    try:
+        try:
+            raise TerminationSignal(signal=15)
+        except TerminationSignal as inner:
+            raise ValueError("serialisation failed") from inner
+    except ValueError as outer:
+        assert _terminated_inside(outer)
+    assert not _terminated_inside(ValueError("sub-01: phase file truncated"))

@@ -202,7 +202,9 @@ def test_sigterm_mid_run_cleans_up_and_exits_143(sim_cohort, tmp_path):
     port = _free_port()
     cmd = [sys.executable, "-m", "qsmdask.cli", "run", str(sim_cohort), str(out), "participant",
            "--nprocs", "1", "--prefect-port", str(port)]
-    p = subprocess.Popen(cmd, env=_env(QSMDASK_PREFECT_HOME=str(tmp_path / "home")), text=True,
+    # PREFECT_LOGGING_LEVEL as a user has it (the CLI's INFO default; conftest sets WARNING)
+    p = subprocess.Popen(cmd, env=_env(QSMDASK_PREFECT_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="INFO"),
+                         text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)

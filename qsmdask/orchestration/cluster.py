@@ -103,6 +103,17 @@ class ClusterConfig:
         return None
 
 
+def _worker_log_level() -> int:
+    """Console level of the local Dask workers' own logs.
+
+    Their stderr is the console. A subject-session's failure already reaches the failure table
+    and the Prefect UI, so the workers' teardown chatter when a run is stopped (cancelled
+    tasks, heartbeats to a closed scheduler) stays off the console: CRITICAL only, unless this
+    process logs at DEBUG (``--debug``), where WARNING and above are shown as before.
+    """
+    return logging.WARNING if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.CRITICAL
+
+
 def task_runner_kwargs(cfg: ClusterConfig) -> dict:
     """Keyword arguments of ``prefect_dask.DaskTaskRunner`` for ``cfg``."""
     if cfg.kind == "address":
@@ -119,7 +130,8 @@ def task_runner_kwargs(cfg: ClusterConfig) -> dict:
                                                       "--resources", f"{MEMORY_RESOURCE}={memory}"]},
                 "adapt_kwargs": {"minimum": cfg.adapt_min, "maximum": cfg.adapt_max}}
     kwargs = {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
-              "processes": cfg.processes, "dashboard_address": cfg.dashboard_address, "silence_logs": logging.WARNING,
+              "processes": cfg.processes, "dashboard_address": cfg.dashboard_address,
+              "silence_logs": _worker_log_level(),
               "resources": {MEMORY_RESOURCE: memory}}
     if cfg.processes:
         kwargs["memory_limit"] = memory
