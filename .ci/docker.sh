@@ -6,7 +6,7 @@
 # (.ci/pods.py: PostgreSQL, Prefect server, Dask scheduler, two workers, the flow-run Job
 # rendered by prefect-kubernetes; a cohort through both levels with a worker killed mid-run).
 #
-# Runs as root on a Debian 12 machine (see docs in /work/shared/ENGINEERING.md, "Docker on
+# Runs as root on a Debian 12 machine (see ../shared/ENGINEERING.md, "Docker on
 # these machines"). Starts its own Docker engine unless one answers already, and stops the
 # engine it started by PID on exit, also on failure.
 #

@@ -193,7 +193,7 @@ def _one_acquisition_per_subject(keys: list[str], acq=None, run="lowest") -> lis
 def update_voxelwise_stack(output_dir, *, client=None) -> tuple[str, dict]:
     """Add or replace every subject-session's template-space map in the cohort stack.
 
-    The stack (``OUTPUT_DIR/work/voxelwise_stack.zarr``) is keyed by subject-session and
+    The stack (``voxelwise_stack.zarr`` in the work folder of OUTPUT_DIR) is keyed by subject-session and
     chunked by subject blocks x voxel blocks; one task per changed subject block writes it
     (on the Dask ``client`` when given), so the cohort is never held in memory and a rerun
     writes only new or changed subject-sessions. Returns (store, update summary).
