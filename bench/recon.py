@@ -225,30 +225,9 @@ def _corr(a, b, m):
 
 def _head(seed, tmp):
     """Simulate one head and reconstruct it with every HEAD_CHAINS entry: rows of scores."""
-    import json
-
-    import pandas as pd
-
-    from qsmdask.io.nifti import load_nifti
-    from qsmdask.kernels import b0_direction_from_affine, voxel_size_from_affine
-    from qsmdask.sim.cohort import simulate_cohort
-
-    root = Path(tmp) / f"seed{seed}"
-    simulate_cohort(root, n_subjects=1, seed=seed, n_sessions=1, t1w=False)
-    anat = root / "sub-01" / "anat"
-    mags, phs, tes = [], [], []
-    for e in (1, 2, 3):
-        mag, aff = load_nifti(anat / f"sub-01_echo-{e}_part-mag_MEGRE.nii.gz")[:2]
-        mags.append(mag)
-        phs.append(load_nifti(anat / f"sub-01_echo-{e}_part-phase_MEGRE.nii.gz")[0])
-        tes.append(json.loads((anat / f"sub-01_echo-{e}_part-phase_MEGRE.json").read_text())["EchoTime"])
-    truth = root / "derivatives" / "qsmdask-sim" / "sub-01" / "anat"
-    chi_t = load_nifti(truth / "sub-01_desc-truth_Chimap.nii.gz")[0]
-    local_t = load_nifti(truth / "sub-01_desc-truthlocal_fieldmap.nii.gz")[0]
-    dseg = load_nifti(truth / "sub-01_desc-truth_dseg.nii.gz")[0].astype(int)
-    table = pd.read_csv(root / "derivatives" / "qsmdask-sim" / "tissue_table.tsv", sep="\t")
-    mag, ph = np.stack(mags, -1).astype(np.float32), np.stack(phs, -1).astype(np.float32)
-    vs, b0 = voxel_size_from_affine(aff), b0_direction_from_affine(aff)
+    h = _load_head(seed, tmp)
+    mag, ph, tes, vs, b0 = h["mag"], h["phase"], list(h["te"]), h["vs"], h["b0"]
+    chi_t, local_t, dseg, table = h["chi"], h["local"], h["dseg"], h["table"]
     rows = []
     for name, cfg in HEAD_CHAINS.items():
         t0 = time.perf_counter()
@@ -290,7 +269,8 @@ def bench_heads(quick: bool):
 
 # ------------------------------------------------------------------ section recon-robustness
 def _load_head(seed, tmp):
-    """One simulator head (simulate_cohort, 2 mm, TE 4/12/20 ms): inputs and truth."""
+    """One simulator head (simulate_cohort, 2 mm, TE 4/12/20 ms): inputs and truth (chi, local
+    field, brain mask, labels with their tissue table, and the tissue regions of >= 20 voxels)."""
     import json
 
     import pandas as pd
@@ -319,7 +299,9 @@ def _load_head(seed, tmp):
     return {"mag": np.stack(mags, -1).astype(np.float32), "phase": np.stack(phs, -1).astype(np.float32),
             "te": np.asarray(tes), "vs": voxel_size_from_affine(aff), "b0": b0_direction_from_affine(aff),
             "chi": load_nifti(truth / "sub-01_desc-truth_Chimap.nii.gz")[0],
-            "brain": load_nifti(truth / "sub-01_desc-truth_mask.nii.gz")[0] > 0, "rois": rois}
+            "brain": load_nifti(truth / "sub-01_desc-truth_mask.nii.gz")[0] > 0, "rois": rois,
+            "local": load_nifti(truth / "sub-01_desc-truthlocal_fieldmap.nii.gz")[0],
+            "dseg": dseg, "table": table}
 
 
 def _head_scores(h, r):

@@ -80,11 +80,9 @@ def _standardise(mode, mag, mag_img, t1, t1_img, brain, seed=1):
     raise ValueError(f"mode must be syn-1mm, syn, affine, direct or direct-fast, got {mode!r}")
 
 
-def run_repro(mode: str, bids: str, seed) -> dict:
-    """One registration for the determinism comparison: time and a hash of its results."""
-    import hashlib
-    import resource
-
+def _load_subject(bids):
+    """The simulated ``sub-01``: first magnitude image, magnitudes of all echoes (x, y, z, echo),
+    T1w image and data, and its truth folder under ``derivatives/qsmdask-sim``."""
     import nibabel as nib
     import numpy as np
 
@@ -94,8 +92,18 @@ def run_repro(mode: str, bids: str, seed) -> dict:
     mag_img = nib.load(mags[0])
     mag = np.stack([nib.load(p).get_fdata(dtype=np.float32) for p in mags], axis=-1)
     t1_img = nib.load(next(anat.glob("*_T1w.nii.gz")))
-    t1 = t1_img.get_fdata(dtype=np.float32)
-    deriv = root / "derivatives" / "qsmdask-sim" / "sub-01" / "anat"
+    return mag_img, mag, t1_img, t1_img.get_fdata(dtype=np.float32), root / "derivatives" / "qsmdask-sim" / "sub-01" / "anat"
+
+
+def run_repro(mode: str, bids: str, seed) -> dict:
+    """One registration for the determinism comparison: time and a hash of its results."""
+    import hashlib
+    import resource
+
+    import nibabel as nib
+    import numpy as np
+
+    mag_img, mag, t1_img, t1, deriv = _load_subject(bids)
     brain = np.asarray(nib.load(next(deriv.glob("*desc-truth_mask.nii.gz"))).dataobj) > 0
 
     def cpu_s():
@@ -164,14 +172,7 @@ def run_mode(mode: str, bids: str) -> dict:
     from qsmdask.atlas import load_atlas
     from qsmdask.roi import roi_statistics
 
-    root = Path(bids)
-    anat = root / "sub-01" / "anat"
-    mags = sorted(anat.glob("*part-mag_MEGRE.nii.gz"))
-    mag_img = nib.load(mags[0])
-    mag = np.stack([nib.load(p).get_fdata(dtype=np.float32) for p in mags], axis=-1)
-    t1_img = nib.load(next(anat.glob("*_T1w.nii.gz")))
-    t1 = t1_img.get_fdata(dtype=np.float32)
-    deriv = root / "derivatives" / "qsmdask-sim" / "sub-01" / "anat"
+    mag_img, mag, t1_img, t1, deriv = _load_subject(bids)
     truth_lab = np.asarray(nib.load(next(deriv.glob("*desc-truth_dseg.nii.gz"))).dataobj).astype(np.int32)
     truth_chi = np.asarray(nib.load(next(deriv.glob("*desc-truth_Chimap.nii.gz"))).dataobj, dtype=np.float32)
     brain = np.asarray(nib.load(next(deriv.glob("*desc-truth_mask.nii.gz"))).dataobj) > 0
