@@ -87,7 +87,8 @@ def test_interrupted_block_is_rewritten_on_rerun(cohort):
     assert len(stack_rows(store)) == 16
 
 
-def test_stack_inference_equals_in_memory(cohort):
+@pytest.mark.parametrize("scheme", ["huh_jhun", "freedman_lane"])
+def test_stack_inference_equals_in_memory(cohort, scheme):
     """GLM, parametric maps, max-T, cluster and TFCE from voxel blocks == the in-memory path."""
     store, keys, seeds, design = cohort
     rows, sel_keys, keep = stack_analysis_mask(store, keys, mask_fraction=0.9)
@@ -97,8 +98,9 @@ def test_stack_inference_equals_in_memory(cohort):
     mask[1, 1, 1] = False
     y = np.stack([m[mask] for m in maps])
     opts = dict(n_perm=96, seed=5, inference=("voxel", "cluster", "tfce"), cluster_p=0.01,
-                min_cluster_voxels=2, batch_size=16, tfce_dh=0.25)
+                min_cluster_voxels=2, batch_size=16, tfce_dh=0.25, scheme=scheme)
     ref = permutation_test(y, design, mask=mask, **opts)
+    assert ref.options.scheme == scheme
     got = permutation_test_stack(store, design, keys=keys, voxel_keep=keep, perm_block=40, **opts)
     np.testing.assert_array_equal(got.mask, mask)
     t_ref, dof = glm_t(y, design)
@@ -116,8 +118,10 @@ def test_stack_inference_equals_in_memory(cohort):
     np.testing.assert_array_equal(got.cluster_labels, ref.cluster_labels)
     assert not any(k.startswith("scratch") for k in zarr.open_group(store, mode="r").array_keys())
     # max-T only: the voxel blocks run the stacked max-T kernel
-    ref_v = permutation_test(y, design, mask=mask, n_perm=96, seed=5, batch_size=16)
-    got_v = permutation_test_stack(store, design, keys=keys, voxel_keep=keep, n_perm=96, seed=5, batch_size=16)
+    ref_v = permutation_test(y, design, mask=mask, n_perm=96, seed=5, batch_size=16, scheme=scheme)
+    got_v = permutation_test_stack(store, design, keys=keys, voxel_keep=keep, n_perm=96, seed=5, batch_size=16,
+                                   scheme=scheme)
+    assert got_v.options.scheme == scheme
     np.testing.assert_allclose(got_v.null["max_t"], ref_v.null["max_t"], atol=1e-6, rtol=1e-6)
     np.testing.assert_array_equal(got_v.null["count_unc"], ref_v.null["count_unc"])
     np.testing.assert_allclose(got_v.logp_fwe_t, ref_v.logp_fwe_t, atol=1e-6)
@@ -190,18 +194,33 @@ def test_run_voxelwise_stacks_once_and_matches_in_memory(tmp_path):
     assert np.all(t[~mask] == 0)
 
 
-def test_voxel_block_preparation_is_linear_in_subjects():
-    """A voxel-block task holds O(n x V), not the n x (n - k) complement basis of prepare_model
-    (9.8 GB of float64 at 35,000 subject-sessions)."""
+@pytest.mark.parametrize("scheme", ["freedman_lane", "huh_jhun"])
+def test_voxel_block_preparation_is_linear_in_subjects(scheme):
+    """A voxel-block task holds O(n x V), not the n x (n - k) complement basis of the in-memory
+    Freedman-Lane preparation (9.8 GB of float64 at 35,000 subject-sessions); Huh-Jhun uses the
+    k Householder reflectors of the nuisance space, in memory and in the blocks alike."""
     from qsmdask.perm.distributed import _prepare_block
     from qsmdask.perm.permute import PermutationOptions, prepare_model
     rng = np.random.default_rng(3)
     n, v = 400, 50
     y = rng.standard_normal((n, v)).astype(np.float32)
     design = two_group_design(np.arange(n) % 2, covariates={"age": rng.normal(60, 8, n)})
-    opts = PermutationOptions(n_perm=10)
+    opts = PermutationOptions(n_perm=10, scheme=scheme)
     block = _prepare_block(y, design, opts)
-    assert block.complement is None and block.residuals.shape == (n, v)
     ref = prepare_model(y, design, mask=np.ones((v, 1, 1), bool), options=opts)
-    assert ref.complement is not None and ref.complement.shape[0] == n  # the n^2 object avoided
+    assert block.complement is None
+    if scheme == "freedman_lane":
+        assert block.residuals.shape == (n, v)
+        assert ref.complement is not None and ref.complement.shape[0] == n  # the n^2 object avoided
+    else:
+        assert block.residuals.shape == (n - 2, v) and ref.complement is None
+        np.testing.assert_array_equal(block.residuals, ref.residuals)
     np.testing.assert_allclose(block.t_obs, ref.t_obs, atol=1e-5)
+
+
+def test_voxelwise_options_scheme():
+    from qsmdask.workflows.voxelwise import VoxelwiseOptions
+    assert VoxelwiseOptions().scheme == "huh_jhun"
+    assert VoxelwiseOptions(scheme="freedman_lane").scheme == "freedman_lane"
+    with pytest.raises(ValueError, match="voxelwise scheme must be one of"):
+        VoxelwiseOptions(scheme="kennedy")

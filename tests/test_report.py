@@ -430,3 +430,13 @@ def test_citation_cff_matches_the_package():
         assert cff.get(key), key
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert str(cff["version"]) == project["version"] and cff["license"] == "BSD-3-Clause"
+
+
+def test_methods_paragraph_names_the_permutation_scheme():
+    from qsmdask.report.references import REFERENCES
+
+    hj, cited = methods_paragraph(None, voxelwise=True)
+    assert "Huh-Jhun" in hj and "Freedman-Lane" not in hj and "huh2001" in cited
+    fl, cited = methods_paragraph(None, voxelwise=True, voxelwise_scheme="freedman_lane")
+    assert "Freedman-Lane" in fl and "Huh-Jhun" not in fl and "freedman1983" in cited
+    assert REFERENCES["huh2001"].startswith("Huh MH, Jhun M (2001)")

@@ -1,4 +1,4 @@
-"""Voxel-wise permutation inference (GLM, Freedman-Lane, max-T / cluster / TFCE FWE).
+"""Voxel-wise permutation inference (GLM, Huh-Jhun or Freedman-Lane, max-T / cluster / TFCE FWE).
 
 Numerics are pure numpy/scipy; the Dask fan-out lives in
 :mod:`qsmdask.perm.distributed`.

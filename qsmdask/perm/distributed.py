@@ -13,7 +13,7 @@ import numpy as np
 from qsmdask.perm.glm import Design
 from qsmdask.perm.permute import (NullAccumulator, PermutationOptions, PermutationResult, batch_sizes,
                                   finalize, null_batches, prepare_model,
-                                  product_group_batches)
+                                  product_group_batches, resolve_scheme)
 
 __all__ = ["permutation_test_dask", "permutation_test_stack", "stack_analysis_mask"]
 
@@ -40,7 +40,8 @@ def permutation_test_dask(data, design: Design, *, mask=None, client=None, n_per
                           cluster_p: float = 0.005, min_cluster_voxels: int = 10,
                           connectivity: int = 6, tfce_E: float = 0.5, tfce_H: float = 2.0,
                           tfce_dh="auto", batch_size: int = 32, batches_per_task: int = 4,
-                          affine=None, atlas=None, atlas_names=None) -> PermutationResult:
+                          affine=None, atlas=None, atlas_names=None,
+                          scheme: str | None = None) -> PermutationResult:
     """Permutation test distributed over a Dask cluster (same result as ``permutation_test``).
 
     Parameters
@@ -73,7 +74,8 @@ def permutation_test_dask(data, design: Design, *, mask=None, client=None, n_per
     options = PermutationOptions(n_perm=n_perm, seed=seed, batch_size=batch_size, two_sided=two_sided,
                                  inference=inference, cluster_p=cluster_p,
                                  min_cluster_voxels=min_cluster_voxels, connectivity=connectivity,
-                                 tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh)
+                                 tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh,
+                                 scheme=resolve_scheme(design, scheme))
     y = _load(data)
     prepared = prepare_model(y, design, mask=mask, options=options)
     del y
@@ -128,18 +130,31 @@ def _coverage_task(store, rows, c0, c1):
 
 
 def _prepare_block(y, design, options):
-    """:func:`qsmdask.perm.permute.prepare_model` of one voxel block, residuals kept in subject
-    coordinates (``complement=None``).
+    """:func:`qsmdask.perm.permute.prepare_model` of one voxel block without an n x n object.
 
-    ``prepare_model`` expresses the residuals in an orthonormal basis Q (n x (n - k)) of the
-    complement of the nuisance space: n^2 float64 (800 MB at 10,000 subjects, 9.8 GB at
-    35,000) and an O(n^2 k) decomposition in every task. Here ``R = (I - H_Z) Y`` (n x V)
-    is used as is, which the kernel supports (same t; memory O(n V)).
+    Freedman-Lane: ``prepare_model`` expresses the residuals in an orthonormal basis Q
+    (n x (n - k)) of the complement of the nuisance space: n^2 float64 (800 MB at 10,000
+    subjects, 9.8 GB at 35,000) and an O(n^2 k) decomposition in every task. Here
+    ``R = (I - H_Z) Y`` (n x V) is used as is, which the kernel supports (same t; memory
+    O(n V)). Huh-Jhun: the reduced-space data come from the k Householder reflectors of Z
+    (O(n k V), the same Q as in memory), so the block is already (n - k) x V.
     """
     from scipy import linalg
 
     from qsmdask.perm.cluster import cluster_threshold_t
-    from qsmdask.perm.permute import PreparedModel, _nuisance_and_basis, batch_t
+    from qsmdask.perm.permute import PreparedModel, _nuisance_and_basis, batch_t, huh_jhun_model
+    scheme = resolve_scheme(design, options.scheme)
+    if scheme == "huh_jhun":
+        w, ss, x = huh_jhun_model(y, design)
+        v = w.shape[1]
+        prepared = PreparedModel(residuals=w, basis=x, ss=ss, dof=design.dof, design=design,
+                                 coords=np.zeros((v, 3), np.int32), t_obs=np.zeros(0, np.float32),
+                                 cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
+                                                               two_sided=options.two_sided),
+                                 scheme=scheme)
+        prepared.floor = (np.float32(1e-12) * ss + np.float32(1e-30)).astype(np.float32)
+        prepared.t_obs = batch_t(prepared, np.arange(prepared.n_exchangeable)[None, :])[0]
+        return prepared
     z, basis = _nuisance_and_basis(design)
     r = np.array(y, dtype=np.float64)
     if z.shape[1]:
@@ -156,7 +171,7 @@ def _prepare_block(y, design, options):
                              design=design, coords=np.zeros((v, 3), np.int32), t_obs=np.zeros(0, np.float32),
                              cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
                                                            two_sided=options.two_sided),
-                             complement=None)
+                             complement=None, scheme=scheme)
     prepared.floor = (np.float32(1e-12) * ss + np.float32(1e-30)).astype(np.float32)
     ident = np.arange(design.n_subjects)[None, :]
     prepared.t_obs = batch_t(prepared, ident if not design.sign_flip else np.ones_like(ident, np.float32))[0]
@@ -197,7 +212,8 @@ def _voxel_block_task(store, rows, c0, c1, keep, design, options, glm_only, scra
         buf = np.zeros((perm_block, c1 - c0), np.float32)
         p0 = filled = 0
         for i, b in enumerate(sizes):  # the permutations of null_batch, t kept for the cluster pass
-            perms = random_permutations(design, b, np.random.default_rng((int(options.seed), i)))
+            perms = random_permutations(design, b, np.random.default_rng((int(options.seed), i)),
+                                        size=prepared.n_exchangeable)
             t = batch_t(prepared, perms)
             stat = np.abs(t) if options.two_sided else t
             acc.add(i, {"max_t": stat.max(axis=1).astype(np.float64),
@@ -298,7 +314,7 @@ def permutation_test_stack(store, design: Design, *, keys=None, voxel_keep=None,
                            min_cluster_voxels: int = 10, connectivity: int = 6, tfce_E: float = 0.5,
                            tfce_H: float = 2.0, tfce_dh="auto", batch_size: int = 32,
                            perm_block: int | None = None, max_in_flight: int = 16, scratch=None,
-                           atlas=None, atlas_names=None) -> PermutationResult:
+                           atlas=None, atlas_names=None, scheme: str | None = None) -> PermutationResult:
     """Permutation test on a cohort stack, out of core: one Dask task per voxel block.
 
     Each task reads its voxel block of the selected rows (``n x voxel_block`` float32),
@@ -335,7 +351,8 @@ def permutation_test_stack(store, design: Design, *, keys=None, voxel_keep=None,
     options = PermutationOptions(n_perm=max(int(n_perm), 1), seed=seed, batch_size=batch_size,
                                  two_sided=two_sided, inference=("voxel",) if glm_only else inference,
                                  cluster_p=cluster_p, min_cluster_voxels=min_cluster_voxels,
-                                 connectivity=connectivity, tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh)
+                                 connectivity=connectivity, tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh,
+                                 scheme=resolve_scheme(design, scheme))
     root = zarr.open_group(store, mode="r")
     stack_mask = np.asarray(root["mask"][...], dtype=bool)
     affine = root.attrs.get("affine")

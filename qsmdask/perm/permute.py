@@ -1,4 +1,20 @@
-"""Freedman-Lane permutation inference for a GLM t contrast, batched as matrix products.
+"""Permutation inference for a GLM t contrast (Huh-Jhun or Freedman-Lane), batched as matrix products.
+
+Two schemes (``scheme``), both exact for Gaussian errors and recommended by Winkler et
+al. (2014, Table 2) for designs with nuisance regressors:
+
+- ``"huh_jhun"`` (default for designs without exchangeability blocks or sign flipping):
+  the data are projected once onto an orthonormal basis ``Q`` (n x m, ``m = n - rank(Z)``)
+  of the complement of the nuisance space, ``W = Q' Y`` and ``x = Q' a``; in that space
+  the model has no nuisance left and the permutations ``P`` (m x m) act on ``W``. With the
+  columns of ``W`` and ``x`` of unit norm, ``g = (P x)' W_v`` is a correlation and
+  ``t = sqrt(dof) g / sqrt(1 - g^2)`` (``dof = m - 1 = n - rank(X)``): one row of length
+  ``m`` per permutation, and max-T per permutation is a function of ``max_v |g_v|``.
+  ``Q`` is fixed deterministically (the Householder QR of ``Z``), so runs are reproducible;
+  the identity permutation gives the ordinary GLM t map. The reduced space has no
+  subjects, so exchangeability blocks cannot be respected, and sign flips there are exact
+  only for Gaussian errors: those designs use Freedman-Lane.
+- ``"freedman_lane"``, below.
 
 Model ``Y = X b + e`` with contrast ``c``. The design is re-partitioned into
 the effect of interest ``a = X (X'X)^-1 c`` and nuisance ``Z = X N`` with
@@ -40,6 +56,8 @@ Freedman D, Lane D (1983). A nonstochastic interpretation of reported
 significance levels. J Bus Econ Stat 1:292-298.
 Winkler AM et al. (2014). Permutation inference for the general linear model.
 NeuroImage 92:381-397.
+Huh MH, Jhun M (2001). Random permutation testing in multiple linear regression.
+Commun Stat Theory Methods 30:2023-2032.
 Nichols TE, Holmes AP (2002). Nonparametric permutation tests for functional
 neuroimaging. Hum Brain Mapp 15:1-25.
 """
@@ -60,6 +78,8 @@ from qsmdask.perm.tfce import neighbour_pairs, tfce_values
 
 __all__ = [
     "PermutationOptions",
+    "SCHEMES",
+    "resolve_scheme",
     "PreparedModel",
     "PermutationResult",
     "prepare_model",
@@ -78,9 +98,39 @@ __all__ = [
     "finalize",
     "permutation_test",
     "batch_sizes",
+    "hj_null_block",
+    "hj_threshold",
+    "hj_to_t",
+    "householder_reflectors",
+    "reduce_to_complement",
+    "huh_jhun_model",
 ]
 
 INFERENCES = ("voxel", "cluster", "tfce")
+SCHEMES = ("huh_jhun", "freedman_lane")
+
+
+def resolve_scheme(design: Design, scheme: str | None = None) -> str:
+    """The permutation scheme used for ``design``: ``scheme``, or by default ``"huh_jhun"``
+    for designs whose subjects are all exchangeable and ``"freedman_lane"`` for designs
+    with exchangeability blocks or sign flipping.
+
+    ``"huh_jhun"`` permutes the rows of the data projected on the complement of the nuisance
+    space, which are not subjects: it cannot respect exchangeability blocks, and sign flips
+    there are exact only for Gaussian errors (sign-flip designs are chosen for symmetric,
+    non-Gaussian ones), so both are refused.
+    """
+    if scheme is None:
+        return "freedman_lane" if (design.sign_flip or design.blocks is not None) else "huh_jhun"
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme == "huh_jhun" and design.blocks is not None:
+        raise ValueError("scheme 'huh_jhun' permutes in the reduced space, where exchangeability blocks "
+                         "have no meaning: use scheme='freedman_lane' for a design with blocks")
+    if scheme == "huh_jhun" and design.sign_flip:
+        raise ValueError("scheme 'huh_jhun' sign flips in the reduced space are exact only for Gaussian "
+                         "errors: use scheme='freedman_lane' for a sign-flipping (one-sample/paired) design")
+    return scheme
 
 
 @dataclass(frozen=True)
@@ -96,6 +146,7 @@ class PermutationOptions:
     min_cluster_voxels : clusters smaller than this are ignored (observed and null).
     connectivity : 6, 18 or 26.
     tfce_E, tfce_H, tfce_dh : TFCE parameters (dh "auto" = max/100).
+    scheme : "huh_jhun", "freedman_lane" or None (the design's default, :func:`resolve_scheme`).
     """
 
     n_perm: int = 5000
@@ -109,8 +160,11 @@ class PermutationOptions:
     tfce_E: float = 0.5
     tfce_H: float = 2.0
     tfce_dh: object = "auto"
+    scheme: str | None = None
 
     def __post_init__(self):
+        if self.scheme is not None and self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES} or None, got {self.scheme!r}")
         if int(self.n_perm) != self.n_perm or self.n_perm < 1:
             raise ValueError(f"n_perm must be a positive integer, got {self.n_perm!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
@@ -139,7 +193,8 @@ class PreparedModel:
     """Everything a permutation batch needs (picklable, shipped once to Dask workers)."""
 
     residuals: np.ndarray   # (m, V) float32, reduced-model residuals W = Q' R (scaled per voxel)
-    basis: np.ndarray       # (n, p) float32, orthonormal basis U of span(X), U[:,0] = a/|a|
+    basis: np.ndarray       # (n, p) float32, orthonormal basis U of span(X), U[:,0] = a/|a|;
+                            # huh_jhun: (m, 1), the tested effect Q' a / |Q' a| in the reduced space
     ss: np.ndarray          # (V,) float32, ||W||^2 = ||R||^2 per voxel
     dof: int
     design: Design
@@ -149,6 +204,12 @@ class PreparedModel:
     pairs: np.ndarray | None = None  # neighbour pairs for TFCE (None unless TFCE requested)
     floor: np.ndarray | None = None  # (V,) float32 lower bound of the residual sum of squares
     complement: np.ndarray | None = None  # (n, m) float64 orthonormal Q (None: identity, m = n)
+    scheme: str = "freedman_lane"
+
+    @property
+    def n_exchangeable(self) -> int:
+        """Length of a permutation: subjects (Freedman-Lane) or reduced-space rows (Huh-Jhun)."""
+        return self.basis.shape[0]
 
 
 def _as_data(data, design: Design):
@@ -196,6 +257,70 @@ def _nuisance_and_basis(design: Design):
     return z, basis
 
 
+def householder_reflectors(z) -> list:
+    """Unit Householder vectors ``v_j`` (length ``n - j``) of the QR decomposition of ``z`` (n x k).
+
+    ``H_j = I - 2 v_j v_j'`` (acting on rows ``j:``); the last ``n - k`` columns of
+    ``H_1 ... H_k`` are an orthonormal basis ``Q`` of the complement of ``span(z)``, fixed
+    by ``z`` (no sign or rotation freedom left), so the Huh-Jhun reduced space is reproducible.
+    """
+    a = np.array(z, dtype=np.float64, copy=True)
+    n, k = a.shape
+    vs = []
+    for j in range(k):
+        x = a[j:, j]
+        v = x.copy()
+        v[0] += np.copysign(np.linalg.norm(x), x[0] if x[0] != 0 else 1.0)
+        nv = np.linalg.norm(v)
+        if nv == 0:
+            raise ValueError("nuisance regressors are collinear")
+        v /= nv
+        a[j:, j:] -= 2.0 * np.outer(v, v @ a[j:, j:])
+        vs.append(v)
+    return vs
+
+
+def reduce_to_complement(reflectors, y, *, column_block: int = 2048) -> np.ndarray:
+    """``Q' y`` ((n - k) x V float64) for ``Q`` of :func:`householder_reflectors`, in O(n k V)
+    without forming ``Q`` (n x n float64 would be 9.8 GB at 35,000 subjects); temporaries are
+    bounded by ``column_block`` columns."""
+    return _householder_apply(reflectors, y, column_block)[len(reflectors):]
+
+
+def _householder_apply(reflectors, y, column_block: int = 2048) -> np.ndarray:
+    """``H_k ... H_1 y`` (n x V float64): rows ``k:`` are ``Q' y``; the transform is orthogonal,
+    so the column norms of ``y`` are those of the result."""
+    r = np.array(y, dtype=np.float64, copy=True)
+    if r.ndim == 1:
+        r = r[:, None]
+    for c0 in range(0, r.shape[1], int(column_block)):
+        blk = r[:, c0:c0 + int(column_block)]
+        for j, v in enumerate(reflectors):
+            blk[j:] -= np.outer(2.0 * v, v @ blk[j:])
+    return r
+
+
+def huh_jhun_model(y, design: Design):
+    """Reduced-space data ``W`` ((n - k) x V float32, unit-norm columns, zero for constant voxels),
+    its squared norms ``ss`` (1 or 0) and the tested effect ``x`` ((n - k) x 1 float32, unit norm)."""
+    z, basis = _nuisance_and_basis(design)
+    refl = householder_reflectors(z)
+    k = len(refl)
+    full = _householder_apply(refl, y)
+    y_norm = np.sqrt(np.einsum("ij,ij->j", full, full))      # = the norms of y (orthogonal transform)
+    w = full[k:]
+    norm = np.sqrt(np.einsum("ij,ij->j", w, w))
+    # a voxel constant over subjects (in the nuisance space) leaves only rounding: t = 0
+    scale = np.where(norm > 1e-9 * y_norm, norm, np.inf)
+    w /= scale
+    ss = np.isfinite(scale).astype(np.float32)   # |W_v| = 1 (to float32 rounding), 0 if constant
+    x = reduce_to_complement(refl, basis[:, 0])
+    x /= np.linalg.norm(x)
+    out = np.ascontiguousarray(w, dtype=np.float32)
+    del full, w
+    return out, ss, np.ascontiguousarray(x, dtype=np.float32)
+
+
 def _complement_basis(z):
     """Orthonormal basis Q (n, m) of the complement of span(Z), or None when Z is empty."""
     if not z.shape[1]:
@@ -216,6 +341,13 @@ def prepare_model(data, design: Design, *, mask, options: PermutationOptions) ->
     """
     y = _as_data(data, design)
     coords = _mask_coords(mask, y.shape[1])
+    scheme = resolve_scheme(design, options.scheme)
+    cluster_t = cluster_threshold_t(options.cluster_p, design.dof, two_sided=options.two_sided)
+    if scheme == "huh_jhun":
+        w, ss, x = huh_jhun_model(y, design)
+        prepared = PreparedModel(residuals=w, basis=x, ss=ss, dof=design.dof, design=design, coords=coords,
+                                 t_obs=np.zeros(0, np.float32), cluster_t=cluster_t, scheme=scheme)
+        return _finish_prepared(prepared, options)
     z, basis = _nuisance_and_basis(design)
     q = _complement_basis(z)
     # W = Q' Y = Q' R: the reduced-model residuals in coordinates of the complement of span(Z)
@@ -230,26 +362,36 @@ def prepare_model(data, design: Design, *, mask, options: PermutationOptions) ->
     prepared = PreparedModel(residuals=np.ascontiguousarray(r32), basis=basis.astype(np.float32),
                              ss=ss, dof=design.dof, design=design, coords=coords,
                              t_obs=np.zeros(0, np.float32),
-                             cluster_t=cluster_threshold_t(options.cluster_p, design.dof,
-                                                           two_sided=options.two_sided),
-                             complement=q)
+                             cluster_t=cluster_t, complement=q, scheme=scheme)
+    return _finish_prepared(prepared, options)
+
+
+def _finish_prepared(prepared: PreparedModel, options: PermutationOptions) -> PreparedModel:
+    """Residual floor, TFCE neighbour pairs and the observed t (the identity permutation)."""
+    ss = prepared.ss
     prepared.floor = (np.float32(1e-12) * ss + np.float32(1e-30)).astype(np.float32)
     if "tfce" in options.inference:
-        prepared.pairs = neighbour_pairs(coords, connectivity_structure(options.connectivity))
-    ident = np.arange(design.n_subjects)[None, :]
-    prepared.t_obs = batch_t(prepared, ident if not design.sign_flip else np.ones_like(ident, np.float32))[0]
+        prepared.pairs = neighbour_pairs(prepared.coords, connectivity_structure(options.connectivity))
+    ident = np.arange(prepared.n_exchangeable)[None, :]
+    prepared.t_obs = batch_t(prepared, ident if not prepared.design.sign_flip
+                             else np.ones_like(ident, np.float32))[0]
     return prepared
 
 
-def random_permutations(design: Design, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` random permutations (int (n, n_subjects)) or sign flips (float32 +-1) for the design.
+def random_permutations(design: Design, n: int, rng: np.random.Generator, *,
+                        size: int | None = None) -> np.ndarray:
+    """``n`` random permutations (int (n, size)) or sign flips (float32 +-1) for the design.
 
     Permutations respect the exchangeability blocks: within-block shuffles,
     or (``whole_block``) shuffles of whole blocks keeping the order inside
     blocks. Sign flips are per subject, or per block when ``whole_block``.
+    ``size``: permutation length, default the subjects; Huh-Jhun permutes the
+    ``n - rank(Z)`` reduced-space rows (``PreparedModel.n_exchangeable``, no blocks).
     """
-    ns = design.n_subjects
+    ns = design.n_subjects if size is None else int(size)
     blocks = design.blocks
+    if ns != design.n_subjects and blocks is not None:
+        raise ValueError("exchangeability blocks need permutations of the subjects (scheme 'freedman_lane')")
     if design.sign_flip:
         if blocks is not None and design.whole_block:
             nb = blocks.max() + 1
@@ -278,6 +420,9 @@ def permutation_rows(prepared: PreparedModel, perms: np.ndarray) -> np.ndarray:
     flipped) by ``perms[b]``, expressed in the residual coordinates (times ``Q``):
     the first ``B`` rows give the tested effect, the others the nuisance refit.
     """
+    if perms.ndim != 2 or perms.shape[1] != prepared.n_exchangeable:
+        raise ValueError(f"perms must have shape (B, {prepared.n_exchangeable}) for scheme "
+                         f"{prepared.scheme!r}, got {perms.shape}")
     u = prepared.basis.astype(np.float64)
     if np.issubdtype(perms.dtype, np.floating):
         rows = u[None, :, :] * perms[:, :, None].astype(np.float64)
@@ -381,6 +526,68 @@ def voxel_null_block(rows: np.ndarray, residuals: np.ndarray, ss: np.ndarray, fl
     return max_out, count_out
 
 
+def hj_null_block(rows: np.ndarray, residuals: np.ndarray, threshold: np.ndarray, n_perm: int, *,
+                  two_sided: bool, max_out: np.ndarray | None = None,
+                  count_out: np.ndarray | None = None, block_voxels: int = 1024):
+    """Huh-Jhun max-T null statistics: one float32 product per voxel block and an abs-max.
+
+    Parameters
+    ----------
+    rows : (n_perm, m) float32, the permuted unit-norm effect ``P x`` (:func:`permutation_rows`)
+    residuals : (m, V) float32 unit-norm reduced-space data (a voxel slice of ``PreparedModel.residuals``)
+    threshold : (V,) float32, the observed statistic in the correlation scale,
+        :func:`hj_threshold` (tie tolerance included)
+    max_out : (n_perm,) float32, updated in place with the maximum of ``|g|`` (``g`` one-sided)
+    count_out : (V,) int, incremented in place with the permutations whose statistic reaches the threshold
+    block_voxels : voxels per block (see :func:`voxel_null_block`)
+
+    Returns
+    -------
+    (max_out, count_out): maxima in the correlation scale, convert with :func:`hj_to_t`.
+    ``t = sqrt(dof) g / sqrt(1 - g^2)`` is increasing in ``g``, so the maximum t of a permutation
+    is that of its maximum ``g``: no per-voxel t is formed.
+    """
+    m, nv = residuals.shape
+    if rows.shape != (n_perm, m):
+        raise ValueError(f"rows must have shape ({n_perm}, {m}), got {rows.shape}")
+    if max_out is None:
+        max_out = np.full(n_perm, -np.inf, np.float32)
+    if count_out is None:
+        count_out = np.zeros(nv, np.int64)
+    bv = max(1, min(int(block_voxels), nv))
+    g = np.empty((n_perm, bv), np.float32)
+    ge = np.empty((n_perm, bv), bool)
+    for v0 in range(0, nv, bv):
+        v1 = min(nv, v0 + bv)
+        w = v1 - v0
+        gb, eb = g[:, :w], ge[:, :w]
+        np.matmul(rows, residuals[:, v0:v1], out=gb)
+        if two_sided:
+            np.abs(gb, out=gb)
+        np.maximum(max_out, gb.max(axis=1), out=max_out)
+        np.greater_equal(gb, threshold[v0:v1], out=eb)
+        count_out[v0:v1] += eb.view(np.uint8).sum(axis=0, dtype=np.int32)
+    return max_out, count_out
+
+
+def hj_to_t(g, dof: int) -> np.ndarray:
+    """t (float64) of a Huh-Jhun correlation ``g``: ``g / sqrt((1 - g^2) / dof)``, the formula of
+    :func:`batch_t` with unit-norm data."""
+    g = np.asarray(g, dtype=np.float64)
+    return g / np.sqrt(np.maximum(1.0 - g * g, 1e-12) / dof)
+
+
+def hj_threshold(prepared: PreparedModel, two_sided: bool) -> np.ndarray:
+    """The observed t lowered by the tie tolerance (:func:`tie_lowered_t`), in the correlation
+    scale of :func:`hj_null_block` (``s / sqrt(dof + s^2)``, the inverse of :func:`hj_to_t`)."""
+    t = prepared.t_obs.astype(np.float64)
+    s = tie_lowered_t(np.abs(t) if two_sided else t)
+    g = s / np.sqrt(prepared.dof + s * s)
+    if two_sided:
+        g = np.where(s > 0, g, -1.0)
+    return g.astype(np.float32)
+
+
 def kernel_to_t(stat, dof: int, two_sided: bool) -> np.ndarray:
     """Inverse of the kernel scale of :func:`voxel_null_block` (float64 t, |t| when two-sided)."""
     s = np.asarray(stat, dtype=np.float64) * dof
@@ -426,14 +633,15 @@ BLOCK_VOXELS = 1024
 
 
 def _voxel_null(prepared: PreparedModel, perms: np.ndarray, two_sided: bool, n_threads: int = 1):
-    """Max statistic per permutation and per-voxel exceedance counts (exact Freedman-Lane t).
+    """Max statistic per permutation and per-voxel exceedance counts (the t of the prepared scheme).
 
     The voxel blocks (:data:`BLOCK_VOXELS`) are shared among ``n_threads`` threads with
     single-threaded BLAS; maxima and integer counts do not depend on the number of threads.
     """
     nb = perms.shape[0]
     rows = permutation_rows(prepared, perms)
-    obs = observed_kernel_stat(prepared, two_sided)
+    hj = prepared.scheme == "huh_jhun"
+    obs = hj_threshold(prepared, two_sided) if hj else observed_kernel_stat(prepared, two_sided)
     nv = prepared.residuals.shape[1]
     cnt = np.zeros(nv, np.int64)
     n_blocks = -(-nv // BLOCK_VOXELS)
@@ -442,6 +650,10 @@ def _voxel_null(prepared: PreparedModel, perms: np.ndarray, two_sided: bool, n_t
 
     def part(i):
         sl = slice(int(edges[i]), int(min(edges[i + 1], nv)))
+        if hj:
+            mx, _ = hj_null_block(rows, prepared.residuals[:, sl], obs[sl], nb, two_sided=two_sided,
+                                  count_out=cnt[sl], block_voxels=BLOCK_VOXELS)
+            return mx
         mx, _ = voxel_null_block(rows, prepared.residuals[:, sl], prepared.ss[sl], prepared.floor[sl],
                                  obs[sl], nb, two_sided=two_sided, count_out=cnt[sl],
                                  block_voxels=BLOCK_VOXELS)
@@ -455,6 +667,8 @@ def _voxel_null(prepared: PreparedModel, perms: np.ndarray, two_sided: bool, n_t
             with ThreadPoolExecutor(n_threads) as ex:
                 maxima = list(ex.map(part, range(n_threads)))
     mx = np.max(np.stack(maxima), axis=0)
+    if hj:
+        return hj_to_t(mx, prepared.dof), cnt
     return kernel_to_t(mx, prepared.dof, two_sided), cnt
 
 
@@ -501,7 +715,8 @@ def null_batches(prepared: PreparedModel, options: PermutationOptions, jobs, *,
         perms = []
         while k < len(jobs) and jobs[k][0] // per == grp:
             i, b = jobs[k]
-            perms.append(random_permutations(prepared.design, b, np.random.default_rng((int(options.seed), i))))
+            perms.append(random_permutations(prepared.design, b, np.random.default_rng((int(options.seed), i)),
+                                             size=prepared.n_exchangeable))
             k += 1
         mx, cnt = _voxel_null(prepared, np.concatenate(perms), options.two_sided, n_threads)
         maxima.append(mx)
@@ -520,7 +735,7 @@ def null_batch(prepared: PreparedModel, options: PermutationOptions, batch_index
     and, as requested, ``max_size``, ``max_mass``, ``max_tfce`` (B,).
     """
     rng = np.random.default_rng((int(options.seed), int(batch_index)))
-    perms = random_permutations(prepared.design, n_in_batch, rng)
+    perms = random_permutations(prepared.design, n_in_batch, rng, size=prepared.n_exchangeable)
     if options.inference == ("voxel",):
         mx, cnt = _voxel_null(prepared, perms, options.two_sided, n_threads)
         return {"max_t": mx, "count_unc": cnt}
@@ -679,8 +894,9 @@ def permutation_test(data, design: Design, *, mask, n_perm: int = 5000, seed: in
                      two_sided: bool = True, inference=("voxel",), cluster_p: float = 0.005,
                      min_cluster_voxels: int = 10, connectivity: int = 6, tfce_E: float = 0.5,
                      tfce_H: float = 2.0, tfce_dh="auto", batch_size: int = 32, affine=None,
-                     atlas=None, atlas_names=None, n_threads: int | None = None) -> PermutationResult:
-    """Voxel-wise permutation test of a GLM contrast (Freedman-Lane), in-process.
+                     atlas=None, atlas_names=None, n_threads: int | None = None,
+                     scheme: str | None = None) -> PermutationResult:
+    """Voxel-wise permutation test of a GLM contrast (Huh-Jhun or Freedman-Lane), in-process.
 
     Parameters
     ----------
@@ -693,6 +909,8 @@ def permutation_test(data, design: Design, *, mask, n_perm: int = 5000, seed: in
     atlas, atlas_names : atlas label volume on the mask grid and label names (optional)
     n_threads : threads sharing the voxels of the max-T products (default: the cores this
         process may use; results are identical for any value)
+    scheme : "huh_jhun" or "freedman_lane"; None: the design's default (:func:`resolve_scheme`:
+        Huh-Jhun unless the design has exchangeability blocks or sign flips)
 
     Returns
     -------
@@ -705,7 +923,8 @@ def permutation_test(data, design: Design, *, mask, n_perm: int = 5000, seed: in
     options = PermutationOptions(n_perm=n_perm, seed=seed, batch_size=batch_size, two_sided=two_sided,
                                  inference=inference, cluster_p=cluster_p,
                                  min_cluster_voxels=min_cluster_voxels, connectivity=connectivity,
-                                 tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh)
+                                 tfce_E=tfce_E, tfce_H=tfce_H, tfce_dh=tfce_dh,
+                                 scheme=resolve_scheme(design, scheme))
     prepared = prepare_model(data, design, mask=mask, options=options)
     jobs = list(enumerate(batch_sizes(options.n_perm, options.batch_size)))
     null = null_batches(prepared, options, jobs, n_threads=int(n_threads))

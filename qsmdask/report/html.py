@@ -1054,7 +1054,7 @@ def _section_other(inp: _Inputs) -> str:
 
 
 def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = False,
-                      postmortem: bool = False) -> tuple[str, list[str]]:
+                      postmortem: bool = False, voxelwise_scheme: str = "huh_jhun") -> tuple[str, list[str]]:
     """Methods text generated from the recorded run configuration.
 
     Parameters
@@ -1065,6 +1065,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         The group design (defaults when None).
     voxelwise, postmortem : bool
         Mention the voxel-wise permutation analysis / post-mortem validation.
+    voxelwise_scheme : str
+        Permutation scheme of the voxel-wise analysis ("huh_jhun" or "freedman_lane", as
+        recorded in ``logs/qsmdask_voxelwise_config.json``).
 
     Returns
     -------
@@ -1197,8 +1200,11 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         s.append("Voxel-wise analyses used one session per subject, the chronological baseline "
                  "unless configured otherwise. "
                  f"Voxel-wise inference used permutation tests {cite('nichols2002', 'winkler2014')} "
-                 f"of a general linear model with Freedman-Lane permutation {cite('freedman1983')}, "
-                 f"with family-wise error control by the maximum statistic, cluster size and TFCE "
+                 + (f"of a general linear model with Freedman-Lane permutation {cite('freedman1983')}, "
+                    if voxelwise_scheme == "freedman_lane" else
+                    "of a general linear model, permuting the data projected on the complement of the "
+                    f"nuisance covariates (Huh-Jhun {cite('huh2001')}; exact for Gaussian errors), ")
+                 + f"with family-wise error control by the maximum statistic, cluster size and TFCE "
                  f"{cite('smith2009')}.")
     if postmortem:
         s.append(f"ROI susceptibility of controls was validated against post-mortem non-haem iron "
@@ -1218,7 +1224,15 @@ def _section_methods(inp: _Inputs) -> str:
     if gw is not None and len(gw) and gw["correction"].iloc[0] != design.correction:
         import dataclasses
         design = dataclasses.replace(design, correction=str(gw["correction"].iloc[0]))
-    text, cited = methods_paragraph(cfg, design=design, voxelwise=bool(inp.perm), postmortem=pm)
+    vpath = Path(inp.output_dir) / "logs" / "qsmdask_voxelwise_config.json"
+    try:
+        vopts = json.loads(vpath.read_text()).get("options", {}) if vpath.exists() else {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        vopts = {}
+    # runs recorded before the scheme option existed used Freedman-Lane
+    scheme = str(vopts.get("scheme", "freedman_lane")) if vopts else "huh_jhun"
+    text, cited = methods_paragraph(cfg, design=design, voxelwise=bool(inp.perm), postmortem=pm,
+                                    voxelwise_scheme=scheme)
     out = []
     if inp.config is None:
         out.append(_note("logs/qsmdask_config.json not found: the text shows the default "

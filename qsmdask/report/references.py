@@ -51,6 +51,8 @@ REFERENCES: dict[str, str] = {
                    "neuroimaging: a primer with examples. Hum Brain Mapp 15(1):1-25.",
     "freedman1983": "Freedman D, Lane D (1983). A nonstochastic interpretation of reported "
                     "significance levels. J Bus Econ Stat 1(4):292-298.",
+    "huh2001": "Huh MH, Jhun M (2001). Random permutation testing in multiple linear regression. "
+               "Commun Stat Theory Methods 30(10):2023-2032.",
     "winkler2014": "Winkler AM, Ridgway GR, Webster MA, Smith SM, Nichols TE (2014). Permutation "
                    "inference for the general linear model. NeuroImage 92:381-397.",
     "smith2009": "Smith SM, Nichols TE (2009). Threshold-free cluster enhancement: addressing "

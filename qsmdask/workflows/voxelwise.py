@@ -3,7 +3,7 @@
 Adds every subject-session's smoothed MNI-space Chimap to the cohort stack (a zarr array
 keyed by subject-session, chunked subject blocks x voxel blocks, written one subject block per
 task and never held in memory whole), selects one session's rows, fits the GLM ``chi ~ group + age + sex + medication [+ site]``
-and runs Freedman-Lane permutation inference (max-T, cluster extent/mass, optional TFCE) over
+and runs permutation inference (Huh-Jhun by default, or Freedman-Lane; max-T, cluster extent/mass, optional TFCE) over
 the stack's voxel blocks, distributed over a Dask client when one is given. Saves the NIfTI maps under
 ``OUTPUT_DIR/group/`` (``perm_*.nii.gz``) and the cluster table with the other Parquet
 tables (``<tables>/group/perm_clusters.parquet``; tables default to ``OUTPUT_DIR``).
@@ -43,6 +43,9 @@ class VoxelwiseOptions:
     keep_covariates : covariates kept even when nearly nested in group (VIF > 5 or constant
         in one group; ``qsmdask.stats.diagnostics.screen_covariates``); by default they are
         left out with a warning.
+    scheme : permutation scheme with nuisance covariates, "huh_jhun" (default: one product
+        of length n - k per permutation and voxel) or "freedman_lane" (1 + k - 1 products);
+        both exact for Gaussian errors, see :mod:`qsmdask.perm.permute`.
     """
 
     n_perm: int = 1000
@@ -56,6 +59,12 @@ class VoxelwiseOptions:
     session: str | None = None
     groups: tuple[str, str] = ("patient", "control")
     keep_covariates: tuple[str, ...] = ()
+    scheme: str = "huh_jhun"
+
+    def __post_init__(self):
+        from ..perm.permute import SCHEMES
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"voxelwise scheme must be one of {SCHEMES}, got {self.scheme!r}")
 
 
 def _design_inputs(participants: pd.DataFrame, ids: list[str], covariates,
@@ -292,7 +301,8 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
     res = permutation_test_stack(store, design, keys=keys, voxel_keep=keep, client=client,
                                  n_perm=options.n_perm, seed=options.seed, inference=options.inference,
                                  cluster_p=options.cluster_p, min_cluster_voxels=options.min_cluster_voxels,
-                                 connectivity=options.connectivity, atlas=atlas_labels, atlas_names=atlas_names)
+                                 connectivity=options.connectivity, atlas=atlas_labels, atlas_names=atlas_names,
+                                 scheme=options.scheme)
     mask = res.mask
     gdir = out / "group"
     written = {}
