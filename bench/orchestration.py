@@ -100,6 +100,9 @@ def make_bids(root: Path, n_sessions: int):
     nib.save(nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), aff), tpl / "mag.nii.gz")
     nib.save(nib.Nifti1Image((rng.random((8, 8, 8)) * 6 - 3).astype(np.float32), aff), tpl / "phase.nii.gz")
     (tpl / "side.json").write_text(json.dumps({"EchoTime": 0.01, "MagneticFieldStrength": 3.0}))
+    old = time.time_ns() - 3600 * 10**9  # an existing dataset (just-written files are not cached)
+    for f in tpl.iterdir():
+        os.utime(f, ns=(old, old))
     n_sub = (n_sessions + 1) // 2
     lines = ["participant_id\tgroup\tage\tsex"]
     made = 0
@@ -210,6 +213,24 @@ class APIPoller(threading.Thread):
         self.join(timeout=60)
 
 
+def tree_cpu_s() -> dict:
+    """CPU seconds (user + system) of this process and of each live descendant, by pid."""
+    import psutil
+    me = psutil.Process()
+    out = {}
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_used(before: dict, after: dict) -> float:
+    return sum(after[k] - before.get(k, 0.0) for k in after)
+
+
 def p95(xs):
     import numpy as np
     return float(np.percentile(xs, 95)) if xs else float("nan")
@@ -228,10 +249,10 @@ def run_count(n: int, args, work: Path) -> dict:
     plan = plan_participants(bids, out, PipelineConfig())
     t_plan = time.perf_counter() - t0
     assert len(plan.todo) == n, (len(plan.todo), len(plan.invalid), plan.invalid[:2])
-    row = {"subject-sessions": n, "bids s": t_bids, "plan s": t_plan}
+    row = {"subject-sessions": n, "bids s": t_bids, "plan s": t_plan, "load start": os.getloadavg()[0]}
     mem = int(args.worker_memory_gb * 2**30)
     with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
-                      dashboard_address=None, memory_limit=mem, resources={"MEMORY": mem}) as lc, \
+                      dashboard_address="127.0.0.1:0", memory_limit=mem, resources={"MEMORY": mem}) as lc, \
             Client(lc) as client:
         client.run(_synthetic_stages, args.stage_s)
         os.environ["QSMDASK_CLUSTER"] = "address"
@@ -240,6 +261,8 @@ def run_count(n: int, args, work: Path) -> dict:
         flow = participant_flow.with_options(task_runner=make_task_runner(ClusterConfig.from_env()))
         rss, poller = RSS(), APIPoller(os.environ["PREFECT_API_URL"])
         rss.start(), poller.start()
+        import psutil
+        cpu0, flow_cpu0 = tree_cpu_s(), sum(psutil.Process().cpu_times()[:2])
         t0 = time.perf_counter()
         try:
             res = flow(str(bids), str(out))
@@ -248,11 +271,15 @@ def run_count(n: int, args, work: Path) -> dict:
             res = {"done": [], "failed": [], "skipped": []}
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         wall = time.perf_counter() - t0
+        cpu = cpu_used(cpu0, tree_cpu_s())
+        flow_cpu = sum(psutil.Process().cpu_times()[:2]) - flow_cpu0
         poller.stop()
         samples = rss.stop()
         slots = args.workers * args.threads
         row.update({"done": len(res["done"]), "failed": len(res["failed"]), "wall s": wall,
+                    "wall s/ss": wall / n,
                     "overhead s/ss": wall * slots / n - 4 * args.stage_s,
+                    "CPU s/ss": cpu / n, "flow CPU s/ss": flow_cpu / n,
                     "flow RSS peak MiB": max(s[1] for s in samples),
                     "flow RSS at 25% MiB": samples[len(samples) // 4][1],
                     "API p95 flow run s": p95(poller.flow_s), "API p95 task runs s": p95(poller.tasks_s),
@@ -263,10 +290,50 @@ def run_count(n: int, args, work: Path) -> dict:
                 raise RuntimeError("first run failed: no resume")
             res2 = flow(str(bids), str(out))
             row["resume skipped"] = len(res2["skipped"])
+            if len(res2["skipped"]) != n:
+                row["error"] += f" | resume skipped {len(res2['skipped'])} of {n}"
         except Exception as e:  # noqa: BLE001
             row["error"] += f" | resume: {type(e).__name__}: {str(e)[:200]}"
         row["resume s"] = time.perf_counter() - t0
+    row["load end"] = os.getloadavg()[0]
     return row
+
+
+def checksum_bench(n: int, mb: float, work: Path) -> dict:
+    """Planning with real-size inputs: first plan (every input read) vs a replan (cache).
+
+    ``n`` subject-sessions whose two MEGRE files are ``mb`` MB each (hard links of one file,
+    so the bytes come from the page cache: this times SHA-256, not the disk).
+    """
+    import numpy as np
+    from qsmdask.config import PipelineConfig
+    from qsmdask.workflows.cohort import plan_participants
+    bids, out = work / "bids_ck", work / "out_ck"
+    make_bids(bids, n)
+    tpl = bids / ".template"
+    side = int(round((mb * 2**20 / 4) ** (1 / 3)))
+    import nibabel as nib
+    rng = np.random.default_rng(1)
+    for name in ("mag.nii.gz", "phase.nii.gz"):  # uncompressible payload: the size on disk is mb
+        img = nib.Nifti1Image(rng.random((side, side, side)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+        data = img.to_bytes()
+        with open(tpl / name, "r+b") as fh:  # same inode: every hard link sees it
+            fh.truncate(0)
+            fh.write(__import__("gzip").compress(data, compresslevel=1))
+        old = time.time_ns() - 3600 * 10**9
+        os.utime(tpl / name, ns=(old, old))
+    size = sum((tpl / f).stat().st_size for f in ("mag.nii.gz", "phase.nii.gz"))
+    cfg = PipelineConfig()
+    t0 = time.perf_counter()
+    cold = plan_participants(bids, out, cfg)
+    t_cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warm = plan_participants(bids, out, cfg)
+    t_warm = time.perf_counter() - t0
+    assert [k for _, k in cold.todo] == [k for _, k in warm.todo]  # same resume keys
+    return {"subject-sessions": n, "input MB per ss": size / 2**20, "plan, inputs read s": t_cold,
+            "read ss": cold.checksums_read, "replan, cached s": t_warm, "cached ss": warm.checksums_cached,
+            "GB not re-read": n * size / 1e9}
 
 
 def main(argv=None):
@@ -278,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--worker-memory-gb", type=float, default=4.0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--checksum", default=None, metavar="N,MB",
+                    help="also time planning of N subject-sessions with MB-sized inputs, first plan vs replan")
     args = ap.parse_args(argv)
     machine = machine_description()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="qsmdask-bench-orch-"))
@@ -316,20 +385,37 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
         if row.get("error"):
             break
+    ck_rows = []
+    if args.checksum:
+        n_ck, mb = args.checksum.split(",")
+        work = base / "checksum"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        ck_rows.append(checksum_bench(int(n_ck), float(mb), work))
+        print(ck_rows[-1], flush=True)
+        shutil.rmtree(work, ignore_errors=True)
     cmd = "python bench/orchestration.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    cols = ["subject-sessions", "done", "failed", "wall s", "overhead s/ss", "plan s", "resume s",
-            "flow RSS at 25% MiB", "flow RSS peak MiB", "API p95 flow run s", "API p95 task runs s",
-            "DB MiB", "task_runs", "logs", "error"]
-    body = "\n".join([
+    cols = ["subject-sessions", "done", "failed", "wall s", "wall s/ss", "overhead s/ss", "CPU s/ss",
+            "flow CPU s/ss", "plan s", "resume s", "flow RSS at 25% MiB", "flow RSS peak MiB",
+            "API p95 flow run s", "API p95 task runs s", "DB MiB", "task_runs", "logs", "load start", "load end",
+            "error"]
+    parts = [
         "## Orchestration at cohort scale (`bench/orchestration.py`, issue 18)", "",
-        f"Machine: {machine}. Shared with other agents' jobs (2 cores for 8 agents): times are upper bounds.",
+        f"Machine: {machine}. Shared with other agents' jobs (2 cores for 6 agents): times are upper bounds.",
         f"Command: `{cmd.strip()}`.", "",
         f"**Synthetic compute**: the four stages run as labelled synthetic functions of {args.stage_s} s each "
-        f"({4 * args.stage_s:.1f} s per subject-session; `write` writes the real ROI table and manifest), on "
-        f"{args.workers} Dask workers x {args.threads} threads; everything else is the real participant flow on a "
-        "Prefect server backed by PostgreSQL 15. Overhead per subject-session = wall x slots / N - the synthetic "
-        "time.", "",
-        markdown_table(rows, cols)])
+        f"({4 * args.stage_s:.2f} s per subject-session, a sleep; `write` writes the real ROI table and manifest), "
+        f"on {args.workers} Dask workers x {args.threads} threads; everything else is the real participant flow "
+        "(one Prefect task run per subject-session) on a Prefect server backed by PostgreSQL 15. "
+        "Overhead per subject-session = wall x slots / N - the synthetic time; CPU s/ss = CPU seconds of every "
+        "process of the run (flow process with the Dask scheduler, workers, Prefect server, PostgreSQL) per "
+        "subject-session, all of it orchestration since the synthetic stages sleep.", "",
+        markdown_table(rows, cols)]
+    if ck_rows:
+        parts += ["", "Planning with real-size inputs (`--checksum N,MB`: two MEGRE files of that size per "
+                  "subject-session, hard links of one file, so this times SHA-256 from the page cache, not a disk):", "",
+                  markdown_table(ck_rows, list(ck_rows[0]))]
+    body = "\n".join(parts)
     print(body)
     if not args.no_write:
         update_section("orchestration", body)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
@@ -24,47 +25,47 @@ from qsmdask.workflows import participant as wf
 from qsmdask.workflows.cohort import check_memory, plan_participants, summarise, write_failures, writer_for
 
 
-@task(name="ingest", task_run_name="ingest-{ss.key}")
-def ingest_task(ss, paths):
-    return wf.ingest(ss, paths)
+#: Dask event topic of the stage reports that subject-session tasks send to the flow.
+STAGE_TOPIC = "qsmdask-stage"
 
 
-@task(name="reconstruct", task_run_name="reconstruct-{meta[key]}")
-def reconstruct_task(meta, config):
-    return wf.reconstruct(meta, config)
+@task(name="subject-session", task_run_name="{ss.key}", cache_policy=NO_CACHE, persist_result=False)
+def subject_session_task(ss, paths, output_dir, config, key, tables_url=None, keep_work=False):
+    """One Prefect task run per subject-session: its four stages run here, one after the other.
+
+    Each stage start and end is reported to the flow as a Dask event (``STAGE_TOPIC``: the
+    console's stage counts, and the stage a lost task was in); the stage timings go to this
+    task run's log, one line, and to the result (``stage_seconds``). A failure raises the
+    :class:`~qsmdask.workflows.participant.StageError` naming the stage, after the partial
+    outputs are written (a stage after the reconstruction failed). Transient IO errors of the
+    write stage are retried twice.
+    """
+    log = get_run_logger()
+    res = wf.run_subject_session(ss, paths, output_dir, config, resume=key, tables_url=tables_url,
+                                 keep_work=keep_work, on_stage=_stage_reporter(ss.key), write_retries=2,
+                                 retry_delay_s=2.0, log=log)
+    log.info("%s done: %s", ss.key, ", ".join(f"{k} {v:.2f} s" for k, v in res["stage_seconds"].items()))
+    return res
 
 
-@task(name="standardise", task_run_name="standardise-{meta[key]}")
-def standardise_task(meta, config):
-    return wf.standardise_and_measure(meta, config)
-
-
-@task(name="write", task_run_name="write-{ss.key}", retries=2, retry_delay_seconds=2,
-      retry_condition_fn=lambda task, run, state: _transient(state))
-def write_task(ss, meta, output_dir, config, key, tables_url=None, keep_work=False):
-    return wf.write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url,
-                            keep_work=keep_work)
-
-
-@task(name="write-partial", task_run_name="write-partial-{ss.key}")
-def write_partial_task(ss, recon_meta, output_dir, config, failed_stage, message):
-    return wf.write_partial_outputs(ss, recon_meta, output_dir, config, failed_stage=failed_stage,
-                                    message=message)
-
-
-def _transient(state) -> bool:
-    """Retry only transient IO errors (not bad data, not bugs)."""
+def _stage_reporter(key: str):
+    """``on_stage`` callback that sends stage events to the flow's Dask client (None off Dask)."""
     try:
-        state.result()
-    except (InputError, ValueError):
-        return False
-    except wf.StageError as e:
-        return e.error_type in ("OSError", "TimeoutError", "ConnectionError", "BlockingIOError")
-    except (OSError, TimeoutError):
-        return True
-    except Exception:
-        return False
-    return False
+        from distributed import get_worker
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+
+    def report(stage, event, seconds):
+        try:
+            worker.log_event(STAGE_TOPIC, {"key": key, "stage": stage, "event": event, "seconds": seconds})
+        except Exception:  # noqa: BLE001 - progress reports never fail a subject-session
+            pass
+    return report
+
+
+#: The progress artifact is updated at most this often (one API call each).
+PROGRESS_EVERY_S = 5.0
 
 
 def _progress_line(i: int, n: int, key: str, status: str, elapsed_s: float) -> None:
@@ -76,22 +77,72 @@ def _progress_line(i: int, n: int, key: str, status: str, elapsed_s: float) -> N
     sys.stderr.flush()
 
 
-STAGES = ("ingest", "reconstruct", "standardise", "write")
+STAGES = wf.STAGES
 
 
 class _StageProgress:
     """Stage counts on stderr while subject-sessions run, so that a long first subject shows life.
 
-    A line when a stage finishes for one more subject-session, at most every ``every_s``
-    seconds (always when a stage is complete for all of them).
+    Fed by the tasks' stage events (:data:`STAGE_TOPIC`, on the Dask client's thread) and by the
+    flow when a chain finishes. A line when a stage finishes for one more subject-session, at
+    most every ``every_s`` seconds (always when a stage is complete for all of them). Only the
+    chains in flight are remembered (stage done, last stage started), so memory does not grow
+    with the cohort; a stage reported twice (a task re-run by Dask) counts once.
     """
 
     def __init__(self, n: int, t0: float, every_s: float = 10.0):
+        import threading
         self.n, self.t0, self.every_s = n, t0, every_s
         self.counts = dict.fromkeys(STAGES, 0)
+        self.seconds = {k: [0, 0.0, 0.0] for k in STAGES}  # count, sum, max of the stage timings
+        self._inflight: dict[str, dict] = {}  # key -> {"done": set of stages, "current": stage}
+        self._lock = threading.Lock()
         self._last = -1e9
 
-    def update(self, stage: str) -> None:
+    def submitted(self, key: str) -> None:
+        with self._lock:
+            self._inflight[key] = {"done": set(), "current": None}
+
+    def event(self, msg: dict) -> None:
+        """A stage event of a task: ``{"key", "stage", "event": "start"|"done", "seconds"}``."""
+        with self._lock:
+            chain = self._inflight.get(msg.get("key"))
+            stage = msg.get("stage")
+            if chain is None or stage not in self.counts:
+                return  # a late event of a finished chain
+            if msg.get("event") == "start":
+                chain["current"] = stage
+                return
+            if stage in chain["done"]:
+                return
+            chain["done"].add(stage)
+            self._count(stage)
+
+    def current(self, key: str) -> str | None:
+        """The stage the chain of ``key`` last started (None: no event arrived)."""
+        with self._lock:
+            chain = self._inflight.get(key)
+            return chain["current"] if chain else None
+
+    def finish(self, key: str, completed: bool, stage_seconds: dict | None = None) -> None:
+        """The chain of ``key`` has finished: a completed one counts every stage."""
+        with self._lock:
+            chain = self._inflight.pop(key, None)
+            if completed:
+                for stage in STAGES:
+                    if chain is None or stage not in chain["done"]:
+                        self._count(stage)
+            for stage, sec in (stage_seconds or {}).items():
+                if stage in self.seconds:
+                    agg = self.seconds[stage]
+                    agg[0], agg[1], agg[2] = agg[0] + 1, agg[1] + float(sec), max(agg[2], float(sec))
+
+    def timings(self) -> list[dict]:
+        """Per stage: subject-sessions timed, mean and max wall seconds."""
+        return [{"stage": k, "subject_sessions": c, "mean_s": round(t / c, 3) if c else None,
+                 "max_s": round(m, 3) if c else None} for k, (c, t, m) in self.seconds.items()]
+
+    def _count(self, stage: str) -> None:
         self.counts[stage] += 1
         now = time.monotonic()
         if now - self._last < self.every_s and self.counts[stage] != self.n:
@@ -114,27 +165,26 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _first_error(futures, key: str = ""):
-    """The original exception of the first failed stage of a subject-session's chain.
+def _chain_error(fut, key: str = "", stage: str | None = None):
+    """The exception of a subject-session task that did not complete.
 
-    A stage that never reached a final state (its Dask client or worker was lost, so the
+    A task that never reached a final state (its Dask client or worker was lost, so the
     Prefect state stays PENDING or RUNNING) has no result to read: it becomes a
-    :class:`StageError` naming that stage, so the subject-session is one failure row
-    instead of a crash of the whole flow.
+    :class:`StageError` naming ``stage`` (the stage it last started, from the stage events;
+    ``"orchestration"`` when none arrived), so the subject-session is one failure row instead
+    of a crash of the whole flow.
     """
-    for stage, fut in zip(STAGES, futures):
-        fut.wait()  # the state then comes from the worker, with its exception attached
-        state = fut.state
-        if state.is_completed():
-            continue
-        if not state.is_final():
-            return wf.StageError(key, stage, RuntimeError(
-                f"the {stage} stage did not finish (Prefect state {state.type.value}): "
-                "its Dask worker or the scheduler connection was lost"))
-        res = state.result(raise_on_failure=False)
-        if isinstance(res, BaseException):
-            return res
-    return RuntimeError("subject-session did not complete")
+    fut.wait()  # the state then comes from the worker, with its exception attached
+    state = fut.state
+    if not state.is_final():
+        where = stage or "orchestration"
+        return wf.StageError(key, where, RuntimeError(
+            f"the {where} stage did not finish (Prefect state {state.type.value}): "
+            "its Dask worker or the scheduler connection was lost"))
+    res = state.result(raise_on_failure=False)
+    if isinstance(res, BaseException):
+        return res
+    return RuntimeError(f"subject-session did not complete (Prefect state {state.type.value})")
 
 
 def in_flight_window(client, per_thread: int = 4, minimum: int = 64) -> int:
@@ -246,19 +296,21 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
 
     link, capacity = _cluster(log) if plan.todo else (None, None)
     runnable, too_big = check_memory(plan.todo, capacity, template_resolution_mm=cfg.template_resolution_mm)
+    t0 = time.monotonic()
+    n_chains = len(runnable)
+    stages = _StageProgress(n_chains, t0)
+
     def submit(ss, key, need):
         paths = wf.work_paths(ss, output_dir, work_root)
         if not keep_work:
             active_work.register(paths["work_url"])  # removed by the CLI if the run is interrupted
-        m = ingest_task.submit(ss, paths)
+        stages.submitted(ss.key)
         with memory_annotation(need):  # at most MEMORY / need of these at once on a worker
-            r = reconstruct_task.submit(m, cfg)
-            s = standardise_task.submit(r, cfg)
-        w = write_task.submit(ss, s, output_dir, cfg, key, tables_url, keep_work)
-        return ss, [m, r, s, w], paths["work_url"]
+            fut = subject_session_task.submit(ss, paths, output_dir, cfg, key, tables_url, keep_work)
+        return ss, [fut], paths
 
     window = int(max_in_flight or in_flight_window(current_client()))
-    log.info("at most %d subject-session chains in flight", window)
+    log.info("at most %d subject-session tasks in flight", window)
 
     done, failed = [], list(plan.invalid) + too_big
     for row in plan.invalid:
@@ -267,46 +319,52 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
     for row in too_big:
         key = "_".join(x for x in (row["participant_id"], row["session_id"], row["acquisition"]) if x)
         log.error("%s not submitted: %s", key, row["message"])
-    t0 = time.monotonic()
-    n_chains = len(runnable)
     if runnable:
         sys.stderr.write(f"  stages: {'  '.join(f'{k} 0/{n_chains}' for k in STAGES)}  (started)\n")
-    stages = _StageProgress(n_chains, t0)
-    i = 0
-    for (ss, futs, url), j in bounded_completion(runnable, submit, window):
-        fut = futs[j]
-        if j < len(futs) - 1:  # a stage of a chain still in flight
+    client = current_client()
+    subscribed = False
+    if client is not None and runnable:
+        try:
+            client.subscribe_topic(STAGE_TOPIC, lambda event: stages.event(event[1]))
+            subscribed = True
+        except Exception as e:  # noqa: BLE001 - without stage events the console shows finished chains only
+            log.warning("no stage progress from the Dask workers: %s", e)
+    i, last_progress = 0, -1e9
+    try:
+        for (ss, futs, paths), _ in bounded_completion(runnable, submit, window):
+            fut = futs[0]
+            i += 1
             fut.wait()
             if fut.state.is_completed():
-                stages.update(STAGES[j])
-            continue
-        i += 1
-        fut.wait()
-        if fut.state.is_completed():
-            stages.update(STAGES[-1])
-            done.append(fut.result())
-            status = "done"
-        else:
-            row = wf.failure_row(ss, _first_error(futs, ss.key))
-            failed.append(row)
-            status = f"FAILED at {row['stage']}"
-            log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])
-            if row["stage"] in wf.AFTER_RECONSTRUCT and futs[1].state.is_completed():
-                # the reconstruction finished: write the native maps (status failed) anyway,
-                # before the work area is discarded
-                part = write_partial_task.submit(ss, futs[1], output_dir, cfg, row["stage"], row["message"])
-                part.wait()
-                if part.state.is_completed():
-                    log.warning("%s: native Chimap written (partial outputs, manifest status failed)", ss.key)
-                else:
-                    log.error("%s: the partial outputs could not be written either", ss.key)
-            if not keep_work:  # a failed subject-session's volumes must not keep the disk full
-                wf.discard_work(wf.work_paths(ss, output_dir, work_root))
-        active_work.release(url)
-        update_progress_artifact(progress, progress=100.0 * i / n_chains)
-        _progress_line(i, n_chains, ss.key, status, time.monotonic() - t0)
+                res = dict(fut.result())
+                stages.finish(ss.key, True, res.pop("stage_seconds", None))
+                done.append(res)
+                status = "done"
+            else:
+                row = wf.failure_row(ss, _chain_error(fut, ss.key, stages.current(ss.key)))
+                stages.finish(ss.key, False)
+                failed.append(row)
+                status = f"FAILED at {row['stage']}"
+                log.error("%s failed at %s: %s", ss.key, row["stage"], row["message"])
+                if not keep_work:  # the task removes it; not when its worker was lost
+                    wf.discard_work(paths)
+            active_work.release(paths["work_url"])
+            now = time.monotonic()
+            if now - last_progress >= PROGRESS_EVERY_S or i == n_chains:  # one API call per interval
+                update_progress_artifact(progress, progress=100.0 * i / n_chains)
+                last_progress = now
+            _progress_line(i, n_chains, ss.key, status, now - t0)
+    finally:
+        if subscribed:
+            try:
+                client.unsubscribe_topic(STAGE_TOPIC)
+            except Exception:  # noqa: BLE001 - the client may be closing
+                pass
     if not runnable:
         update_progress_artifact(progress, progress=100.0)
+    if done:
+        create_table_artifact(key="qsmdask-stage-timings", table=stages.timings(),
+                              description="Wall seconds per stage of the subject-sessions done in this run")
 
     write_failures(output_dir, failed, attempted=[ss for ss, _ in plan.todo], tables_url=tables_url)
     try:

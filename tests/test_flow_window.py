@@ -86,15 +86,37 @@ class _StateFuture:
         return None
 
 
-def test_unfinished_stage_is_a_failure_row_not_a_flow_crash():
-    """A stage left PENDING (its Dask client disconnected under load, seen in the pods run of
-    issue 17) used to raise ``UnfinishedRun`` out of the flow: it must be one failure row
-    naming the stage."""
-    from prefect.states import Completed, Pending
+def test_unfinished_chain_is_a_failure_row_not_a_flow_crash():
+    """A subject-session task left PENDING (its Dask client disconnected under load, seen in the
+    pods run of issue 17) used to raise ``UnfinishedRun`` out of the flow: it must be one
+    failure row naming the stage the task was in (from its stage events)."""
+    from prefect.states import Failed, Pending
 
-    from flows.participant import _first_error
+    from flows.participant import _chain_error
     from qsmdask.workflows.participant import StageError
-    err = _first_error([_StateFuture(Completed(data=1)), _StateFuture(Pending())], "sub-01_ses-pre")
+    err = _chain_error(_StateFuture(Pending()), "sub-01_ses-pre", "reconstruct")
     assert isinstance(err, StageError)
     assert err.stage == "reconstruct" and err.key == "sub-01_ses-pre"
     assert "PENDING" in err.message and "did not finish" in err.message
+    assert _chain_error(_StateFuture(Pending()), "sub-01_ses-pre", None).stage == "orchestration"
+    boom = StageError("sub-01_ses-pre", "write", OSError("disk full"))
+    assert _chain_error(_StateFuture(Failed(data=boom)), "sub-01_ses-pre", "write") is boom
+
+
+def test_stage_progress_counts_each_stage_once_and_forgets_finished_chains(capsys):
+    from flows.participant import _StageProgress
+    sp = _StageProgress(2, 0.0, every_s=0.0)
+    sp.submitted("a")
+    sp.submitted("b")
+    for ev in ("start", "done", "done"):  # a stage reported twice (task re-run) counts once
+        sp.event({"key": "a", "stage": "ingest", "event": ev})
+    sp.event({"key": "a", "stage": "reconstruct", "event": "start"})
+    assert sp.counts["ingest"] == 1 and sp.current("a") == "reconstruct"
+    sp.finish("a", True, {"ingest": 0.5, "reconstruct": 1.5, "standardise": 1.0, "write": 0.25})
+    sp.event({"key": "a", "stage": "write", "event": "done"})  # late event of a finished chain
+    assert sp.counts == {"ingest": 1, "reconstruct": 1, "standardise": 1, "write": 1}
+    sp.finish("b", False)
+    assert sp._inflight == {} and sp.current("a") is None
+    t = {r["stage"]: r for r in sp.timings()}
+    assert t["reconstruct"]["mean_s"] == 1.5 and t["write"]["subject_sessions"] == 1
+    assert "write 1/2" in capsys.readouterr().err

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Echo", "SubjectSession", "parse_bids_name", "validate_label", "find_subject_sessions",
     "load_megre", "MEGREData", "read_participants", "read_sessions", "PARTICIPANT_COLUMNS",
-    "CLINICAL_COLUMNS", "phase_to_radians", "ACQUISITION_ENTITIES", "check_output_location",
+    "CLINICAL_COLUMNS", "phase_to_radians", "ACQUISITION_ENTITIES", "check_output_location", "InputChecksums",
 ]
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -167,15 +167,103 @@ class SubjectSession:
             files.append(self.t1w)
         return [f for f in files if f.exists()]
 
-    def checksum(self) -> str:
-        """SHA-256 over the input files' names and bytes (the resume key's input part)."""
-        h = hashlib.sha256()
-        for f in self.input_files():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()
+    def checksum(self, cache: "InputChecksums | None" = None) -> str:
+        """SHA-256 over the input files' names and bytes (the resume key's input part).
+
+        With ``cache``, the files are read only when one of them changed since the cached
+        checksum was computed (size, mtime, ctime or inode differ; see :class:`InputChecksums`).
+        """
+        files = self.input_files()
+        if cache is not None:
+            return cache.checksum(files, lambda: _checksum_files(files))
+        return _checksum_files(files)
+
+
+def _checksum_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class InputChecksums:
+    """Input checksums of subject-sessions remembered across runs, by file signature.
+
+    A subject-session's checksum reads every input byte (~50-100 MB of MEGRE per
+    subject-session): planning or resuming 10,000 of them would read ~1 TB. This cache keeps,
+    per set of input files, the checksum and each file's signature ``(size, mtime_ns,
+    ctime_ns, inode)``; the checksum is reused only while every signature is unchanged. A
+    content change changes mtime (or, when a tool restores the mtime, ctime, which no user
+    can set), and a file replaced by another gets a new inode, so a changed input is always
+    re-read. A file modified less than :attr:`RACY_S` seconds before it was read is not
+    cached (a write within the timestamp granularity could leave its mtime unchanged).
+
+    Stored as one JSON file (``path``; None: this process only), written by :meth:`save`.
+    """
+
+    RACY_S = 2.0
+
+    def __init__(self, path: Path | str | None = None):
+        import json
+
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, list] = {}
+        self.hits = self.misses = 0
+        self._dirty = False
+        if self.path is not None and self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                if isinstance(data, dict) and data.get("version") == 1:
+                    self.entries = dict(data.get("entries", {}))
+            except (OSError, ValueError):
+                self.entries = {}  # unreadable cache: every checksum is recomputed
+
+    @staticmethod
+    def _signature(st) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def checksum(self, files: list[Path], compute) -> str:
+        """The cached checksum of ``files`` when none changed, else ``compute()`` (and cache it)."""
+        import os
+        import time
+
+        key = "\n".join(os.path.abspath(f) for f in files)
+        try:
+            sigs = [self._signature(os.stat(f)) for f in files]
+        except OSError:
+            return compute()  # a file vanished: let the reader name it
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == sigs:
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        value = compute()
+        now_ns = time.time_ns()
+        try:
+            after = [self._signature(os.stat(f)) for f in files]
+        except OSError:
+            return value
+        racy = any(now_ns - s[1] < self.RACY_S * 1e9 for s in after)
+        if after == sigs and not racy:  # unchanged while it was read, and not modified just now
+            self.entries[key] = [sigs, value]
+            self._dirty = True
+        else:
+            self.entries.pop(key, None)
+        return value
+
+    def save(self) -> None:
+        """Write the cache (atomically) when a checksum was added since it was loaded."""
+        if self.path is None or not self._dirty:
+            return
+        from .nifti import atomic_write_bytes
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, json.dumps({"version": 1, "entries": self.entries}).encode())
+        self._dirty = False
 
 
 def _sidecar(path: Path) -> Path:

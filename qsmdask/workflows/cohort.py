@@ -8,13 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import PipelineConfig
-from ..io.bids import (ACQUISITION_ENTITIES, SubjectSession, check_output_location, find_subject_sessions,
+from ..io.bids import (ACQUISITION_ENTITIES, InputChecksums, SubjectSession, check_output_location, find_subject_sessions,
                        read_participants, read_sessions)
 from ..io.derivatives import DerivativesWriter
 from ..io.tables import read_parquet_folder
 from .participant import estimate_subject_memory_bytes, is_up_to_date, resume_key
 
-__all__ = ["CohortPlan", "plan_participants", "apply_validation_errors", "select_acquisitions", "check_memory", "write_failures", "summarise",
+__all__ = ["CohortPlan", "plan_participants", "input_checksums_path", "apply_validation_errors", "select_acquisitions", "check_memory", "write_failures", "summarise",
            "load_group_inputs", "participant_atlas"]
 
 FAILURE_COLUMNS = ["participant_id", "session_id", "acquisition", "stage", "file", "error_type", "message"]
@@ -25,6 +25,8 @@ class CohortPlan:
     todo: list[tuple[SubjectSession, str]] = field(default_factory=list)  # (subject-session, resume key)
     skipped: list[SubjectSession] = field(default_factory=list)
     invalid: list[dict] = field(default_factory=list)  # failure rows of subjects whose files do not parse
+    checksums_read: int = 0  # subject-sessions whose inputs were read to checksum them
+    checksums_cached: int = 0  # ... whose checksum came from the cache (inputs unchanged)
 
 
 def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_labels=None, *,
@@ -62,13 +64,21 @@ def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_
     if validation_errors:
         found, rows = apply_validation_errors(bids_dir, found, validation_errors)
         plan.invalid += rows
+    checksums = InputChecksums(input_checksums_path(output_dir))
     for ss in found:
-        key = resume_key(ss, config)
+        key = resume_key(ss, config, checksums)
         if not force and is_up_to_date(ss, output_dir, config, key, tables_url=tables_url):
             plan.skipped.append(ss)
         else:
             plan.todo.append((ss, key))
+    checksums.save()
+    plan.checksums_read, plan.checksums_cached = checksums.misses, checksums.hits
     return plan
+
+
+def input_checksums_path(output_dir) -> Path:
+    """Where planning keeps the input checksums of the subject-sessions it has seen."""
+    return Path(output_dir) / "logs" / "input_checksums.json"
 
 
 def check_memory(todo: list[tuple[SubjectSession, str]], capacity_bytes: int | None, *,

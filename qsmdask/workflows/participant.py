@@ -44,8 +44,8 @@ ROI_ENTITY_COLUMNS = ("acq", "ce", "rec", "dir", "run")
 
 __all__ = ["StageError", "error_file", "discard_work", "ROI_ENTITY_COLUMNS", "ingest", "reconstruct",
            "standardise_and_measure", "write_outputs", "write_partial_outputs", "AFTER_RECONSTRUCT",
-           "process_subject_session", "resume_key", "is_up_to_date", "failure_row",
-           "estimate_task_memory_bytes", "estimate_subject_memory_bytes"]
+           "process_subject_session", "run_subject_session", "STAGES", "TRANSIENT_ERROR_TYPES", "resume_key",
+           "is_up_to_date", "failure_row", "estimate_task_memory_bytes", "estimate_subject_memory_bytes"]
 
 
 class StageError(RuntimeError):
@@ -105,11 +105,15 @@ class _stage:
         return False
 
 
-def resume_key(ss: SubjectSession, config: PipelineConfig) -> str:
-    """Acquisition key + input checksum + configuration fingerprint + pipeline version."""
+def resume_key(ss: SubjectSession, config: PipelineConfig, checksums=None) -> str:
+    """Acquisition key + input checksum + configuration fingerprint + pipeline version.
+
+    ``checksums``: an :class:`~qsmdask.io.bids.InputChecksums` cache, so unchanged inputs
+    are not read again.
+    """
     h = hashlib.sha256()
     h.update(ss.key.encode())
-    h.update(ss.checksum().encode())
+    h.update(ss.checksum(checksums).encode())
     h.update(config.fingerprint().encode())
     h.update(__version__.encode())
     return h.hexdigest()
@@ -519,22 +523,77 @@ def discard_work(paths: dict) -> None:
     Path(paths["roi_tmp"]).unlink(missing_ok=True)
 
 
-def process_subject_session(ss: SubjectSession, output_dir, config: PipelineConfig, *,
-                            work_root: str | None = None, tables_url=None, keep_work: bool = False) -> dict:
-    """Run all stages for one subject-session in this process (library use and tests)."""
-    key = resume_key(ss, config)
-    paths = work_paths(ss, output_dir, work_root)
+#: Error types of a stage that a retry may cure (IO, not bad data and not bugs).
+TRANSIENT_ERROR_TYPES = ("OSError", "TimeoutError", "ConnectionError", "BlockingIOError")
+
+#: The stages of one subject-session, in order (the names of their timings).
+STAGES = ("ingest", "reconstruct", "standardise", "write")
+
+
+def run_subject_session(ss: SubjectSession, paths: dict, output_dir, config: PipelineConfig, *,
+                        resume: str | None = None, tables_url=None, keep_work: bool = False,
+                        on_stage=None, write_retries: int = 0, retry_delay_s: float = 2.0,
+                        log: logging.Logger | logging.LoggerAdapter | None = None) -> dict:
+    """All stages of one subject-session, one after the other in this process.
+
+    This is what one orchestrator task runs (one Prefect task per subject-session: the
+    stages are plain calls, their volumes pass through the zarr group of ``paths``).
+
+    ``on_stage(stage, event, seconds)`` is called with ``event`` ``"start"`` (seconds None)
+    and ``"done"`` (the stage's wall seconds) around every stage, for progress reports.
+    ``write_retries``: attempts added to the write stage when it fails with a transient IO
+    error (:data:`TRANSIENT_ERROR_TYPES`), ``retry_delay_s`` apart.
+
+    When a stage after the reconstruction fails, the native-space maps are still written
+    (:func:`write_partial_outputs`, manifest status ``failed``) before the :class:`StageError`
+    is raised; the zarr work group is removed on any failure unless ``keep_work``.
+    Returns :func:`write_outputs`' result with ``stage_seconds`` (stage -> wall seconds).
+    """
+    log = log or logging.getLogger("qsmdask.workflows")
+    seconds: dict[str, float] = {}
+
+    def timed(stage, fn, *args, **kwargs):
+        if on_stage is not None:
+            on_stage(stage, "start", None)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds[stage] = time.perf_counter() - t0
+        if on_stage is not None:
+            on_stage(stage, "done", seconds[stage])
+        return out
+
     try:
-        meta = ingest(ss, paths)
-        recon = reconstruct(meta, config)
+        meta = timed("ingest", ingest, ss, paths)
+        recon = timed("reconstruct", reconstruct, meta, config)
         try:
-            meta = standardise_and_measure(recon, config)
-            return write_outputs(ss, meta, output_dir, config, resume=key, tables_url=tables_url,
-                                 keep_work=keep_work)
+            meta = timed("standardise", standardise_and_measure, recon, config)
+            for attempt in range(int(write_retries) + 1):
+                try:
+                    out = timed("write", write_outputs, ss, meta, output_dir, config, resume=resume,
+                                tables_url=tables_url, keep_work=keep_work)
+                    break
+                except StageError as e:
+                    if attempt == write_retries or e.error_type not in TRANSIENT_ERROR_TYPES:
+                        raise
+                    log.warning("%s: write failed (%s: %s), retry %d of %d in %.0f s", ss.key, e.error_type,
+                                e.message, attempt + 1, write_retries, retry_delay_s)
+                    time.sleep(retry_delay_s)
         except StageError as e:  # keep the finished reconstruction, then report the failure
-            write_partial_outputs(ss, recon, output_dir, config, failed_stage=e.stage, message=e.message)
+            try:
+                write_partial_outputs(ss, recon, output_dir, config, failed_stage=e.stage, message=e.message)
+                log.warning("%s: native Chimap written (partial outputs, manifest status failed)", ss.key)
+            except Exception as pe:  # noqa: BLE001 - the original failure is what the row reports
+                log.error("%s: the partial outputs could not be written either: %s", ss.key, pe)
             raise
     except BaseException:
         if not keep_work:
             discard_work(paths)
         raise
+    return {**out, "stage_seconds": seconds}
+
+
+def process_subject_session(ss: SubjectSession, output_dir, config: PipelineConfig, *,
+                            work_root: str | None = None, tables_url=None, keep_work: bool = False) -> dict:
+    """Run all stages for one subject-session in this process (library use and tests)."""
+    return run_subject_session(ss, work_paths(ss, output_dir, work_root), output_dir, config,
+                               resume=resume_key(ss, config), tables_url=tables_url, keep_work=keep_work)
