@@ -11,8 +11,11 @@
    ROI_SUBJECTS subjects: seconds and peak RSS of this process.
 Writes the "voxelwise_scale" section of docs/benchmarks.md.
 
-The simulated maps are white noise plus a planted patient effect (their generation is part of
-the stacking time; reading a real .nii.gz map costs more, see the text of the section).
+The simulated maps are cheap on purpose, so that the stacking time measures the stack: each
+subject's map is a mix of two smooth random fields (3 mm FWHM) drawn from a fixed pool of 16
+(built once per worker process), with per-subject weights, plus white noise and a planted
+patient effect (generation is part of the stacking time; reading and resampling a real
+.nii.gz map costs more, see the text of the section).
 """
 
 from __future__ import annotations
@@ -40,13 +43,49 @@ def gm_mask():
     return img.get_fdata() > 0.4, img.affine
 
 
+POOL_SIZE = 16
+_POOL = {}
+
+
+def build_field_pool(path, mask, seed: int = 12345):
+    """Write ``POOL_SIZE`` smooth unit-variance random fields (3 mm FWHM at 2 mm) inside ``mask``
+    and the patient-effect vector to ``path`` (.npz); the workers load it once (no nilearn, no
+    filtering in the timed stacking)."""
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    sigma = 3.0 / np.sqrt(8 * np.log(2)) / 2.0
+    fields = np.empty((POOL_SIZE, int(mask.sum())), np.float32)
+    for k in range(POOL_SIZE):
+        f = ndimage.gaussian_filter(rng.standard_normal(mask.shape).astype(np.float32), sigma)[mask]
+        fields[k] = f / f.std()
+    effect = np.zeros(mask.shape, np.float32)
+    effect[40:50, 50:60, 40:50] = 0.3
+    np.savez(path, mask=mask, fields=fields, effect=effect[mask])
+
+
+def _field_pool(path):
+    if path not in _POOL:
+        with np.load(path) as z:
+            _POOL[path] = (z["mask"], z["fields"], z["effect"])
+    return _POOL[path]
+
+
 def simulated_map(source):
-    """Loader of the benchmark stack: (map, None) of source (seed, shape) (patients: odd seeds)."""
-    seed, shape = source
+    """Loader of the benchmark stack: (map, None) of source (seed, pool path) (patients: odd
+    seeds): w1 * field[a] + w2 * field[b] + 0.5 * white noise (+ 0.3 in a 10^3-voxel box)."""
+    seed, path = source
+    mask, fields, effect = _field_pool(path)
     rng = np.random.default_rng(int(seed))
-    m = rng.standard_normal(shape, dtype=np.float32)
+    a, b = rng.choice(POOL_SIZE, 2, replace=False)
+    w1, w2 = rng.normal(1.0, 0.3, 2).astype(np.float32)
+    vec = rng.standard_normal(fields.shape[1], dtype=np.float32)
+    vec *= np.float32(0.5)
+    vec += w1 * fields[a]
+    vec += w2 * fields[b]
     if int(seed) % 2:
-        m[40:50, 50:60, 40:50] += 0.3
+        vec += effect
+    m = np.zeros(mask.shape, np.float32)
+    m[mask] = vec
     return m, None
 
 
@@ -128,6 +167,7 @@ def main(argv=None):
     ap.add_argument("--roi-tests", default="", help="comma-separated GroupDesign tests (default: all)")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--scheme", default="huh_jhun", choices=("huh_jhun", "freedman_lane"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     machine = machine_description()
@@ -142,17 +182,21 @@ def main(argv=None):
     n, n_vox = args.subjects, int(mask.sum())
     create_cohort_stack(store, mask, affine=affine, subject_block=args.subject_block,
                         voxel_block=args.voxel_block)
-    entries = {f"sub-{i:06d}": (f"seed{i}", (i, mask.shape)) for i in range(n)}
+    pool = str(work / "field_pool.npz")
+    build_field_pool(pool, mask)
+    entries = {f"sub-{i:06d}": (f"seed{i}", (i, pool)) for i in range(n)}
     rows = []
     res, wall, rss = with_cluster(2, lambda c: update_cohort_stack(store, entries, simulated_map, client=c))
     assert res["rows"] == n and not res["failed"], res
     size_gb = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file()) / 1e9
     rows.append({"step": "stack (2 workers)", "workers": 2, "wall s": wall, "per subject ms": 1e3 * wall / n,
-                 "peak RSS per worker MiB": rss})
+                 "peak RSS per worker MiB": rss, "load": os.getloadavg()[0]})
+    print(rows[-1], f"{size_gb:.2f} GB", flush=True)
     t0 = time.perf_counter()
     again = update_cohort_stack(store, entries, simulated_map)
     rows.append({"step": "stack rerun, nothing changed", "workers": 0, "wall s": time.perf_counter() - t0,
-                 "per subject ms": 1e3 * (time.perf_counter() - t0) / n, "peak RSS per worker MiB": float("nan")})
+                 "per subject ms": 1e3 * (time.perf_counter() - t0) / n, "peak RSS per worker MiB": float("nan"),
+                 "load": os.getloadavg()[0]})
     assert again["rows"] == 0
     rng = np.random.default_rng(1)
     keys = sorted(entries)
@@ -161,11 +205,13 @@ def main(argv=None):
     results = {}
     for k in [int(w) for w in args.workers.split(",")]:
         for label, n_perm in (("GLM t/z/p maps", 0), (f"{args.n_perm} max-T permutations", args.n_perm)):
+            load0 = os.getloadavg()[0]
             r, wall, rss = with_cluster(k, lambda c: permutation_test_stack(
-                store, design, keys=keys, client=c, n_perm=n_perm, seed=3))
+                store, design, keys=keys, client=c, n_perm=n_perm, seed=3, scheme=args.scheme))
             results[(label, k)] = r
             rows.append({"step": label, "workers": k, "wall s": wall,
-                         "per subject ms": float("nan"), "peak RSS per worker MiB": rss})
+                         "per subject ms": float("nan"), "peak RSS per worker MiB": rss,
+                         "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"})
             print(rows[-1], flush=True)
     perm_label = f"{args.n_perm} max-T permutations"
     ws = sorted({int(w) for w in args.workers.split(",")})
@@ -177,6 +223,7 @@ def main(argv=None):
         walls = {(r["step"], r["workers"]): r["wall s"] for r in rows}
         scaling = {lab: walls[(lab, ws[0])] / walls[(lab, ws[1])] / (ws[1] / ws[0])
                    for lab in ("GLM t/z/p maps", perm_label)}
+    roi_load = os.getloadavg()[0]
     roi = roi_bench(args.roi_subjects, [t for t in args.roi_tests.split(",") if t]) if args.roi_subjects else None
     shutil.rmtree(work, ignore_errors=True)
     cmd = "python bench/voxelwise_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -186,9 +233,10 @@ def main(argv=None):
         f"Command: `{cmd.strip()}`.", "",
         f"{n} simulated subjects, 2 mm MNI152 grey-matter mask (GM template > 0.4): {n_vox} voxels. "
         f"Stack: {n} x {n_vox} float32 + bool, chunks {args.subject_block} subjects x {args.voxel_block} voxels, "
-        f"{size_gb:.2f} GB on disk (zarr default zstd). Design: group + age + sex; Dask LocalCluster, "
-        "one thread per worker; peak RSS sampled every 0.2 s over the worker processes.", "",
-        markdown_table(rows, ["step", "workers", "wall s", "per subject ms", "peak RSS per worker MiB"]),
+        f"{size_gb:.2f} GB on disk (zarr default zstd). Design: group + age + sex; permutation scheme "
+        f"`{args.scheme}`; Dask LocalCluster, one thread per worker; peak RSS sampled every 0.2 s over the "
+        "worker processes; load = 1-minute load average (start-end of the step; 2 cores).", "",
+        markdown_table(rows, ["step", "workers", "wall s", "per subject ms", "peak RSS per worker MiB", "load"]),
     ]
     if scaling:
         text.append("Scaling efficiency 1 -> 2 workers: " + ", ".join(f"{k} {v:.2f}" for k, v in scaling.items())
@@ -196,7 +244,7 @@ def main(argv=None):
     if roi:
         text += ["", f"Group ROI statistics, {args.roi_subjects} simulated subjects (8 ROIs x L/R, 3 sites; "
                  f"{roi['rows']} ROI rows): `run_group_analysis` ran {roi['tests']} in "
-                 f"{roi['analysis_s']:.1f} s; peak RSS of the process {roi['peak_rss_mib']:.0f} MiB "
+                 f"{roi['analysis_s']:.1f} s (load {roi_load:.1f} at start); peak RSS of the process {roi['peak_rss_mib']:.0f} MiB "
                  f"({roi['rss_before_mib']:.0f} MiB before the analysis, table simulated in {roi['simulate_s']:.1f} s)."]
     body = "\n".join(text)
     print(body)
