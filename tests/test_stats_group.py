@@ -155,3 +155,23 @@ def test_no_session_column_multiple_atlases_and_all_tests(cohort):
     np.testing.assert_allclose(one.p, res.p, rtol=1e-12)
     assert GroupDesign(tests="all").tests == GroupDesign().tests
     assert GroupDesign.from_dict({"tests": "all"}).tests == GroupDesign().tests
+
+
+def test_bootstrap_effect_sizes_without_ranking_each_resample_are_exact():
+    """The O(B n) bootstrap of the rank-biserial (group) and matched-pairs rank-biserial
+    (hemisphere) correlations equals ranking every resample (scipy rankdata), ties included."""
+    from qsmdask.stats.group import _u1, _u1_resampled
+    from qsmdask.stats.hemisphere import _matched_rank_biserial_resampled, matched_rank_biserial
+
+    rng = np.random.default_rng(5)
+    for x, y in [(rng.normal(size=37), rng.normal(size=23)),
+                 (rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 31).astype(float))]:
+        ix, iy = rng.integers(0, x.size, (300, x.size)), rng.integers(0, y.size, (300, y.size))
+        np.testing.assert_array_equal(_u1_resampled(x, y, ix, iy, rows_per_chunk=7),
+                                      _u1(x[ix], y[iy], axis=1))
+    for d in [rng.normal(size=45), np.r_[rng.integers(-3, 4, 50).astype(float), 0.0, 0.0],
+              np.zeros(6)]:
+        idx = rng.integers(0, d.size, (300, d.size))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref = matched_rank_biserial(d[idx], axis=1)
+        np.testing.assert_array_equal(_matched_rank_biserial_resampled(d, idx, rows_per_chunk=11), ref)
