@@ -188,6 +188,48 @@ def head_rows(seed: int, ctx: Context) -> list[dict]:
     return rows
 
 
+def null_head_rows(seed: int, ctx: Context, chain: dict, snr: float = 50.0,
+                   voxel_size_mm: float = 2.0) -> list[dict]:
+    """Native ROI means of one head without and with the planted effect (one noise level, one
+    chain, references none / whole_brain / white_matter): the cheaper per-head step of the
+    null cohorts built from many heads (``--null-heads``). The white-matter prior is brought
+    to native space by the demo's quick direct affine (GRE magnitude -> 2 mm template)."""
+    from qsmdask.chain import ChainConfig, reconstruct
+    from qsmdask.kernels import voxel_size_from_affine
+    from qsmdask.reference import reference_mask, reference_value
+    from qsmdask.registration import standardise
+    from qsmdask.sim import phantom
+
+    rows, final, wm = [], None, None
+    for e in (0.0, EFFECT_PPM):
+        rv = np.random.default_rng([seed, 2])
+        values = phantom.sample_tissue_values(rv, age_years=40.0, effect_ppm=e,
+                                              effect_regions=PLANTED if e else ())
+        shape = phantom.random_shape(rv)
+        rng = np.random.default_rng([seed, 4])
+        pose = phantom.random_pose(rng, shape=shape)
+        s = phantom.simulate_session(values=values, pose=pose, rng=rng, snr=snr, t1w=False,
+                                     local_field=False, voxel_size_mm=(voxel_size_mm,) * 3)
+        vs = voxel_size_from_affine(s.affine)
+        t0 = time.perf_counter()
+        r = reconstruct(s.magnitude, s.phase_rad, s.echo_times_s, vs, b0_dir=s.b0_dir,
+                        b0_tesla=s.b0_tesla, config=ChainConfig(**chain))
+        if final is None:
+            final = r.mask
+            sn = standardise(s.magnitude[..., 0], s.affine, method="affine", quick=True,
+                             magnitude_mask=r.mask, template=ctx.tpl, template_affine=ctx.tpl_aff)
+            wm = sn.labels_to_native(ctx.wm, ctx.tpl_aff, s.brain.shape, s.affine) > 0
+        print(f"  head {seed} effect {e}: {time.perf_counter() - t0:.0f} s", flush=True)
+        labels = s.dseg.astype(np.int32)
+        for ref in ("none", "whole_brain", "white_matter"):
+            region, _ = reference_mask(ref, mask=final, voxel_size_mm=vs, prior=wm)
+            chi = np.where(final, r.chi_ppm - reference_value(r.chi_ppm, region), 0)
+            rows.append({"seed": seed, "noise": f"SNR {snr:g}", "effect": e,
+                         "stage": f"heads: chain, ref {ref}",
+                         **_roi_means(chi, labels, ctx.atlas.table, vs, final)})
+    return rows
+
+
 def shift_table(rows: pd.DataFrame, adjacent: set) -> pd.DataFrame:
     """Shift (% of the planted effect) of every non-planted ROI, mean over heads."""
     rows = rows[~rows.stage.str.startswith("_")].dropna(axis=1, how="all")
@@ -215,7 +257,7 @@ def shift_table(rows: pd.DataFrame, adjacent: set) -> pd.DataFrame:
 
 
 def null_cohorts(rows: pd.DataFrame, adjacent: set, *, chain: str, reference: str, n_cohorts: int,
-                 n_per_group: int = 8, seed: int = 0, alpha: float = 0.05) -> dict:
+                 n_per_group: int = 8, seed: int = 0, alpha: float = 0.05, stage: str | None = None) -> dict:
     """Bonferroni-significant rate per non-planted ROI across simulated cohorts.
 
     Built from the reconstructed heads (noisy, SNR 50, native, erode 1 mm, ``reference``):
@@ -232,7 +274,8 @@ def null_cohorts(rows: pd.DataFrame, adjacent: set, *, chain: str, reference: st
 
     from qsmdask.sim.phantom import BASE_CHI_PPM
 
-    g = rows[(rows.noise == "SNR 50") & (rows.stage == f"{chain}: chain, ref {reference}")]
+    stage = stage or f"{chain}: chain, ref {reference}"
+    g = rows[(rows.noise == "SNR 50") & (rows.stage == stage)]
     study = ("frontal", "temporal", "occipital", "hippocampus", "putamen", "thalamus", "cingulum",
              "cerebellum")
     cols = [f"{r}_{h}" for r in study for h in "LR"]
@@ -255,7 +298,7 @@ def null_cohorts(rows: pd.DataFrame, adjacent: set, *, chain: str, reference: st
     rate = hits / n_cohorts
     nominal = alpha / m
     upper = stats.binom.ppf(0.975, n_cohorts, nominal) / n_cohorts
-    res = {"chain": chain, "reference": reference, "cohorts": n_cohorts, "nominal per ROI": nominal,
+    res = {"chain": chain, "reference": reference, "heads": len(u), "cohorts": n_cohorts, "nominal per ROI": nominal,
            "95% upper band": upper}
     far, near = [], []
     for c, r in zip(cols, rate):
@@ -277,10 +320,17 @@ def main(argv=None):
     ap.add_argument("--write-doc", action="store_true")
     ap.add_argument("--rows", default=None, help="reuse rows saved by an earlier run (CSV)")
     ap.add_argument("--save-rows", default=None)
+    ap.add_argument("--null-heads", type=int, default=0,
+                    help="instead of part 1: null cohorts from this many distinct heads (seeds 201..), "
+                         "one chain (--null-chain), SNR 50, native ROIs")
+    ap.add_argument("--null-chain", default="{}", help="ChainConfig options as JSON (default: the defaults)")
+    ap.add_argument("--null-voxel-mm", type=float, default=2.0)
     a = ap.parse_args(argv)
     machine = machine_description()
     t0 = time.perf_counter()
     ctx = Context()
+    if a.null_heads:
+        return null_main(a, ctx, machine, t0)
     if a.rows:
         rows = pd.read_csv(a.rows)
     else:
@@ -322,6 +372,50 @@ def main(argv=None):
                   "(alpha / 16).\n\n"
                 + markdown_table([{k: r[k] for k in ncols} for r in nulls], floatfmt=".4f"))
         update_section("reference", "## Referencing and halo (`bench/reference.py`, issue 14)\n\n" + text)
+    print(f"wall {wall:.0f} s")
+
+
+def null_main(a, ctx, machine, t0):
+    """Null cohorts from ``a.null_heads`` distinct simulated heads (see :func:`null_head_rows`)."""
+    chain = json.loads(a.null_chain)
+    if a.rows:
+        rows = pd.read_csv(a.rows)
+    else:
+        rows = []
+        for seed in range(201, 201 + a.null_heads):
+            rows += null_head_rows(seed, ctx, chain, voxel_size_mm=a.null_voxel_mm)
+        rows = pd.DataFrame(rows)
+        if a.save_rows:
+            rows.to_csv(a.save_rows, index=False)
+    shifts = shift_table(rows, ctx.adjacent)
+    pd.set_option("display.width", 250)
+    print(shifts.to_string(index=False))
+    name = json.dumps(chain) if chain else "defaults"
+    nulls = [null_cohorts(rows, ctx.adjacent, chain=name, reference=ref, n_cohorts=a.cohorts,
+                          stage=f"heads: chain, ref {ref}") for ref in ("none", "whole_brain", "white_matter")]
+    ncols = ["chain", "reference", "heads", "cohorts", "nominal per ROI", "95% upper band",
+             "max rate non-planted", "worst non-planted", "frontal_L rate", "non-planted within band",
+             "power putamen_L", "power thalamus_L", "power hippocampus_L"]
+    print(pd.DataFrame(nulls)[ncols].to_string(index=False))
+    wall = time.perf_counter() - t0
+    if a.write_doc:
+        chain_arg = f" --null-chain '{a.null_chain}'" if chain else ""
+        text = ("## Null cohorts from distinct heads (`bench/reference.py --null-heads`, issue 14)\n\n"
+                f"Command: `nice python bench/reference.py --null-heads {a.null_heads}{chain_arg} "
+                f"--null-voxel-mm {a.null_voxel_mm:g} --cohorts {a.cohorts} --write-doc`. Machine: {machine} "
+                f"(shared, loaded). Wall {wall:.0f} s.\n\n"
+                f"{a.null_heads} distinct simulated heads (seeds 201..{200 + a.null_heads}: each its own head "
+                "shape, pose, tissue values, phase offset and noise), each reconstructed without and with "
+                f"+{EFFECT_PPM} ppm in putamen, thalamus and hippocampus at SNR 50, {a.null_voxel_mm:g} mm, "
+                f"chain `{name}`; white-matter prior by the quick direct affine. Shift of the non-planted ROIs "
+                "(% of the planted effect, mean over the heads):\n\n"
+                + markdown_table(shifts.to_dict("records"), floatfmt=".2f")
+                + "\nNull cohorts (`null_cohorts`: each subject a head drawn from these, plus the "
+                  "simulator's between-subject deviation; 8 patients + 8 controls, 16 Bonferroni-corrected "
+                  "Mann-Whitney tests, alpha 0.05): a non-planted ROI should stay under the upper end of "
+                  "the 95 % binomial band of its nominal rate (alpha / 16).\n\n"
+                + markdown_table([{k: r[k] for k in ncols} for r in nulls], floatfmt=".4f"))
+        update_section("reference-null", text)
     print(f"wall {wall:.0f} s")
 
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.ndimage as ndi
 
 from qsmdask import bgremove, inversion, mask as maskmod, unwrap
-from qsmdask.kernels import check_b0_dir, check_voxel_size
+from qsmdask.kernels import PaddedFFT, check_b0_dir, check_voxel_size, dipole_kernel
 
 __all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
@@ -24,7 +25,7 @@ __all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "MASK_METHODS
 MASK_METHODS = ("threshold", "bet")
 UNWRAP_METHODS = ("temporal", "laplacian", "region_growing")
 BGREMOVE_METHODS = ("lbv", "vsharp", "sharp", "pdf")
-INVERSION_METHODS = ("tkd", "tv", "iterative_tkd")
+INVERSION_METHODS = ("tkd", "tv", "iterative_tkd", "tv_laplacian")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class ChainConfig:
         (radii from the voxel size up to it); the reference study used up to 6 mm.
     sharp_threshold : truncation level of the SHARP deconvolution.
     inversion_method : "tv" (default; total variation, ADMM, with Bregman debiasing),
+        "tv_laplacian" (background removal and TV inversion in one step: the data term is the
+        Laplacian of the total field inside the mask, so harmonic background fields drop out
+        and no boundary condition is imposed on the local field; ``bgremove_method`` is then
+        unused and the final mask is the quality mask without its one-voxel boundary, as LBV's;
+        ``tv_laplacian_lambda``; same iterations and Bregman step as "tv"),
         "tkd" or "iterative_tkd"
         (Tang et al. 2013: TKD start, cone re-estimated from the image-domain
         estimate constrained to the mask and the structures of the initial estimate;
@@ -101,6 +107,8 @@ class ChainConfig:
     this less smoothed default scores nrmse 70 vs COSMOS; plain TV (no Bregman step,
     lambda 1e-3 to 1.5e-3) scores 58-57.6 there but underestimates deep-grey means by
     10-27 %.  See docs/benchmarks.md.
+    tv_laplacian_lambda : regularisation weight of "tv_laplacian" (its data term is in
+        ppm/mm^2, so the weight is not comparable with ``tv_lambda``).
     tv_mask_data : "tv" fits the field only inside the mask (``tv_admm(mask_data=True)``)
         instead of taking it as 0 outside. A focal source's field does not stop at the mask
         edge; forcing it to 0 there makes the inversion add a broad negative halo around
@@ -140,6 +148,7 @@ class ChainConfig:
     tv_bregman_max_iter: int = 15
     tv_edge_fraction: float = 0.0
     tv_mask_data: bool = False
+    tv_laplacian_lambda: float = 2e-4
     phase_sign: int = 1
     pad_voxels: tuple[int, int, int] = (16, 16, 16)
     fft_workers: int = 1
@@ -170,6 +179,8 @@ class ChainConfig:
             raise ValueError(f"sharp_threshold must be in (0, 1), got {self.sharp_threshold!r}")
         if not (self.tv_lambda > 0):
             raise ValueError(f"tv_lambda must be > 0, got {self.tv_lambda!r}")
+        if not (np.isfinite(self.tv_laplacian_lambda) and self.tv_laplacian_lambda > 0):
+            raise ValueError(f"tv_laplacian_lambda must be > 0, got {self.tv_laplacian_lambda!r}")
         if int(self.iterative_tkd_max_iter) < 1:
             raise ValueError(f"iterative_tkd_max_iter must be >= 1, got {self.iterative_tkd_max_iter!r}")
         if int(self.tv_bregman_iterations) < 0:
@@ -389,7 +400,10 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
 
     # 4. background removal
     t3 = time.perf_counter()
-    if cfg.bgremove_method == "sharp":
+    if cfg.inversion_method == "tv_laplacian":  # background removal is part of the inversion
+        eroded = ndi.binary_erosion(brain, structure=ndi.generate_binary_structure(3, 1), border_value=0)
+        local = None
+    elif cfg.bgremove_method == "sharp":
         local, eroded = bgremove.sharp(field_ppm, brain, vs, radius_mm=cfg.sharp_radius_mm,
                                        threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
     elif cfg.bgremove_method == "pdf":
@@ -403,7 +417,19 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
 
     # 5. dipole inversion
     t4 = time.perf_counter()
-    if cfg.inversion_method == "tv":
+    if cfg.inversion_method == "tv_laplacian":
+        chi = inversion.tv_admm(np.where(brain, field_ppm, 0).astype(np.float32), brain, vs, b0_dir=b,
+                                lam=cfg.tv_laplacian_lambda, max_iter=cfg.tv_max_iter,
+                                magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
+                                edge_fraction=cfg.tv_edge_fraction, laplacian_data=True,
+                                bregman_iterations=cfg.tv_bregman_iterations,
+                                bregman_max_iter=cfg.tv_bregman_max_iter,
+                                pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+        # the local field this chi explains (its dipole field inside the final mask)
+        fft = PaddedFFT(chi.shape, cfg.pad_voxels, workers=cfg.fft_workers)
+        local = fft.inverse(fft.forward(chi) * dipole_kernel(fft.padded_shape, vs, b, real=True))
+        local = np.where(eroded, local, 0).astype(np.float32)
+    elif cfg.inversion_method == "tv":
         chi = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter,
                                 magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
                                 edge_fraction=cfg.tv_edge_fraction, mask_data=bool(cfg.tv_mask_data),

@@ -24,6 +24,7 @@ __all__ = [
     "unpad_array",
     "smv_kernel",
     "laplacian_kernel",
+    "finite_difference_laplacian",
     "ellipsoid_structure",
     "erode_mask_mm",
     "distance_to_edge_mm",
@@ -195,6 +196,22 @@ def laplacian_kernel(shape, voxel_size_mm, *, real: bool = True, dtype=np.float3
     for k, h in zip(ks, vs):
         lap = lap + (2.0 * np.cos(2.0 * np.pi * k * h) - 2.0) / h ** 2
     return np.asarray(lap, dtype=dtype)
+
+
+def finite_difference_laplacian(x: np.ndarray, inv_h2, out: np.ndarray) -> np.ndarray:
+    """7-point Laplacian of ``x`` with zeros beyond the array edge, written into ``out``.
+
+    ``inv_h2``: 1 / voxel size^2 per axis (1/mm^2). The finite-difference counterpart of
+    :func:`laplacian_kernel` (which is its periodic version in k-space)."""
+    out.fill(0)
+    for ax, w in enumerate(inv_h2):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        out[tuple(lo)] += w * x[tuple(hi)]
+        out[tuple(hi)] += w * x[tuple(lo)]
+    out -= np.float32(2.0 * sum(inv_h2)) * x
+    return out
 
 
 def ellipsoid_structure(radius_mm: float, voxel_size_mm) -> np.ndarray:

@@ -42,6 +42,7 @@ def test_config_roundtrip_json():
     ({"tkd_threshold": 0.9}, "tkd_threshold"),
     ({"sharp_radius_mm": -1}, "sharp_radius_mm"),
     ({"fft_workers": 0}, "fft_workers"),
+    ({"tv_laplacian_lambda": 0}, "tv_laplacian_lambda"),
 ])
 def test_config_validation_names_parameter(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -440,3 +440,29 @@ def test_methods_paragraph_names_the_permutation_scheme():
     fl, cited = methods_paragraph(None, voxelwise=True, voxelwise_scheme="freedman_lane")
     assert "Freedman-Lane" in fl and "Huh-Jhun" not in fl and "freedman1983" in cited
     assert REFERENCES["huh2001"].startswith("Huh MH, Jhun M (2001)")
+
+
+def test_methods_cites_only_the_correction_used_and_names_reference_and_seed():
+    """Holm and Benjamini-Hochberg were cited (and listed) even when Bonferroni was used; the
+    reference and the registration seed must be named."""
+    from qsmdask.stats.design import GroupDesign
+
+    text, cited = methods_paragraph({"chain": {}, "reference": "white_matter", "registration_seed": 7},
+                                    design=GroupDesign(correction="bonferroni"))
+    assert "holm1979" not in cited and "benjamini1995" not in cited
+    assert "Holm" not in text and "Benjamini" not in text and "Bonferroni correction" in text
+    assert "white matter" in text.lower() and "seed 7" in text
+    numbers = sorted({int(n) for n in re.findall(r"\[(\d+)", text)})
+    assert numbers == list(range(1, len(cited) + 1))  # every listed reference is cited in the text
+    text, cited = methods_paragraph({"chain": {}}, design=GroupDesign(correction="holm"))
+    assert "holm1979" in cited and "benjamini1995" not in cited
+
+
+def test_methods_and_sidecar_describe_the_single_step_inversion():
+    from qsmdask.report.references import chain_method
+
+    text, cited = methods_paragraph({"chain": {"inversion_method": "tv_laplacian"}})
+    assert "one step" in text and "Laplacian of the field" in text and "LBV" not in text
+    assert "langkammer2015" in cited and "zhou2014" not in cited
+    m = chain_method({"inversion_method": "tv_laplacian"})["Method"]
+    assert "one step" in m and "LBV" not in m and "TKD" not in m

@@ -7,21 +7,9 @@ import scipy.fft
 import scipy.ndimage as ndi
 
 from qsmdask.bgremove.sharp import _check
+from qsmdask.kernels import finite_difference_laplacian as _laplacian
 
 __all__ = ["lbv"]
-
-
-def _laplacian(x: np.ndarray, inv_h2, out: np.ndarray) -> np.ndarray:
-    """7-point Laplacian of ``x`` with zeros beyond the array edge (anisotropic spacing)."""
-    out.fill(0)
-    for ax, w in enumerate(inv_h2):
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
-        out[tuple(lo)] += w * x[tuple(hi)]
-        out[tuple(hi)] += w * x[tuple(lo)]
-    out -= np.float32(2.0 * sum(inv_h2)) * x
-    return out
 
 
 def _dirichlet_eigenvalues(shape, inv_h2) -> np.ndarray:

@@ -1123,7 +1123,16 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     s.append(f"{unwrap}, and the field was estimated by a magnitude-weighted "
              f"linear fit over echo time{' with a phase offset' if ch.fit_offset else ''}"
              + (" using the left-handed sign convention" if ch.phase_sign == -1 else "") + ".")
-    if ch.bgremove_method == "lbv":
+    if ch.inversion_method == "tv_laplacian":
+        breg = (f", followed by {ch.tv_bregman_iterations} Bregman debiasing step(s) "
+                f"{cite('osher2005')} of {ch.tv_bregman_max_iter} iterations"
+                if ch.tv_bregman_iterations else "")
+        s.append("Background removal and dipole inversion were done in one step: total-variation "
+                 f"regularised inversion solved by ADMM {cite('bilgic2014')} with the Laplacian of the "
+                 f"field inside the brain mask as data {cite('langkammer2015')}, so that harmonic "
+                 f"background fields drop out (lambda {ch.tv_laplacian_lambda:g}, {ch.tv_max_iter} "
+                 f"iterations{breg}).")
+    elif ch.bgremove_method == "lbv":
         s.append(f"Background fields were removed by solving the Laplacian boundary value problem "
                  f"(LBV) {cite('zhou2014')}.")
     elif ch.bgremove_method == "vsharp":
@@ -1136,7 +1145,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     else:
         s.append(f"Background fields were removed with SHARP {cite('schweser2011')} (radius "
                  f"{ch.sharp_radius_mm:g} mm, truncation {ch.sharp_threshold:g}).")
-    if ch.inversion_method == "tv":
+    if ch.inversion_method == "tv_laplacian":
+        pass
+    elif ch.inversion_method == "tv":
         tv_ref = cite('bilgic2014')  # cited before the Bregman reference, in reading order
         breg = (f", followed by {ch.tv_bregman_iterations} Bregman debiasing step(s) "
                 f"{cite('osher2005')} of {ch.tv_bregman_max_iter} iterations"
@@ -1156,7 +1167,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     reg = {"affine": "affine", "rigid": "rigid", "syn": "symmetric diffeomorphic (SyN)"}[pc.registration]
     s.append(f"Images were registered to the MNI152 2009 template {cite('fonov2011')} "
              f"({pc.template_resolution_mm} mm) with ANTs {reg} registration {cite('avants2008')} "
-             "(through the T1-weighted image when one was available).")
+             "(through the T1-weighted image when one was available; random seed "
+             f"{pc.registration_seed} and one ITK thread per registration, so that reruns give "
+             "identical results).")
     atlas = str(pc.atlas)
     if atlas.lower() == "aal":
         at = f"the AAL atlas {cite('tzouriomazoyer2002')}"
@@ -1176,8 +1189,14 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
              f"with the inverse transform; labels were eroded by {pc.erode_mm:g} mm and ROIs with "
              f"fewer than {pc.min_voxels} voxels were excluded. Template-space maps were smoothed "
              f"with a {pc.smoothing_fwhm_mm:g} mm FWHM Gaussian for voxel-wise analyses.")
-    corr = {"bonferroni": "Bonferroni", "holm": f"Holm {cite('holm1979')}",
-            "fdr_bh": f"Benjamini-Hochberg FDR {cite('benjamini1995')}", "none": "no"}[design.correction]
+    # only the correction that was applied is named and cited (a dict of f-strings would
+    # cite every alternative)
+    if design.correction == "holm":
+        corr = f"Holm {cite('holm1979')}"
+    elif design.correction == "fdr_bh":
+        corr = f"Benjamini-Hochberg FDR {cite('benjamini1995')}"
+    else:
+        corr = {"bonferroni": "Bonferroni", "none": "no"}[design.correction]
     g1, g2 = design.groups
     s.append(f"Groups ({g1} vs {g2}) were compared per ROI and hemisphere with the Wilcoxon "
              f"rank-sum test {cite('mannwhitney1947')} with the rank-biserial correlation as "

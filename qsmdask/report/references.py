@@ -69,6 +69,9 @@ REFERENCES: dict[str, str] = {
     "bilgic2014": "Bilgic B, Fan AP, Polimeni JR, et al. (2014). Fast quantitative susceptibility "
                   "mapping with L1-regularization and automatic parameter selection. Magn Reson Med "
                   "72(5):1444-1459.",
+    "langkammer2015": "Langkammer C, Bredies K, Poser BA, et al. (2015). Fast quantitative "
+                      "susceptibility mapping using 3D EPI and total generalized variation. "
+                      "NeuroImage 111:622-630.",
     "osher2005": "Osher S, Burger M, Goldfarb D, Xu J, Yin W (2005). An iterative regularization "
                  "method for total variation-based image restoration. Multiscale Model Simul "
                  "4(2):460-489.",
@@ -124,8 +127,16 @@ def chain_method(chain: dict | None) -> dict:
                      ("wu2012", "schweser2011")),
           "pdf": ("background field removal: PDF", ("liu2011",))}.get(
         ch.bgremove_method, (f"background field removal: SHARP, radius {ch.sharp_radius_mm:g} mm", ("schweser2011",)))
-    step(bg[0], *bg[1])
-    if ch.inversion_method == "tv":
+    if ch.inversion_method == "tv_laplacian":
+        refs = ("langkammer2015", "bilgic2014") + (("osher2005",) if ch.tv_bregman_iterations else ())
+        step("background removal and dipole inversion in one step: total variation (ADMM) fitted to the "
+             f"Laplacian of the field, lambda {ch.tv_laplacian_lambda:g}"
+             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else ""), *refs)
+    else:
+        step(bg[0], *bg[1])
+    if ch.inversion_method == "tv_laplacian":
+        pass
+    elif ch.inversion_method == "tv":
         refs = ("bilgic2014", "osher2005") if ch.tv_bregman_iterations else ("bilgic2014",)
         step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
              + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else ""), *refs)
