@@ -181,6 +181,10 @@ def test_run_voxelwise_stacks_once_and_matches_in_memory(tmp_path):
     import json
     cfg = json.loads((out / "logs" / "qsmdask_voxelwise_config.json").read_text())
     assert cfg["stack"]["rows_written"] == 10
+    # what the analysis could detect is recorded (issue 14: "not detected at n = ..." with power)
+    pw = cfg["power"]
+    assert pw["n_permutations"] >= 48 and pw["dof"] == 8 and pw["fwe_t_threshold"] > 2
+    assert pw["detectable_d_power80"] > 1.0
     run_voxelwise(out, participants, options=opts)
     cfg = json.loads((out / "logs" / "qsmdask_voxelwise_config.json").read_text())
     assert cfg["stack"]["rows_written"] == 0

@@ -466,3 +466,30 @@ def test_methods_and_sidecar_describe_the_single_step_inversion():
     assert "langkammer2015" in cited and "zhou2014" not in cited
     m = chain_method({"inversion_method": "tv_laplacian"})["Method"]
     assert "one step" in m and "LBV" not in m and "TKD" not in m
+
+
+def test_report_voxelwise_nothing_significant_says_not_detected_with_power(tmp_path):
+    """Issue 14 section 4: an empty voxel-wise result says 'not detected at n = ...' and what
+    the analysis could have detected (FWE threshold and detectable effect at 80 % power)."""
+    import json
+
+    from qsmdask.perm.permute import detectable_effect_size, fwe_t_threshold
+
+    null = np.random.default_rng(3).normal(5.0, 0.5, size=499)
+    t_fwe = fwe_t_threshold(null, 0.05)
+    d = detectable_effect_size(t_fwe, 8, 8, dof=13)
+    assert 2.5 < d < 5  # 8 vs 8 at a whole-brain threshold: only very large differences
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "qsmdask_voxelwise_config.json").write_text(json.dumps({
+        "session_id": "ses-pre", "session_choice": "chronological baseline",
+        "subjects": [f"sub-{i:02d}" for i in range(16)], "n_patients": 8,
+        "power": {"fwe_alpha": 0.05, "fwe_t_threshold": t_fwe, "n_permutations": 499, "dof": 13,
+                  "detectable_d_power80": d}}))
+    t = np.zeros((12, 14, 10), np.float32)
+    t[1:11, 1:13, 1:9] = 1.5
+    logp = np.full(t.shape, 0.1, np.float32)
+    text = build_cohort_report(tmp_path, perm_results={"t": t, "logp_fwe_t": logp,
+                                                       "affine": np.diag([2.0, 2, 2, 1])}).read_text()
+    vox = text.split('<section id="voxelwise">')[1].split("</section>")[0]
+    assert "ses-pre" in vox and "<b>Not detected</b>" in vox and "n = 16 (8 patients, 8 controls)" in vox
+    assert f"t &ge; {t_fwe:.2f}" in vox and f"{d:.2f} within-group standard deviations" in vox

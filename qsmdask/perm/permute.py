@@ -77,6 +77,8 @@ from qsmdask.perm.glm import Design, t_to_z
 from qsmdask.perm.tfce import neighbour_pairs, tfce_values
 
 __all__ = [
+    "detectable_effect_size",
+    "fwe_t_threshold",
     "PermutationOptions",
     "SCHEMES",
     "resolve_scheme",
@@ -794,6 +796,41 @@ def _fwe_p(observed, null):
     srt = np.sort(np.asarray(null, dtype=np.float64))
     n_ge = srt.size - np.searchsorted(srt, np.asarray(observed, dtype=np.float64), side="left")
     return (1.0 + n_ge) / (1.0 + srt.size)
+
+
+def fwe_t_threshold(null_max_t, alpha: float = 0.05) -> float:
+    """Voxel-level FWE threshold: the smallest t whose max-T permutation p (``_fwe_p``) is < alpha.
+
+    ``null_max_t`` holds the permutation maxima (the identity included or not, as stored).
+    Returns inf when no t can reach alpha with this many permutations."""
+    srt = np.sort(np.asarray(null_max_t, dtype=np.float64))
+    if not (0 < alpha < 1) or srt.size == 0:
+        raise ValueError(f"need 0 < alpha < 1 and a non-empty null, got alpha={alpha!r}, {srt.size} maxima")
+    # p(t) = (1 + #{null >= t}) / (1 + B) < alpha  <=>  #{null >= t} <= k
+    k = int(np.ceil(alpha * (1 + srt.size) - 1)) - 1
+    if k < 0:
+        return float("inf")
+    return float(np.nextafter(srt[srt.size - 1 - k], np.inf))
+
+
+def detectable_effect_size(t_threshold: float, n1: int, n2: int, *, dof: int | None = None,
+                           power: float = 0.8) -> float:
+    """Smallest standardised group difference (Cohen's d, in within-group SDs) that a two-group
+    t statistic thresholded at ``t_threshold`` detects with probability ``power``.
+
+    The t of a true difference d follows a noncentral t with ``dof`` degrees of freedom
+    (default n1 + n2 - 2; covariates remove one each) and noncentrality
+    d * sqrt(n1 n2 / (n1 + n2)). Used to say what a voxel-wise analysis could have found when
+    it found nothing (power at the FWE threshold)."""
+    from scipy.optimize import brentq
+
+    n1, n2 = int(n1), int(n2)
+    df = int(dof) if dof is not None else n1 + n2 - 2
+    if n1 < 1 or n2 < 1 or df < 1 or not (0 < power < 1) or not np.isfinite(t_threshold):
+        raise ValueError(f"need n1, n2, dof >= 1, 0 < power < 1 and a finite threshold, got "
+                         f"n1={n1}, n2={n2}, dof={df}, power={power!r}, t={t_threshold!r}")
+    scale = np.sqrt(n1 * n2 / (n1 + n2))
+    return float(brentq(lambda d: stats.nct.sf(t_threshold, df, d * scale) - power, 0.0, 100.0))
 
 
 @dataclass

@@ -840,6 +840,8 @@ def _section_voxelwise(inp: _Inputs) -> str:
                    f"voxels passing {how}; grey: analysed voxels. "
                    + (f"<b>{n_sig}</b> voxel(s) significant." if sig is not None else "") + "</p>")
         out.append(_img(fig, "maximum-intensity projections of significant t"))
+        if sig is not None and not n_sig:
+            out.append(_not_detected(vcfg, how))
         if sig is not None and n_sig:
             peak = np.unravel_index(np.argmax(np.abs(shown)), shown.shape)
             fig = _fig(11, 3.8)
@@ -875,6 +877,25 @@ def _section_voxelwise(inp: _Inputs) -> str:
     elif t is not None:
         out.append(_note("No cluster table (group/perm_clusters.parquet)."))
     return "".join(out)
+
+
+def _not_detected(vcfg: dict, how: str) -> str:
+    """'Not detected at n = ...' with what the analysis could have detected (its power)."""
+    n = len(vcfg.get("subjects", []))
+    n1 = vcfg.get("n_patients")
+    who = f"n = {n}" + (f" ({n1} patients, {n - n1} controls)" if n and n1 is not None else "")
+    text = f"<b>Not detected</b>: no voxel passed {how} at {who}."
+    pw = vcfg.get("power") or {}
+    t_fwe, d = pw.get("fwe_t_threshold"), pw.get("detectable_d_power80")
+    if t_fwe is not None and d is not None:
+        text += (f" Power: the voxel-level FWE threshold of this analysis was t &ge; {t_fwe:.2f} "
+                 f"({pw.get('n_permutations')} permutations, {pw.get('dof')} degrees of freedom), "
+                 f"which a group difference of {d:.2f} within-group standard deviations reaches with "
+                 "80 % probability; smaller differences are likely to be missed at this n (cluster "
+                 "inference can detect spatially extended ones below that).")
+    elif t_fwe is not None:
+        text += " Too few permutations to reach this FWE level."
+    return f"<p>{text}</p>"
 
 
 def _section_postmortem(inp: _Inputs) -> str:

@@ -322,9 +322,22 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
         "perm_design_diagnostics", diag.assign(session_id=session_id)))
     written["clusters"] = str(writer.save_group_table(
         "perm_clusters", clusters.astype({c: str for c in clusters.columns if clusters[c].dtype == object})))
+    # what the analysis could detect: the voxel-level FWE threshold of its own permutation null
+    # and the group difference (in within-group SDs) found there with 80 % power
+    power = {}
+    null_t = np.asarray(res.null.get("max_t", []), dtype=np.float64)
+    if null_t.size:
+        from ..perm.permute import detectable_effect_size, fwe_t_threshold
+
+        t_fwe = fwe_t_threshold(null_t, 0.05)
+        power = {"fwe_alpha": 0.05, "fwe_t_threshold": t_fwe, "n_permutations": int(null_t.size),
+                 "dof": int(res.dof)}
+        if np.isfinite(t_fwe):
+            power["detectable_d_power80"] = detectable_effect_size(
+                t_fwe, int(group.sum()), int((1 - group).sum()), dof=int(res.dof))
     writer.write_run_config(
         {"level": "group-voxelwise", "session_id": session_id, "session_choice": how,
-         "subjects": ids, "n_patients": int(group.sum()),
+         "subjects": ids, "n_patients": int(group.sum()), "power": power,
          "covariates": sorted(cov), "covariates_dropped": dropped,
          "covariates_left_out": [{"covariate": c, "reason": r} for c, r in left_out],
          "n_voxels": int(mask.sum()),
