@@ -67,6 +67,13 @@ class ChainConfig:
         k-space truncation: keeps the slowly varying local field that sets deep-grey ROI
         means), "vsharp" (variable radius, as the reference study), "sharp" or "pdf"
         (projection onto dipole fields; no erosion).
+    single_echo_offset_fit : single-echo data only: after background removal, fit and remove
+        the field whose Laplacian is constant over the brain (the RF transceive phase, which
+        one echo cannot separate from the field and which is not harmonic; one parameter,
+        magnitude-weighted least squares; :func:`qsmdask.bgremove.remove_constant_laplacian`;
+        not applied with "tv_laplacian", which has no separate background removal).
+        Simulated heads with a physical transceive phase: chi corr 0.35 -> 0.93 at TE 20 ms
+        (docs/benchmarks.md, single-echo).
     sharp_radius_mm : SMV radius (mm) of SHARP, and the largest radius of V-SHARP
         (radii from the voxel size up to it); the reference study used up to 6 mm.
     sharp_threshold : truncation level of the SHARP deconvolution.
@@ -134,6 +141,7 @@ class ChainConfig:
     laplacian_form: str = "gradient"
     fit_offset: bool = True
     bgremove_method: str = "lbv"
+    single_echo_offset_fit: bool = True
     sharp_radius_mm: float = 6.0
     sharp_threshold: float = 0.05
     inversion_method: str = "tv"
@@ -189,6 +197,8 @@ class ChainConfig:
             raise ValueError(f"tv_bregman_max_iter must be >= 1, got {self.tv_bregman_max_iter!r}")
         if int(self.tv_max_iter) < 1:
             raise ValueError(f"tv_max_iter must be >= 1, got {self.tv_max_iter!r}")
+        if not isinstance(self.single_echo_offset_fit, (bool, np.bool_)):
+            raise ValueError(f"single_echo_offset_fit must be true or false, got {self.single_echo_offset_fit!r}")
         if not isinstance(self.tv_mask_data, (bool, np.bool_)):
             raise ValueError(f"tv_mask_data must be true or false, got {self.tv_mask_data!r}")
         if not (0 <= self.tv_edge_fraction < 1):
@@ -400,19 +410,28 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
 
     # 4. background removal
     t3 = time.perf_counter()
+
+    def remove_background(f, m):
+        if cfg.bgremove_method == "sharp":
+            return bgremove.sharp(f, m, vs, radius_mm=cfg.sharp_radius_mm, threshold=cfg.sharp_threshold,
+                                  fft_workers=cfg.fft_workers)
+        if cfg.bgremove_method == "pdf":
+            return bgremove.pdf(f, m, vs, b0_dir=b, fft_workers=cfg.fft_workers)
+        if cfg.bgremove_method == "lbv":
+            return bgremove.lbv(f, m, vs, fft_workers=cfg.fft_workers)
+        return bgremove.vsharp(f, m, vs, max_radius_mm=cfg.sharp_radius_mm, threshold=cfg.sharp_threshold,
+                               fft_workers=cfg.fft_workers)
+
+    offset_laplacian = 0.0
     if cfg.inversion_method == "tv_laplacian":  # background removal is part of the inversion
         eroded = ndi.binary_erosion(brain, structure=ndi.generate_binary_structure(3, 1), border_value=0)
         local = None
-    elif cfg.bgremove_method == "sharp":
-        local, eroded = bgremove.sharp(field_ppm, brain, vs, radius_mm=cfg.sharp_radius_mm,
-                                       threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
-    elif cfg.bgremove_method == "pdf":
-        local, eroded = bgremove.pdf(field_ppm, brain, vs, b0_dir=b, fft_workers=cfg.fft_workers)
-    elif cfg.bgremove_method == "lbv":
-        local, eroded = bgremove.lbv(field_ppm, brain, vs, fft_workers=cfg.fft_workers)
     else:
-        local, eroded = bgremove.vsharp(field_ppm, brain, vs, max_radius_mm=cfg.sharp_radius_mm,
-                                        threshold=cfg.sharp_threshold, fft_workers=cfg.fft_workers)
+        local, eroded = remove_background(field_ppm, brain)
+        if phs.shape[3] == 1 and cfg.single_echo_offset_fit:
+            # one echo: the non-harmonic (transceive) part of the phase offset is still in `local`
+            local, offset_laplacian = bgremove.remove_constant_laplacian(
+                local, eroded, brain, vs, remove_background, weight=np.square(mag[..., 0]))
     timings["time_bgremove_s"] = time.perf_counter() - t3
 
     # 5. dipole inversion
@@ -463,6 +482,10 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         "field_range_ppm": float(fb.max() - fb.min()),
         "fit_residual_rad": float(np.median(resid[brain])) if phs.shape[3] > 2 else 0.0,
         "phase_offset_std_rad": float(np.std(offset[brain])),
+        # single echo: Laplacian of the removed offset as phase (rad/m^2; about 2 mu0 omega sigma,
+        # ~1000 for brain tissue at 3 T if it is the transceive phase)
+        "single_echo_offset_laplacian_rad_per_m2": float(
+            offset_laplacian * 1e6 * cfg.phase_sign * 2 * np.pi * unwrap.GAMMA_HZ_PER_T * b0_tesla * 1e-6 * te[0]),
         "local_field_std_ppm": float(lf.std()) if lf.size else 0.0,
         "local_field_p01_ppm": float(np.percentile(lf, 1)) if lf.size else 0.0,
         "local_field_p99_ppm": float(np.percentile(lf, 99)) if lf.size else 0.0,

@@ -205,3 +205,36 @@ def test_lock_sweeps_temporary_files_of_killed_writes(tmp_path):
     with OutputLock(tmp_path) as lock:
         assert lock.swept == [Path(left)]
     assert not Path(left).exists() and done.read_bytes() == b"complete" and hidden.exists()
+
+
+def test_single_echo_t2starw_discovered(tmp_path):
+    """Single-echo GRE as BIDS names it (``part-mag|phase_T2starw``, echo entity optional, as
+    qsm-forward writes it) is read as a one-echo acquisition; a T2starw magnitude without phase
+    is not GRE phase data, and MEGRE files of the same acquisition take precedence."""
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t2s", "BIDSVersion": "1.9.0"}))
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    meta = {"EchoTime": 0.02, "MagneticFieldStrength": 3.0}
+    rng = np.random.default_rng(0)
+    anat = root / "sub-se" / "anat"
+    save_nifti(anat / "sub-se_part-mag_T2starw.nii", rng.uniform(1, 2, (10, 10, 8)).astype(np.float32), aff,
+               sidecar=meta)
+    save_nifti(anat / "sub-se_part-phase_T2starw.nii", rng.uniform(-3, 3, (10, 10, 8)).astype(np.float32), aff,
+               sidecar={**meta, "Units": "rad"})
+    # magnitude-only T2starw (no phase) next to MEGRE data; and a T2starw copy of the MEGRE acquisition
+    write_megre_subject(root, "me", n_echoes=2)
+    save_nifti(root / "sub-me" / "anat" / "sub-me_acq-swi_part-mag_T2starw.nii.gz",
+               np.ones((12, 12, 10), np.float32), aff, sidecar=meta)
+    save_nifti(root / "sub-me" / "anat" / "sub-me_part-mag_T2starw.nii.gz", np.ones((12, 12, 10), np.float32),
+               aff, sidecar=meta)
+    save_nifti(root / "sub-me" / "anat" / "sub-me_part-phase_T2starw.nii.gz", np.zeros((12, 12, 10), np.float32),
+               aff, sidecar={**meta, "Units": "rad"})
+    found = {s.key: s for s in find_subject_sessions(root)}
+    assert sorted(found) == ["sub-me", "sub-se"]
+    assert [e.phase.name for e in found["sub-me"].echoes] == [
+        "sub-me_echo-1_part-phase_MEGRE.nii.gz", "sub-me_echo-2_part-phase_MEGRE.nii.gz"]
+    se = found["sub-se"]
+    assert len(se.echoes) == 1 and se.echoes[0].echo_time_s == 0.02
+    data = load_megre(se)
+    assert data.phase_rad.shape == (10, 10, 8, 1)

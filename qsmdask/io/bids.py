@@ -1,8 +1,9 @@
 """BIDS input: discover multi-echo GRE subject-sessions, read and validate them.
 
-Layout understood (BIDS 1.9 ``MEGRE``)::
+Layout understood (BIDS 1.9 ``MEGRE``, and single-echo GRE as ``T2starw`` with ``part-``)::
 
     sub-<label>[/ses-<label>]/anat/sub-<label>[_ses-<label>][_acq-<l>][_run-<n>]_echo-<n>_part-<mag|phase>_MEGRE.nii[.gz]
+    sub-<label>[/ses-<label>]/anat/sub-<label>[_ses-<label>][_acq-<l>][_run-<n>]_part-<mag|phase>_T2starw.nii[.gz]
     sub-<label>[/ses-<label>]/anat/sub-<label>[_ses-<label>]..._T1w.nii[.gz]   (optional)
 
 Every fault raises :class:`qsmdask.io.nifti.InputError` naming the file and the problem.
@@ -274,10 +275,10 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _sidecar_metadata(nifti: Path, bids_dir: Path) -> dict:
-    """Sidecar JSON with BIDS inheritance: top-level ``*_MEGRE.json`` values, then the file's own."""
+def _sidecar_metadata(nifti: Path, bids_dir: Path, suffix: str = "MEGRE") -> dict:
+    """Sidecar JSON with BIDS inheritance: top-level ``*_<suffix>.json`` values, then the file's own."""
     meta: dict = {}
-    top = sorted(bids_dir.glob("*MEGRE.json"))
+    top = sorted(bids_dir.glob(f"*{suffix}.json"))
     for t in top:
         meta.update(read_json(t))
     own = _sidecar(nifti)
@@ -302,6 +303,13 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
                           errors: list | None = None) -> list[SubjectSession]:
     """Discover every subject-session with multi-echo GRE data.
 
+    Single-echo GRE is read from ``MEGRE`` files with one echo or from ``T2starw`` files with
+    ``part-mag``/``part-phase`` (the BIDS name of a single-echo T2*-weighted acquisition, as
+    qsm-forward and dcm2niix-based converters write it; the ``echo`` entity is optional there).
+    ``T2starw`` files without a ``part`` entity or without a phase partner are not GRE phase
+    data and are ignored; an acquisition present both as ``MEGRE`` and ``T2starw`` is read
+    from ``MEGRE`` (warning).
+
     Raises InputError for a folder that is not a BIDS dataset, for files whose names do not
     parse, for echoes missing a magnitude or phase partner or a sidecar field.
 
@@ -322,6 +330,7 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
     if participant_labels:
         wanted = {validate_label(p) for p in participant_labels}
     found: dict[tuple, dict] = {}
+    t2starw: dict[tuple, dict] = {}
     t1ws: dict[tuple, Path] = {}
     for sub_dir in sorted(bids_dir.glob("sub-*")):
         if not sub_dir.is_dir():
@@ -335,6 +344,7 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
         if wanted is not None and sub not in wanted:
             continue
         sub_found: dict[tuple, dict] = {}
+        sub_t2s: dict[tuple, dict] = {}
         try:
             for f in sorted(sub_dir.rglob("*")):
                 if not f.is_file() or not f.name.endswith(_NIFTI_EXT) or "/anat/" not in f.as_posix():
@@ -347,6 +357,14 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
                 extra = tuple((k, ents[k]) for k in ACQUISITION_ENTITIES if k in ents)
                 if suffix == "T1w":
                     t1ws.setdefault((sub, ses), f)
+                    continue
+                if suffix == "T2starw" and "part" in ents:  # single-echo GRE with phase
+                    if ents["part"] not in ("mag", "phase"):
+                        raise InputError(f, f"part-{ents['part']} not understood (expected mag or phase)")
+                    echo = ents.get("echo", "1")
+                    if not echo.isdigit():
+                        raise InputError(f, f"echo-{echo} is not an echo number")
+                    sub_t2s.setdefault((sub, ses, extra), {}).setdefault(int(echo), {})[ents["part"]] = f
                     continue
                 if suffix != "MEGRE":
                     continue
@@ -365,6 +383,15 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
             found[(sub, None, ())] = {}  # the subject was seen (for the participant-label check)
             continue
         found.update(sub_found)
+        for key, echoes in sub_t2s.items():
+            if not any("phase" in parts for parts in echoes.values()):
+                continue  # a T2*-weighted magnitude image, not GRE phase data
+            if key in sub_found:
+                log.warning("%s: T2starw files ignored, the same acquisition has MEGRE files",
+                            next(iter(next(iter(echoes.values())).values())))
+                continue
+            found[key] = echoes
+            t2starw[key] = echoes
     if wanted is not None:
         missing = wanted - {k[0] for k in found}
         if missing:
@@ -375,7 +402,8 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
         if ses is None:  # a subject whose files did not parse (already in errors)
             continue
         try:
-            out.append(_assemble(bids_dir, sub, ses, extra, echoes, t1ws))
+            out.append(_assemble(bids_dir, sub, ses, extra, echoes, t1ws,
+                                 suffix="T2starw" if (sub, ses, extra) in t2starw else "MEGRE"))
         except InputError as e:
             if errors is None:
                 raise
@@ -420,7 +448,8 @@ def _note_error(errors: list, e: InputError, sub: str, ses: str, extra: tuple = 
     errors.append(e)
 
 
-def _assemble(bids_dir: Path, sub: str, ses: str, extra: tuple, echoes: dict, t1ws: dict) -> SubjectSession:
+def _assemble(bids_dir: Path, sub: str, ses: str, extra: tuple, echoes: dict, t1ws: dict, *,
+              suffix: str = "MEGRE") -> SubjectSession:
     """Pair a subject-session's echoes with their sidecar fields and check them."""
     ech = []
     for n in sorted(echoes):
@@ -429,8 +458,8 @@ def _assemble(bids_dir: Path, sub: str, ses: str, extra: tuple, echoes: dict, t1
             if need not in parts:
                 other = next(iter(parts.values()))
                 raise InputError(other, f"echo {n} has no part-{need} partner")
-        meta = _sidecar_metadata(parts["phase"], bids_dir)
-        meta_m = _sidecar_metadata(parts["mag"], bids_dir)
+        meta = _sidecar_metadata(parts["phase"], bids_dir, suffix)
+        meta_m = _sidecar_metadata(parts["mag"], bids_dir, suffix)
         meta = {**meta_m, **meta}
         side = _sidecar(parts["phase"]) if _sidecar(parts["phase"]).exists() else parts["phase"]
         te = _float_field(meta, "EchoTime", side, lo=1e-4, hi=0.2, unit="s")

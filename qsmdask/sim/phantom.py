@@ -76,6 +76,9 @@ __all__ = [
     "dipole_field",
     "harmonic_shim",
     "smooth_random_field",
+    "TISSUE_CONDUCTIVITY_S_PER_M",
+    "transceive_phase",
+    "receiver_phase_offset",
     "wrap_phase",
     "gre_signal",
     "sample_tissue_values",
@@ -784,6 +787,122 @@ def smooth_random_field(rng: np.random.Generator, affine, shape, *, amplitude: f
     return out
 
 
+# electrical conductivity (S/m) of the head model's classes near 128 MHz (IT'IS tissue database,
+# after Gabriel et al. 1996): brain = mean of grey (0.59) and white matter (0.34), soft tissue =
+# skin/muscle/fat mixture, cavities are air
+TISSUE_CONDUCTIVITY_S_PER_M = {"air": 0.0, "soft_tissue": 0.5, "bone": 0.07, "csf": 2.14,
+                               "brain": 0.47, "cavity": 0.0}
+MU0 = 4e-7 * np.pi
+
+
+def transceive_phase(tissue: np.ndarray, voxel_size_mm, *, b0_tesla: float) -> np.ndarray:
+    """RF transceive phase of a head (rad) from its conductivity, by the Helmholtz relation.
+
+    Electrical properties tomography relates the transceive phase to the conductivity:
+    ``lap(phi_tr) = 2 mu0 omega sigma`` (omega the Larmor frequency), so phi_tr is the
+    free-space solution of that Poisson equation (spectral, on a lattice padded to twice the
+    size; the DC term of the periodic solve is restored by a quadratic). Any other solution
+    differs by a harmonic function. About 1000 rad/m^2 in brain tissue at 3 T, a phase range of
+    about 1.4 rad over an adult brain.
+
+    Parameters
+    ----------
+    tissue : uint8 tissue classes (:data:`TISSUE`).
+    voxel_size_mm : 3 floats.
+    b0_tesla : field strength (> 0).
+
+    Returns
+    -------
+    float32 phase (rad), mean 0 over the head.
+
+    References
+    ----------
+    Katscher U, van den Berg CAT. NMR Biomed 2017;30:e3729. Voigt T et al. Magn Reson Med
+    2011;66:456-466 (transceive phase, Helmholtz-based conductivity).
+    Gabriel S, Lau RW, Gabriel C. Phys Med Biol 1996;41:2271-2293 (tissue conductivities).
+    """
+    vs = _check_voxel_size("voxel_size_mm", voxel_size_mm)
+    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
+        raise ValueError(f"b0_tesla must be > 0, got {b0_tesla!r}")
+    t = np.asarray(tissue)
+    sigma = np.zeros(t.shape, dtype=np.float32)
+    for name, value in TISSUE_CONDUCTIVITY_S_PER_M.items():
+        sigma[t == TISSUE[name]] = value
+    omega = 2 * np.pi * GAMMA_HZ_PER_T * float(b0_tesla)
+    src = (2 * MU0 * omega * sigma).astype(np.float32) * np.float32(1e-6)  # rad / mm^2
+    shape = tuple(2 * n for n in t.shape)
+    mean = float(src.sum()) / float(np.prod(shape))
+    padded = np.full(shape, -np.float32(mean), dtype=np.float32)  # zero-mean source for the periodic solve
+    padded[tuple(slice(0, n) for n in t.shape)] = src - np.float32(mean)
+    k2 = np.zeros((shape[0], shape[1], shape[2] // 2 + 1), dtype=np.float32)
+    for ax, (n, v) in enumerate(zip(shape, vs)):
+        f = (scipy.fft.rfftfreq(n, d=v) if ax == 2 else scipy.fft.fftfreq(n, d=v)).astype(np.float32)
+        sh = [1, 1, 1]
+        sh[ax] = f.size
+        k2 = k2 + (2 * np.pi * f.reshape(sh)) ** 2
+    k2[0, 0, 0] = 1.0
+    spec = scipy.fft.rfftn(padded, workers=1)
+    spec /= -k2
+    spec[0, 0, 0] = 0
+    phi = scipy.fft.irfftn(spec, s=shape, workers=1)[tuple(slice(0, n) for n in t.shape)]
+    del spec, padded
+    # restore the uniform source removed with the DC term: a quadratic with Laplacian `mean`
+    ax2 = [((np.arange(n, dtype=np.float64) - (n - 1) / 2) * v) ** 2 for n, v in zip(t.shape, vs)]
+    phi = phi + (mean / 6.0) * (ax2[0][:, None, None] + ax2[1][None, :, None] + ax2[2][None, None, :])
+    head = t != TISSUE["air"]
+    if head.any():
+        phi = phi - phi[head].mean()
+    return phi.astype(np.float32)
+
+
+def _phase_ramps(rng: np.random.Generator, affine, shape, *, amplitude: float, n_terms: int = 4,
+                 min_wavelength_mm: float = 150.0) -> np.ndarray:
+    """Linear phase ramps (harmonic; readout timing delays shift k-space) from the same random
+    draws as :func:`smooth_random_field`: each term ``a cos(k.x + phase)`` linearised at the
+    centre of the field of view."""
+    a = np.asarray(affine, dtype=np.float64)
+    shape = tuple(int(s) for s in shape)
+    centre = a[:3, :3] @ ((np.asarray(shape, dtype=float) - 1) / 2) + a[:3, 3]
+    axes = _scanner_axes(a, shape)
+    out = np.zeros(shape, dtype=np.float32)
+    for _ in range(n_terms):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        k = 2 * np.pi / rng.uniform(min_wavelength_mm, 3 * min_wavelength_mm) * direction
+        ph = rng.uniform(0, 2 * np.pi)
+        amp = rng.normal(0, amplitude / np.sqrt(n_terms))
+        theta = float(k @ centre + ph)
+        out += np.float32(amp * np.cos(theta))
+        g = -amp * np.sin(theta) * k
+        for i in range(3):
+            out += np.float32(g[i]) * (axes[i] - np.float32(centre[i]))
+    return out
+
+
+def receiver_phase_offset(rng: np.random.Generator, affine, tissue: np.ndarray, *, b0_tesla: float,
+                          model: str = "transceive") -> np.ndarray:
+    """Echo-independent phase offset of coil-combined GRE phase (rad).
+
+    ``"transceive"`` (default): a constant, linear ramps (:func:`_phase_ramps`, 1.5 rad
+    amplitude scale) and the RF transceive phase of the head's conductivity
+    (:func:`transceive_phase`): harmonic apart from the transceive phase, whose Laplacian is
+    that of the tissue (about 1000 rad/m^2 in brain at 3 T). ``"plane_waves"``: the earlier
+    model, a constant plus four plane cosines of 150-450 mm wavelength and 1.5 rad amplitude
+    scale (about 4.5 rad range over the brain, 3x the transceive phase's, with a Laplacian of
+    both signs, as no conductivity gives): kept to reproduce earlier numbers. Both draw the
+    same random numbers in the same order.
+    """
+    shape = np.asarray(tissue).shape
+    const = np.float32(rng.uniform(-np.pi, np.pi))
+    if model == "plane_waves":
+        return (const + smooth_random_field(rng, affine, shape, amplitude=1.5)).astype(np.float32)
+    if model != "transceive":
+        raise ValueError(f"model must be 'transceive' or 'plane_waves', got {model!r}")
+    vs = np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+    ramps = _phase_ramps(rng, affine, shape, amplitude=1.5)
+    return (const + ramps + transceive_phase(tissue, vs, b0_tesla=b0_tesla)).astype(np.float32)
+
+
 def wrap_phase(phase_rad: np.ndarray) -> np.ndarray:
     """Wrap to [-pi, pi) as float32 (the upper end is exclusive also after rounding)."""
     p = np.mod(np.asarray(phase_rad, dtype=np.float64) + np.pi, 2 * np.pi) - np.pi
@@ -913,7 +1032,8 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
                      t1w_fov_mm=(200.0, 240.0, 224.0), t1w_snr: float = 40.0,
                      local_field: bool = True, pad_mm: float = 40.0,
                      model_resolution_mm: int | None = None,
-                     tissue_maps: dict | None = None) -> SessionSimulation:
+                     tissue_maps: dict | None = None,
+                     phase_offset: str = "transceive") -> SessionSimulation:
     """Simulate one subject-session: tissue maps, fields, multi-echo GRE and T1w.
 
     Parameters
@@ -936,6 +1056,8 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
     model_resolution_mm : 1 or 2 (None: 1 if min voxel < 1.5 mm else 2).
     tissue_maps : optional {model resolution: :func:`compose_tissue_maps` output} for these
         ``values`` and ``b0_tesla``, to share the model-space maps across sessions; read only.
+    phase_offset : receiver phase offset model, "transceive" (default) or "plane_waves" (the
+        earlier, unphysical one); see :func:`receiver_phase_offset`.
 
     Returns
     -------
@@ -1021,8 +1143,7 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
 
     # receive bias, phase offset, noise
     bias = np.exp(smooth_random_field(rng, affine, shape, amplitude=0.15))
-    offset = (np.float32(rng.uniform(-np.pi, np.pi))
-              + smooth_random_field(rng, affine, shape, amplitude=1.5)).astype(np.float32)
+    offset = receiver_phase_offset(rng, affine, tissue, b0_tesla=b0_tesla, model=phase_offset)
     m0 = (m0 * bias).astype(np.float32)
     s1 = float(np.mean(m0[brain] * np.exp(-tes[0] * r2[brain]))) if brain.any() else 0.7
     sigma = s1 / float(snr)

@@ -185,13 +185,15 @@ def reconstruct(meta: dict, config: PipelineConfig) -> dict:
         return {**meta, "qc": qc, "notes": notes, "b0_dir": b0_direction_from_affine(affine).tolist()}
 
 
-# Single-echo data: the field is the spatially unwrapped phase / (2 pi gamma B0 TE); a receiver
-# phase offset cannot be told apart from the field with one echo (docs/benchmarks.md,
-# recon-robustness (g)).
+# Single-echo data: the field is the spatially unwrapped phase / (2 pi gamma B0 TE); one echo
+# cannot separate the receiver phase offset from the field by echo time. Its harmonic part goes
+# with the background field and its transceive part (a constant Laplacian over the brain) is
+# fitted and removed (ChainConfig.single_echo_offset_fit; docs/benchmarks.md, single-echo).
 SINGLE_ECHO_NOTE = ("single echo: field = unwrapped phase / (2 pi gamma B0 TE); the receiver phase "
-                    "offset cannot be separated from the field with one echo, so any offset the "
-                    "coil combination left that is not harmonic in the brain stays in the map "
-                    "(use 2 or more echoes, or offset-free combined phase)")
+                    "offset cannot be separated from the field by echo time: its harmonic part is "
+                    "removed with the background field and its transceive part (constant Laplacian "
+                    "over the brain) by a fit, any other non-harmonic offset the coil combination "
+                    "left stays in the map (2 or more echoes separate it)")
 
 
 def _native_reference(config: PipelineConfig, sn, chi, mask, affine, labels, atlas, url, echo_times_s):
