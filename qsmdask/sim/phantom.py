@@ -19,7 +19,9 @@ Forward model (the project convention, see ``docs/architecture.md``)::
 
 where dphi_i is the phase change across one voxel along axis i at that echo time
 (intravoxel dephasing: voxels where the field is steep, next to air and bone, go dark
-at later echoes as in vivo).
+at later echoes as in vivo), and offset_rad, the echo-independent receiver phase offset of
+coil-combined phase, is a constant, linear ramps and the RF transceive phase of the head's
+conductivity (``lap(phi) = 2 mu0 omega sigma``, Helmholtz EPT; :func:`receiver_phase_offset`).
 
 Susceptibilities are in ppm relative to water/CSF; air is +9.4 ppm, bone about -2 ppm.
 
