@@ -188,7 +188,7 @@ def score_subject(bids_dir, out_dir, sub: str) -> dict:
 def _short(note: str) -> str:
     """A sidecar note without its file-name prefix, cut at the first parenthesis or semicolon."""
     text = note.split(": ", 1)[1] if note.startswith("sub-") and ": " in note else note
-    return text.split(" (")[0].split(";")[0]
+    return text.split(" (")[0].split(";")[0].split(": ")[0]
 
 
 def affine_facts(bids_dir, sub: str) -> dict:
@@ -224,8 +224,6 @@ def main(argv=None):
         return 0
     machine = machine_description()
     print(machine, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     rows, geo = [], []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for f in args.factor:
@@ -248,7 +246,7 @@ def main(argv=None):
                 rows.append(row)
                 print(rows[-1], flush=True)
                 geo.append({"model voxel mm": f"{1.0625 * f:.3g}", "sub": sub, **affine_facts(bids, sub)})
-    body = (f"## interop\n\nMachine: {machine}, commit {commit} (shared machine, loaded by other "
+    body = (f"## interop\n\nMachine: {machine} (shared machine, loaded by other "
             "jobs: times are inflated)\n\nCommand: `python bench/interop.py "
             f"--factor {' '.join(map(str, args.factor))} --b0-dir {' '.join(map(str, args.b0_dir))}`\n\n"
             "qsm-forward " + _qsm_forward_version() + " writes the BIDS data from the 2016 challenge COSMOS "
