@@ -135,10 +135,20 @@ def run_qsmdask(bids_dir, out_dir, *, extra_args=(), config: dict | None = None,
         cfg.write_text(json.dumps(config))
         args += ["--config", str(cfg)]
     e = dict(os.environ if env is None else env)
+    if not e.get("PREFECT_API_URL") and "--prefect-port" not in extra_args:
+        args += ["--prefect-port", str(_free_port())]  # not the default 4200 of a shared machine
     e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     t0 = time.perf_counter()
     p = subprocess.run(args, capture_output=True, text=True, env=e, timeout=timeout_s)
     return p.returncode, time.perf_counter() - t0, p.stdout + p.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def roi_slope(est: np.ndarray, ref: np.ndarray, labels: np.ndarray, mask: np.ndarray,
