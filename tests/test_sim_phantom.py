@@ -230,3 +230,28 @@ def test_validation_names_parameter():
         P.random_pose(rng, max_rotation_deg=-1)
     with pytest.raises(ValueError, match="resolution_mm"):
         P.load_head_model(3)
+
+
+def test_receiver_offset_is_the_transceive_phase_of_the_conductivity():
+    """The offset's non-harmonic part obeys Helmholtz EPT: lap(phi) = 2 mu0 omega sigma (948
+    rad/m^2 in brain at 3 T); both offset models draw the same random numbers (same noise)."""
+    shape, vs = (48, 48, 40), (2.0, 2.0, 2.0)
+    idx = np.indices(shape).astype(float)
+    r = np.sqrt(sum(((idx[a] - (n - 1) / 2) * v) ** 2 for a, (n, v) in enumerate(zip(shape, vs))))
+    tissue = np.zeros(shape, np.uint8)
+    tissue[r < 36] = P.TISSUE["csf"]
+    tissue[r < 32] = P.TISSUE["brain"]
+    aff = np.diag([*vs, 1.0])
+    offs = {}
+    for model in ("transceive", "plane_waves"):
+        rng = np.random.default_rng(3)
+        offs[model] = P.receiver_phase_offset(rng, aff, tissue, b0_tesla=3.0, model=model)
+        offs[model + " next draw"] = rng.uniform()
+    assert offs["transceive next draw"] == offs["plane_waves next draw"]
+    phi = offs["transceive"].astype(np.float64)
+    lap = sum((np.roll(phi, 1, a) + np.roll(phi, -1, a) - 2 * phi) / (vs[a] * 1e-3) ** 2 for a in range(3))
+    inner = r < 28
+    expected = 2 * 4e-7 * np.pi * 2 * np.pi * P.GAMMA_HZ_PER_T * 3.0 * P.TISSUE_CONDUCTIVITY_S_PER_M["brain"]
+    assert abs(np.median(lap[inner]) / expected - 1) < 0.05
+    with pytest.raises(ValueError, match="model"):
+        P.receiver_phase_offset(np.random.default_rng(0), aff, tissue, b0_tesla=3.0, model="coils")

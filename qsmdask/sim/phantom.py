@@ -836,18 +836,21 @@ def transceive_phase(tissue: np.ndarray, voxel_size_mm, *, b0_tesla: float) -> n
     mean = float(src.sum()) / float(np.prod(shape))
     padded = np.full(shape, -np.float32(mean), dtype=np.float32)  # zero-mean source for the periodic solve
     padded[tuple(slice(0, n) for n in t.shape)] = src - np.float32(mean)
-    k2 = np.zeros((shape[0], shape[1], shape[2] // 2 + 1), dtype=np.float32)
+    del src, sigma
+    spec = scipy.fft.rfftn(padded, workers=1)
+    del padded
+    k2 = np.zeros(spec.shape, dtype=np.float32)
     for ax, (n, v) in enumerate(zip(shape, vs)):
         f = (scipy.fft.rfftfreq(n, d=v) if ax == 2 else scipy.fft.fftfreq(n, d=v)).astype(np.float32)
         sh = [1, 1, 1]
         sh[ax] = f.size
-        k2 = k2 + (2 * np.pi * f.reshape(sh)) ** 2
+        k2 += (2 * np.pi * f.reshape(sh)) ** 2
     k2[0, 0, 0] = 1.0
-    spec = scipy.fft.rfftn(padded, workers=1)
     spec /= -k2
+    del k2
     spec[0, 0, 0] = 0
-    phi = scipy.fft.irfftn(spec, s=shape, workers=1)[tuple(slice(0, n) for n in t.shape)]
-    del spec, padded
+    phi = scipy.fft.irfftn(spec, s=shape, workers=1)[tuple(slice(0, n) for n in t.shape)].copy()
+    del spec
     # restore the uniform source removed with the DC term: a quadratic with Laplacian `mean`
     ax2 = [((np.arange(n, dtype=np.float64) - (n - 1) / 2) * v) ** 2 for n, v in zip(t.shape, vs)]
     phi = phi + (mean / 6.0) * (ax2[0][:, None, None] + ax2[1][None, :, None] + ax2[2][None, None, :])
