@@ -57,3 +57,13 @@ def test_study_preset_chain_runs_on_a_phantom():
                     b0_dir=p["b0_dir"], b0_tesla=3.0, config=ChainConfig.preset("study"))
     m = r.mask
     assert np.corrcoef(r.chi_ppm[m], p["chi_ppm"][m])[0, 1] >= 0.7
+
+
+def test_study_preset_sidecar_names_its_own_threshold():
+    """The Method sidecar of the iterative TKD names iterative_tkd_threshold (0.1 in the study
+    preset), not TKD's threshold (0.4)."""
+    from qsmdask.report.references import chain_method
+
+    method = chain_method({"preset": "study"})["Method"]
+    assert "iterative TKD, threshold 0.1, up to 4 iterations" in method
+    assert "threshold 0.4" not in method

@@ -141,7 +141,8 @@ def chain_method(chain: dict | None) -> dict:
         step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
              + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else ""), *refs)
     elif ch.inversion_method == "iterative_tkd":
-        step(f"dipole inversion: iterative TKD, threshold {ch.tkd_threshold:g}", "tang2013")
+        step(f"dipole inversion: iterative TKD, threshold {ch.iterative_tkd_threshold:g}, "
+             f"up to {ch.iterative_tkd_max_iter} iterations", "tang2013")
     else:
         step(f"dipole inversion: TKD, threshold {ch.tkd_threshold:g}", "shmueli2009")
     return {"Method": "qsmdask QSM chain: " + "; ".join(steps) + ".",
