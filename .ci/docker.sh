@@ -17,10 +17,8 @@
 #   QSMDASK_CI_TMP         scratch folder                 (default /tmp/qsmdask-ci)
 #   QSMDASK_DOCKER_DATA    engine data root               (default /tmp/docker-data)
 #   QSMDASK_POSTGRES_IMAGE tag of the database image      (default qsmdask-postgres:ci)
-#   QSMDASK_CI_STEPS       subset of "image manifests pods" (default "image manifests": the
-#                          pods run (.ci/pods.py) has not yet completed a flow run on this
-#                          machine kind (the Dask client lost its scheduler under load); add
-#                          "pods" to run it)
+#   QSMDASK_CI_STEPS       subset of "image manifests pods" (default: all three; "pods" alone
+#                          reuses the images built by an earlier "image" step)
 #   QSMDASK_PODS_ARGS      extra arguments of .ci/pods.py (default none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +28,7 @@ IMAGE=${QSMDASK_IMAGE:-qsmdask:ci}
 CI_TMP=${QSMDASK_CI_TMP:-/tmp/qsmdask-ci}
 DATA_ROOT=${QSMDASK_DOCKER_DATA:-/tmp/docker-data}
 PG_IMAGE=${QSMDASK_POSTGRES_IMAGE:-qsmdask-postgres:ci}
-STEPS=${QSMDASK_CI_STEPS:-image manifests}
+STEPS=${QSMDASK_CI_STEPS:-image manifests pods}
 DEMO_ARGS=${QSMDASK_DEMO_ARGS:---subjects 2 --n-workers 1}
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 K8S_VERSION=1.29.0
@@ -243,6 +241,9 @@ for s in $STEPS; do
     pods)
       # the manifests step puts kubectl on PATH when the machine has none
       command -v kubectl >/dev/null || step "manifest tools" manifest_tools
+      # run on its own (QSMDASK_CI_STEPS=pods, images built earlier): start the engine too
+      [ -n "${DOCKER:-}" ] || step "install docker.io, debootstrap" install_tools
+      step "start Docker engine" start_engine
       # shellcheck disable=SC2086
       step "pods as containers (.ci/pods.py)" python3 .ci/pods.py --image "$IMAGE" \
           --postgres-image "$PG_IMAGE" --work "$CI_TMP/pods" ${QSMDASK_PODS_ARGS:-}

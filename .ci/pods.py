@@ -395,13 +395,26 @@ def main(argv=None) -> int:
     import pandas as pd
 
     pods_roi, ref_roi = roi_table(tables), roi_table(ref_out)
-    keys = [c for c in ("participant_id", "session_id", "roi", "hemisphere", "level", "space") if c in ref_roi.columns]
+    # one row per subject-session x acquisition entities x measure x atlas label (ROI rows of
+    # the per-label level share roi/hemisphere, so the label is part of the key)
+    keys = [c for c in ("participant_id", "session_id", "acq", "ce", "rec", "dir", "run", "measure", "atlas",
+                        "roi", "hemisphere", "level", "label", "space") if c in ref_roi.columns]
+    assert not ref_roi.duplicated(keys).any(), f"the reference ROI table is not unique on {keys}"
     dup = int(pods_roi.duplicated(keys).sum())
     merged = ref_roi[keys].merge(pods_roi[keys], how="outer", indicator=True)
     lost = int((merged["_merge"] == "left_only").sum())
     extra = int((merged["_merge"] == "right_only").sum())
     log(f"ROI rows: reference {len(ref_roi)}, pods {len(pods_roi)}; lost {lost}, duplicated {dup}, unexpected {extra}")
     assert len(ref_roi) > 0 and lost == 0 and dup == 0 and extra == 0 and len(pods_roi) == len(ref_roi)
+    # the values too: every measured column equal to the single-process run (run-time columns aside)
+    values = [c for c in ref_roi.columns if c not in keys and not c.startswith("qc_time_") and c != "qc_recon_seconds"]
+    both = ref_roi.merge(pods_roi, on=keys, suffixes=("_ref", "_pods"))
+    differing = [c for c in values
+                 if not both[f"{c}_ref"].equals(both[f"{c}_pods"])
+                 and not (both[f"{c}_ref"].isna() & both[f"{c}_pods"].isna()
+                          | (both[f"{c}_ref"] == both[f"{c}_pods"])).all()]
+    log(f"ROI values: {len(values)} columns compared, differing: {differing}")
+    assert not differing, differing
     ref_maps = tree_digests(ref_out, "sub-*/**/*.nii*")
     pod_maps = tree_digests(tables, "sub-*/**/*.nii*")
     differ = sorted(k for k in ref_maps if pod_maps.get(k) != ref_maps[k])
