@@ -27,7 +27,7 @@ truth in the final mask, and the mean absolute error of the deep-grey ROI means 
 thalamus, caudate, pallidum, hippocampus, amygdala; L and R; each map's own mean over these
 ROIs removed, so the undetermined offset does not count), in ppb.
 
-Command: ``nice python bench/halo.py [--seed 101] [--write-doc]`` (~10 min on 2 cores).
+Command: ``nice python bench/halo.py [--seed 101] [--write-doc]`` (~20 min on the loaded 2-core machine).
 """
 
 from __future__ import annotations
