@@ -180,6 +180,7 @@ def test_chain_method_options(changes):
     assert np.corrcoef(r.chi_ppm[m], p["chi_ppm"][m])[0, 1] >= 0.7
 
 
+@pytest.mark.slow  # four 2 mm TV inversions: ~25 s idle, 90 s on the loaded shared machine
 def test_tv_laplacian_single_step_keeps_a_deep_source_local():
     """Issue 14 halo: LBV's boundary condition (local field 0 at the mask edge) removes the part
     of a deep source's field that is harmonic in the brain, and the inversion turns it into a
