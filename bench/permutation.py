@@ -146,7 +146,7 @@ def main(argv=None):
     body = [
         "Voxel-wise permutation inference, `qsmdask.perm.permutation_test` (schemes `huh_jhun`, the "
         "default, and `freedman_lane`) vs `nilearn.mass_univariate.permuted_ols` (nilearn 0.14, n_jobs=1, "
-        "exact Freedman-Lane), measured side by side in one run: each row set is "
+        "Freedman-Lane with the nuisance refit), measured side by side in one run: each row set is "
         f"{args.repeats} interleaved repeats (ours with each scheme, then nilearn), the table gives the median "
         "per-permutation times and the median and range of the ratios to nilearn of the same repeat.",
         "",
