@@ -25,6 +25,8 @@ without the single-echo offset fit (issue 15, defect 3).
 Usage: python bench/recon.py [--quick] [--no-write] [--skip-2016] [--skip-timing] [--skip-heads]
        python bench/recon.py --robustness [--seeds 5 7] [--no-write]
        python bench/recon.py --single-echo [--seeds 5 7] [--no-write]
+       python bench/recon.py --pairs [--seeds 5 7]   (only (e), printed, with air-zone scores)
+       python bench/recon.py --f-rows SUBSTR          (only those (f) rows, printed)
 """
 
 from __future__ import annotations
@@ -306,10 +308,11 @@ def _load_head(seed, tmp):
             "chi": load_nifti(truth / "sub-01_desc-truth_Chimap.nii.gz")[0],
             "brain": load_nifti(truth / "sub-01_desc-truth_mask.nii.gz")[0] > 0, "rois": rois,
             "local": load_nifti(truth / "sub-01_desc-truthlocal_fieldmap.nii.gz")[0],
+            "total": load_nifti(truth / "sub-01_desc-truthtotal_fieldmap.nii.gz")[0],
             "dseg": dseg, "table": table}
 
 
-def _head_scores(h, r):
+def _head_scores(h, r, air=False):
     """Coverage of the true brain, chi correlation and ROI slope (ROI mean - mask mean, estimate
     on truth, least squares over the simulator's tissue regions) in the final mask."""
     m = r.mask
@@ -320,11 +323,49 @@ def _head_scores(h, r):
         if s.sum() >= 10:
             est.append(r.chi_ppm[s].mean() - r.chi_ppm[m].mean())
             tru.append(h["chi"][s].mean() - h["chi"][m].mean())
-    return {"quality-mask coverage %": 100 * float((r.quality_mask & tb).sum() / tb.sum()),
+    out = {"quality-mask coverage %": 100 * float((r.quality_mask & tb).sum() / tb.sum()),
             "final-mask coverage %": 100 * float((m & tb).sum() / tb.sum()),
             "chi corr": _corr(r.chi_ppm, h["chi"], m),
             "chi corr in true brain": _corr(r.chi_ppm, h["chi"], m & tb),
             "ROI slope": float(np.polyfit(tru, est, 1)[0]), "n ROIs": len(est)}
+    if air:
+        out.update(_air_scores(h, r))
+    return out
+
+
+def _air_scores(h, r):
+    """Accuracy next to air-tissue interfaces: true-brain voxels whose true background field
+    (total - local) differs most from its brain median (top decile: next to the sinuses and the
+    mastoid air cells). Coverage of that zone by the final mask, chi correlation and demeaned
+    NRMSE % there (in the final mask)."""
+    tb = h["brain"]
+    bg = np.abs(h["total"] - h["local"] - np.median((h["total"] - h["local"])[tb]))
+    zone = tb & (bg >= np.percentile(bg[tb], 90))
+    z = zone & r.mask
+    e = r.chi_ppm[z] - r.chi_ppm[z].mean()
+    t = h["chi"][z] - h["chi"][z].mean()
+    return {"air-zone coverage %": 100 * float(z.sum() / zone.sum()),
+            "air-zone chi corr": _corr(r.chi_ppm, h["chi"], z),
+            "air-zone nrmse %": 100 * float(np.linalg.norm(e - t) / np.linalg.norm(t))}
+
+
+def bench_pairs(seeds):
+    """(e) only: `quality_pairs` all vs inside, with the air-tissue zone scores."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            h = _load_head(seed, tmp)
+            for pairs in ("all", "inside"):
+                t0 = time.perf_counter()
+                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
+                                config=DEFAULT.replace(quality_pairs=pairs))
+                rows.append({"seed": seed, "quality_pairs": pairs, **_head_scores(h, r, air=True),
+                             "time s": time.perf_counter() - t0})
+                print(rows[-1], flush=True)
+    print(markdown_table(rows, floatfmt=".3g"))
+    return 0
 
 
 ECHO_SETS = {"3 echoes (4/12/20 ms)": [0, 1, 2], "2 echoes (4/12 ms)": [0, 1],
@@ -364,6 +405,8 @@ STUDY_2016 = {
     "TV lam 1.5e-3, 30 it (no Bregman)": dict(inversion_method="tv", tv_lambda=1.5e-3, tv_max_iter=30,
                                               tv_bregman_iterations=0),
     "default chain inversion (TV + Bregman)": dict(),
+    "tv_laplacian: TV on the field's Laplacian (chain defaults: lam 2e-4, Bregman)": dict(
+        inversion_method="tv_laplacian"),
 }
 
 
@@ -377,11 +420,15 @@ def _invert_cfg(cfg_dict, f, m, vs):
                                        max_iter=c.iterative_tkd_max_iter, tol=c.iterative_tkd_tol,
                                        structure_mask="initial" if n_sd > 0 else None,
                                        structure_n_sd=n_sd or 2.0)
+    if c.inversion_method == "tv_laplacian":  # the given local field as the field, its Laplacian as data
+        return inversion.tv_admm(f, m, vs, lam=c.tv_laplacian_lambda, max_iter=c.tv_max_iter,
+                                 laplacian_data=True, bregman_iterations=c.tv_bregman_iterations,
+                                 bregman_max_iter=c.tv_bregman_max_iter)
     return inversion.tv_admm(f, m, vs, lam=c.tv_lambda, max_iter=c.tv_max_iter,
                              bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter)
 
 
-def bench_study_2016():
+def bench_study_2016(only=None):
     import nibabel as nib
     from qsm_ci.qsm_eval import score_arrays
 
@@ -393,6 +440,8 @@ def bench_study_2016():
     labels = nib.load(DATA / "evaluation_labels.nii.gz").get_fdata().astype(int)
     rows = []
     for name, cfg in STUDY_2016.items():
+        if only and only not in name:
+            continue
         chi, dt, rss = run_isolated(_invert_cfg, cfg, f, m, vs)
         s_c, _ = score_arrays(chi, cosmos, m, kind="chi")
         est = [chi[(labels == k) & m].mean() - chi[m].mean() for k in range(1, 12) if ((labels == k) & m).any()]
@@ -530,8 +579,17 @@ def main(argv=None):
     ap.add_argument("--skip-heads", action="store_true")
     ap.add_argument("--robustness", action="store_true", help="run only section recon-robustness")
     ap.add_argument("--single-echo", action="store_true", help="run only section single-echo")
+    ap.add_argument("--pairs", action="store_true",
+                    help="run only (e), quality_pairs all vs inside with air-zone scores; prints, writes nothing")
+    ap.add_argument("--f-rows", metavar="SUBSTR",
+                    help="run only the (f) rows whose name contains SUBSTR; prints, writes nothing")
     ap.add_argument("--seeds", type=int, nargs="+", default=[5, 7])
     args = ap.parse_args(argv)
+    if args.pairs:
+        return bench_pairs(args.seeds)
+    if args.f_rows:
+        print(markdown_table(bench_study_2016(args.f_rows), floatfmt=".3g"))
+        return 0
     if args.robustness:
         return main_robustness(args)
     if args.single_echo:
