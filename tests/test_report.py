@@ -137,7 +137,7 @@ def _synthetic_output(tmp_path: Path, *, with_perm: bool = False) -> tuple[Path,
     write_parquet(failures, out / "failures.parquet")
     DerivativesWriter(out).write_run_config(
         {"level": "participant", "bids_dir": str(bids),
-         "config": {"chain": {"bgremove_method": "sharp", "tkd_threshold": 0.2},
+         "config": {"chain": {"bgremove_method": "sharp", "inversion_method": "tkd", "tkd_threshold": 0.2},
                     "registration": "syn", "atlas": "aal"}})
     if with_perm:
         # the workflow's QC figure of the QC outlier (inlined by the report's QC section)
