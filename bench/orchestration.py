@@ -4,7 +4,7 @@
 
 For each count N: a BIDS tree of N subject-sessions (N/2 subjects x 2 sessions; tiny 8^3 NIfTI
 files, hard links of one template), a PostgreSQL 15 server (run as an unprivileged user) with
-a Prefect server on it, and a Dask LocalCluster whose workers run **labelled synthetic
+a Prefect server on it, and a Dask LocalCluster (its scheduler runs in the flow process) whose workers run **labelled synthetic
 stages**: ``ingest``, ``reconstruct``, ``standardise`` and ``write`` of
 ``qsmdask.workflows.participant`` are replaced in the worker processes by functions that sleep
 a fixed duration (STAGE_S each) and return ``"synthetic": True``; ``write`` writes a real ROI
@@ -81,6 +81,12 @@ class Postgres:
             return {"task_runs": int(t), "logs": int(lg), "artifacts": int(a)}
         except ValueError:
             return {}
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def stop(self):
         self._run(PG_BIN / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop", check=False)
@@ -213,22 +219,78 @@ class APIPoller(threading.Thread):
         self.join(timeout=60)
 
 
-def tree_cpu_s() -> dict:
-    """CPU seconds (user + system) of this process and of each live descendant, by pid."""
+def _kind(p) -> str:
+    """Which part of the run a process is: flow, dask worker, prefect server, postgres."""
+    import psutil
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return "other"
+    if p.pid == os.getpid():
+        return "flow"
+    if "postgres" in cmd or "postgres" in p.name() or p.name() == "postmaster":
+        return "postgres"
+    if "prefect" in cmd and "server" in cmd:
+        return "prefect server"
+    if "dask_scheduler" in cmd:
+        return "dask scheduler"
+    if "multiprocessing" in cmd or "spawn_main" in cmd or "dask_worker" in cmd:
+        return "dask workers"
+    return "other"
+
+
+def tree_cpu_s(extra_roots=()) -> dict:
+    """CPU seconds (user + system) of this process and of each live descendant, by pid, and
+    of the ``extra_roots`` pids and theirs (PostgreSQL: pg_ctl daemonises it)."""
     import psutil
     me = psutil.Process()
+    procs = [me] + me.children(recursive=True)
+    for pid in extra_roots:
+        try:
+            root = psutil.Process(pid)
+            procs += [root] + root.children(recursive=True)
+        except psutil.Error:
+            pass
     out = {}
-    for p in [me] + me.children(recursive=True):
+    for p in procs:
         try:
             t = p.cpu_times()
-            out[p.pid] = t.user + t.system
+            out[p.pid] = (t.user + t.system, _kind(p))
         except psutil.Error:
             pass
     return out
 
 
-def cpu_used(before: dict, after: dict) -> float:
-    return sum(after[k] - before.get(k, 0.0) for k in after)
+def cpu_used(before: dict, after: dict, kind: str | None = None) -> float:
+    return sum(after[k][0] - before.get(k, (0.0, ""))[0] for k in after if kind is None or after[k][1] == kind)
+
+
+class Snapshots(threading.Thread):
+    """Every ``interval_s``: elapsed, completed task runs, flow RSS, DB size, API p95 so far, load
+    (printed as one line each, so a run stopped before its end still shows its trajectory)."""
+
+    def __init__(self, pg, rss, poller, interval_s=60.0):
+        super().__init__(daemon=True)
+        self.pg, self.rss, self.poller, self.interval, self.halt = pg, rss, poller, interval_s, threading.Event()
+
+    def run(self):
+        t0 = time.perf_counter()
+        while not self.halt.wait(self.interval):
+            try:
+                out = self.pg._run("psql", "-h", "127.0.0.1", "-p", self.pg.port, "-U", "postgres", "-d",
+                                   self.pg.db, "-At", "-c", "select count(*) from task_run where state_type = "
+                                   "'COMPLETED'", check=False)
+                snap = {"snapshot s": round(time.perf_counter() - t0), "completed": out.stdout.strip(),
+                        "flow RSS MiB": round(self.rss.samples[-1][1]) if self.rss.samples else None,
+                        "DB MiB": round(self.pg.size_mb(), 1),
+                        "API p95 task runs s": round(p95(self.poller.tasks_s[-60:]), 3),
+                        "load": os.getloadavg()[0]}
+                print(snap, file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 - a snapshot never stops the run
+                print({"snapshot error": str(e)}, file=sys.stderr, flush=True)
+
+    def stop(self):
+        self.halt.set()
 
 
 def p95(xs):
@@ -236,7 +298,7 @@ def p95(xs):
     return float(np.percentile(xs, 95)) if xs else float("nan")
 
 
-def run_count(n: int, args, work: Path) -> dict:
+def run_count(n: int, args, work: Path, pg=None) -> dict:
     from distributed import Client, LocalCluster
     bids, out = work / "bids", work / "out"
     t0 = time.perf_counter()
@@ -262,7 +324,11 @@ def run_count(n: int, args, work: Path) -> dict:
         rss, poller = RSS(), APIPoller(os.environ["PREFECT_API_URL"])
         rss.start(), poller.start()
         import psutil
-        cpu0, flow_cpu0 = tree_cpu_s(), sum(psutil.Process().cpu_times()[:2])
+        roots = [pg.pid()] if pg is not None and pg.pid() else []
+        snaps = Snapshots(pg, rss, poller) if pg is not None else None
+        if snaps:
+            snaps.start()
+        cpu0, flow_cpu0 = tree_cpu_s(roots), sum(psutil.Process().cpu_times()[:2])
         t0 = time.perf_counter()
         try:
             res = flow(str(bids), str(out))
@@ -271,7 +337,12 @@ def run_count(n: int, args, work: Path) -> dict:
             res = {"done": [], "failed": [], "skipped": []}
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         wall = time.perf_counter() - t0
-        cpu = cpu_used(cpu0, tree_cpu_s())
+        cpu1 = tree_cpu_s(roots)
+        if snaps:
+            snaps.stop()
+        cpu = cpu_used(cpu0, cpu1)
+        for kind in ("dask scheduler", "dask workers", "prefect server", "postgres"):
+            row[f"CPU s/ss {kind}"] = cpu_used(cpu0, cpu1, kind) / n
         flow_cpu = sum(psutil.Process().cpu_times()[:2]) - flow_cpu0
         poller.stop()
         samples = rss.stop()
@@ -327,13 +398,22 @@ def checksum_bench(n: int, mb: float, work: Path) -> dict:
     t0 = time.perf_counter()
     cold = plan_participants(bids, out, cfg)
     t_cold = time.perf_counter() - t0
+    # what a finished run leaves: each subject-session's ROI table, then its manifest
+    import pandas as pd
+    from qsmdask.io.derivatives import DerivativesWriter
+    w = DerivativesWriter(out)
+    for ss, key in cold.todo:
+        roi = pd.DataFrame({"participant_id": [ss.participant_id], "roi": ["putamen"], "mean_ppm": [0.05]})
+        files = [w.save_roi_table(ss.subject, ss.session, roi)]
+        w.write_manifest(ss.subject, ss.session, files, config=cfg.to_dict(),
+                         status={"status": "done", "resume_key": key})
     t0 = time.perf_counter()
     warm = plan_participants(bids, out, cfg)
     t_warm = time.perf_counter() - t0
-    assert [k for _, k in cold.todo] == [k for _, k in warm.todo]  # same resume keys
+    assert len(warm.skipped) == n and not warm.todo, (len(warm.skipped), len(warm.todo))  # all up to date
     return {"subject-sessions": n, "input MB per ss": size / 2**20, "plan, inputs read s": t_cold,
-            "read ss": cold.checksums_read, "replan, cached s": t_warm, "cached ss": warm.checksums_cached,
-            "GB not re-read": n * size / 1e9}
+            "read ss": cold.checksums_read, "resume plan (all up to date) s": t_warm,
+            "cached ss": warm.checksums_cached, "GB not re-read": n * size / 1e9}
 
 
 def main(argv=None):
@@ -345,15 +425,16 @@ def main(argv=None):
     ap.add_argument("--worker-memory-gb", type=float, default=4.0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--checksum", default=None, metavar="N,MB",
-                    help="also time planning of N subject-sessions with MB-sized inputs, first plan vs replan")
+    ap.add_argument("--checksum", default=None, metavar="N,MB[;N,MB]",
+                    help="also time planning of N subject-sessions with MB-sized inputs: first plan vs the plan "
+                         "of a resume (several: separated by ';')")
     args = ap.parse_args(argv)
     machine = machine_description()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="qsmdask-bench-orch-"))
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # the PostgreSQL user must reach its data folder below
     rows = []
-    for n in [int(c) for c in args.counts.split(",")]:
+    for n in [int(c) for c in args.counts.split(",") if c]:
         work = base / f"n{n}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -368,7 +449,7 @@ def main(argv=None):
         from qsmdask.orchestration.server import ensure_prefect_api
         try:
             api = ensure_prefect_api(port=free_port(), home=work / "prefect", timeout_s=900)
-            row = run_count(n, args, work)
+            row = run_count(n, args, work, pg)
             row["DB MiB"] = pg.size_mb()
             row.update(pg.counts())
         finally:
@@ -386,8 +467,8 @@ def main(argv=None):
         if row.get("error"):
             break
     ck_rows = []
-    if args.checksum:
-        n_ck, mb = args.checksum.split(",")
+    for spec in filter(None, (args.checksum or "").split(";")):
+        n_ck, mb = spec.split(",")
         work = base / "checksum"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -396,7 +477,7 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
     cmd = "python bench/orchestration.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cols = ["subject-sessions", "done", "failed", "wall s", "wall s/ss", "overhead s/ss", "CPU s/ss",
-            "flow CPU s/ss", "plan s", "resume s", "flow RSS at 25% MiB", "flow RSS peak MiB",
+            "flow CPU s/ss", "CPU s/ss dask scheduler", "CPU s/ss dask workers", "CPU s/ss prefect server", "CPU s/ss postgres", "plan s", "resume s", "flow RSS at 25% MiB", "flow RSS peak MiB",
             "API p95 flow run s", "API p95 task runs s", "DB MiB", "task_runs", "logs", "load start", "load end",
             "error"]
     parts = [
@@ -409,8 +490,9 @@ def main(argv=None):
         "(one Prefect task run per subject-session) on a Prefect server backed by PostgreSQL 15. "
         "Overhead per subject-session = wall x slots / N - the synthetic time; CPU s/ss = CPU seconds of every "
         "process of the run (flow process with the Dask scheduler, workers, Prefect server, PostgreSQL) per "
-        "subject-session, all of it orchestration since the synthetic stages sleep.", "",
-        markdown_table(rows, cols)]
+        "subject-session, all of it orchestration since the synthetic stages sleep.", ""]
+    if rows:
+        parts.append(markdown_table(rows, cols))
     if ck_rows:
         parts += ["", "Planning with real-size inputs (`--checksum N,MB`: two MEGRE files of that size per "
                   "subject-session, hard links of one file, so this times SHA-256 from the page cache, not a disk):", "",

@@ -178,13 +178,28 @@ def _chain_error(fut, key: str = "", stage: str | None = None):
     state = fut.state
     if not state.is_final():
         where = stage or "orchestration"
+        cause = _dask_error(fut)
         return wf.StageError(key, where, RuntimeError(
             f"the {where} stage did not finish (Prefect state {state.type.value}): "
-            "its Dask worker or the scheduler connection was lost"))
+            + (f"the Dask task raised {cause}" if cause else
+               "its Dask worker or the scheduler connection was lost")))
     res = state.result(raise_on_failure=False)
     if isinstance(res, BaseException):
         return res
     return RuntimeError(f"subject-session did not complete (Prefect state {state.type.value})")
+
+
+def _dask_error(fut) -> str:
+    """``"Type: message"`` of the Dask task behind a Prefect future that raised outside the
+    Prefect task engine (e.g. the task could not be unpickled on the worker), else ``""``."""
+    inner = getattr(fut, "wrapped_future", None)
+    try:
+        if inner is not None and inner.status == "error":
+            e = inner.exception(timeout=5)
+            return f"{type(e).__name__}: {e}"
+    except Exception:  # noqa: BLE001 - the scheduler may be gone too
+        pass
+    return ""
 
 
 def in_flight_window(client, per_thread: int = 4, minimum: int = 64) -> int:

@@ -99,6 +99,23 @@ def test_unfinished_chain_is_a_failure_row_not_a_flow_crash():
     assert err.stage == "reconstruct" and err.key == "sub-01_ses-pre"
     assert "PENDING" in err.message and "did not finish" in err.message
     assert _chain_error(_StateFuture(Pending()), "sub-01_ses-pre", None).stage == "orchestration"
+    # a Dask task that raised outside the Prefect engine: its error is in the row
+    from distributed import Client, LocalCluster
+
+    def unpicklable_on_worker():
+        raise ModuleNotFoundError("No module named 'flows'")
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc, \
+            Client(lc, set_as_default=False) as c:
+        inner = c.submit(unpicklable_on_worker, pure=False)
+        try:
+            inner.result()
+        except ModuleNotFoundError:
+            pass
+        fut = _StateFuture(Pending())
+        fut.wrapped_future = inner
+        err = _chain_error(fut, "sub-01_ses-pre", None)
+    assert err.stage == "orchestration" and "ModuleNotFoundError: No module named 'flows'" in err.message
     boom = StageError("sub-01_ses-pre", "write", OSError("disk full"))
     assert _chain_error(_StateFuture(Failed(data=boom)), "sub-01_ses-pre", "write") is boom
 

@@ -132,3 +132,31 @@ def test_manifest_intact_checks_size_and_mtime_then_reads_on_change(tmp_path, mo
     for e in man["files"]:
         e.pop("mtime_ns", None)
     assert not w.manifest_intact(man) and len(digests) == 3
+
+
+def test_discovery_lists_the_dataset_root_once(tmp_path, monkeypatch):
+    """Discovery listed the dataset folder (one entry per subject) for every echo: quadratic in
+    the cohort (10,000 subject-sessions: 40,000 listings of 5,000 entries). Once now, and a
+    top-level sidecar still applies to every subject-session."""
+    import json
+    from pathlib import Path
+
+    from tests.conftest import write_megre_subject
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    for i in range(6):
+        write_megre_subject(root, f"{i:02d}", "pre", seed=i, shape=(4, 4, 4))
+    (root / "echo-1_MEGRE.json").write_text(json.dumps({"Manufacturer": "Acme"}))
+    calls = []
+    real_glob = Path.glob
+
+    def counting_glob(self, pattern, *a, **k):
+        if pattern.endswith("MEGRE.json"):
+            calls.append(pattern)
+        return real_glob(self, pattern, *a, **k)
+
+    monkeypatch.setattr(Path, "glob", counting_glob)
+    found = find_subject_sessions(root)
+    assert len(found) == 6 and len(calls) == 1
