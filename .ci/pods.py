@@ -387,7 +387,8 @@ def main(argv=None) -> int:
         # the group level and the permutations ran on the Dask workers
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
         log(f"task prefixes seen by the scheduler: {prefixes}")
-        for needed in ("reconstruct", "run_group_analysis", "run_voxelwise_on_worker"):
+        # the participant stages run inside one task per subject-session (flows.participant)
+        for needed in ("subject_session_task", "run_group_analysis", "run_voxelwise_on_worker"):
             assert any(needed in pfx for pfx in prefixes), (needed, prefixes)
         client.close()
 
@@ -423,6 +424,11 @@ def main(argv=None) -> int:
     group = sorted(p.name for p in (tables / "group").glob("*.parquet"))
     log(f"group tables: {group}")
     assert group, "no group-level table"
+    # the voxel-wise analysis finished (the flow completes with it skipped when it fails)
+    vcfg = tables / "logs" / "qsmdask_voxelwise_config.json"
+    assert vcfg.exists(), f"the voxel-wise analysis did not finish: no {vcfg.name}"
+    power = json.loads(vcfg.read_text()).get("power") or {}
+    log(f"voxel-wise: {power}")
     pd.set_option("display.width", 160)
     print(f"pods.py OK: {args.subjects} subjects, participant + group level on PostgreSQL-backed Prefect, "
           f"2 Dask workers (1 killed mid-run), flow run {t_run:.0f} s, reference {t_ref:.0f} s, "

@@ -421,3 +421,20 @@ def test_huh_jhun_kernel_independent_of_threads_grouping_and_blocks(two_sided):
                                 two_sided=two_sided, block_voxels=bv)
         np.testing.assert_allclose(hj_to_t(mx, prep.dof), one["max_t"], rtol=1e-6)
         assert np.abs(cnt - one["count_unc"]).max() <= 1
+
+
+def test_detectable_effect_size_is_total_at_tiny_samples():
+    """Found by the pods run (4 subjects, 2 vs 2): the FWE threshold is so high that no effect
+    below 100 SDs reaches 80 % power, and brentq's fixed bracket failed the whole voxel-wise
+    analysis. The bracket now grows; an unreachable threshold is inf, a trivial one 0."""
+    from scipy import stats
+
+    from qsmdask.perm.permute import detectable_effect_size
+
+    d = detectable_effect_size(30.0, 2, 2, dof=2)
+    assert 100 > d > 10
+    scale = np.sqrt(2 * 2 / 4)
+    assert stats.nct.sf(30.0, 2, d * scale) == pytest.approx(0.8, abs=1e-6)
+    assert 100 < detectable_effect_size(200.0, 2, 2, dof=1) < np.inf
+    assert detectable_effect_size(-5.0, 8, 8) == 0.0  # any effect passes a threshold below the null
+    assert detectable_effect_size(1e9, 2, 2, dof=1) == np.inf

@@ -493,3 +493,24 @@ def test_report_voxelwise_nothing_significant_says_not_detected_with_power(tmp_p
     vox = text.split('<section id="voxelwise">')[1].split("</section>")[0]
     assert "ses-pre" in vox and "<b>Not detected</b>" in vox and "n = 16 (8 patients, 8 controls)" in vox
     assert f"t &ge; {t_fwe:.2f}" in vox and f"{d:.2f} within-group standard deviations" in vox
+
+
+def test_report_voxelwise_undetectable_at_this_n(tmp_path):
+    """2 vs 2 subjects: no difference reaches the FWE threshold with 80 % power; the report says
+    so instead of 'too few permutations' (the config stores null, JSON has no inf)."""
+    import json
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "qsmdask_voxelwise_config.json").write_text(json.dumps({
+        "session_id": "ses-pre", "session_choice": "chronological baseline",
+        "subjects": ["sub-01", "sub-02", "sub-03", "sub-04"], "n_patients": 2,
+        "power": {"fwe_alpha": 0.05, "fwe_t_threshold": 1e9, "n_permutations": 199, "dof": 1,
+                  "detectable_d_power80": None, "undetectable_at_this_n": True}}))
+    t = np.zeros((12, 14, 10), np.float32)
+    t[1:11, 1:13, 1:9] = 1.5
+    logp = np.full(t.shape, 0.1, np.float32)
+    text = build_cohort_report(tmp_path, perm_results={"t": t, "logp_fwe_t": logp,
+                                                       "affine": np.diag([2.0, 2, 2, 1])}).read_text()
+    vox = text.split('<section id="voxelwise">')[1].split("</section>")[0]
+    assert "which no group difference reaches with 80 % probability at this n" in vox
+    assert "Too few permutations" not in vox

@@ -830,7 +830,18 @@ def detectable_effect_size(t_threshold: float, n1: int, n2: int, *, dof: int | N
         raise ValueError(f"need n1, n2, dof >= 1, 0 < power < 1 and a finite threshold, got "
                          f"n1={n1}, n2={n2}, dof={df}, power={power!r}, t={t_threshold!r}")
     scale = np.sqrt(n1 * n2 / (n1 + n2))
-    return float(brentq(lambda d: stats.nct.sf(t_threshold, df, d * scale) - power, 0.0, 100.0))
+
+    def excess(d):
+        return stats.nct.sf(t_threshold, df, d * scale) - power
+
+    if excess(0.0) >= 0:  # a threshold at or below the null's own quantile: any effect
+        return 0.0
+    hi = 10.0
+    while not excess(hi) > 0:  # tiny samples and high FWE thresholds need very large effects
+        if hi >= 1e6 or not np.isfinite(excess(hi)):
+            return float("inf")  # undetectable at this n and threshold
+        hi *= 10.0
+    return float(brentq(excess, 0.0, hi))
 
 
 @dataclass

@@ -893,6 +893,10 @@ def _not_detected(vcfg: dict, how: str) -> str:
                  f"which a group difference of {d:.2f} within-group standard deviations reaches with "
                  "80 % probability; smaller differences are likely to be missed at this n (cluster "
                  "inference can detect spatially extended ones below that).")
+    elif t_fwe is not None and pw.get("undetectable_at_this_n"):
+        text += (f" Power: the voxel-level FWE threshold of this analysis was t &ge; {t_fwe:.2f} "
+                 f"({pw.get('n_permutations')} permutations, {pw.get('dof')} degrees of freedom), "
+                 "which no group difference reaches with 80 % probability at this n.")
     elif t_fwe is not None:
         text += " Too few permutations to reach this FWE level."
     return f"<p>{text}</p>"

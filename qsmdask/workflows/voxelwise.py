@@ -333,8 +333,10 @@ def run_voxelwise(output_dir, participants: pd.DataFrame, *, options: VoxelwiseO
         power = {"fwe_alpha": 0.05, "fwe_t_threshold": t_fwe, "n_permutations": int(null_t.size),
                  "dof": int(res.dof)}
         if np.isfinite(t_fwe):
-            power["detectable_d_power80"] = detectable_effect_size(
-                t_fwe, int(group.sum()), int((1 - group).sum()), dof=int(res.dof))
+            d80 = detectable_effect_size(t_fwe, int(group.sum()), int((1 - group).sum()), dof=int(res.dof))
+            # inf: no difference reaches the threshold with 80 % probability at this n (JSON has no inf)
+            power["detectable_d_power80"] = d80 if np.isfinite(d80) else None
+            power["undetectable_at_this_n"] = not np.isfinite(d80)
     writer.write_run_config(
         {"level": "group-voxelwise", "session_id": session_id, "session_choice": how,
          "subjects": ids, "n_patients": int(group.sum()), "power": power,
