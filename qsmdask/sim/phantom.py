@@ -760,6 +760,20 @@ def harmonic_shim(field_ppm: np.ndarray, mask: np.ndarray, coords_mm, *,
     return (field_ppm - fit).astype(np.float32), coef
 
 
+def _plane_wave_draws(rng: np.random.Generator, amplitude: float, n_terms: int,
+                      min_wavelength_mm: float):
+    """The random draws of one plane-cosine term after another: wave vector k (rad/mm, random
+    direction, wavelength in [min, 3 min] mm), phase and amplitude ~ N(0, amplitude^2 / n_terms).
+    Shared by :func:`smooth_random_field` and :func:`_phase_ramps` so both see the same draws."""
+    for _ in range(n_terms):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        k = 2 * np.pi / rng.uniform(min_wavelength_mm, 3 * min_wavelength_mm) * direction
+        ph = rng.uniform(0, 2 * np.pi)
+        amp = rng.normal(0, amplitude / np.sqrt(n_terms))
+        yield k, ph, amp
+
+
 def smooth_random_field(rng: np.random.Generator, affine, shape, *, amplitude: float,
                         n_terms: int = 4, min_wavelength_mm: float = 150.0) -> np.ndarray:
     """Smooth random field on a lattice: a sum of low-frequency plane cosines.
@@ -775,12 +789,7 @@ def smooth_random_field(rng: np.random.Generator, affine, shape, *, amplitude: f
     a = np.asarray(affine, dtype=np.float64)
     shape = tuple(int(s) for s in shape)
     out = np.zeros(shape, dtype=np.float32)
-    for _ in range(n_terms):
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction)
-        k = 2 * np.pi / rng.uniform(min_wavelength_mm, 3 * min_wavelength_mm) * direction
-        ph = rng.uniform(0, 2 * np.pi)
-        amp = rng.normal(0, amplitude / np.sqrt(n_terms))
+    for k, ph, amp in _plane_wave_draws(rng, amplitude, n_terms, min_wavelength_mm):
         per_axis = k @ a[:3, :3]
         e = [np.exp(1j * per_axis[i] * np.arange(shape[i])).astype(np.complex64) for i in range(3)]
         c0 = np.complex64(amp * np.exp(1j * (k @ a[:3, 3] + ph)))
@@ -870,12 +879,7 @@ def _phase_ramps(rng: np.random.Generator, affine, shape, *, amplitude: float, n
     centre = a[:3, :3] @ ((np.asarray(shape, dtype=float) - 1) / 2) + a[:3, 3]
     axes = _scanner_axes(a, shape)
     out = np.zeros(shape, dtype=np.float32)
-    for _ in range(n_terms):
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction)
-        k = 2 * np.pi / rng.uniform(min_wavelength_mm, 3 * min_wavelength_mm) * direction
-        ph = rng.uniform(0, 2 * np.pi)
-        amp = rng.normal(0, amplitude / np.sqrt(n_terms))
+    for k, ph, amp in _plane_wave_draws(rng, amplitude, n_terms, min_wavelength_mm):
         theta = float(k @ centre + ph)
         out += np.float32(amp * np.cos(theta))
         g = -amp * np.sin(theta) * k
