@@ -43,20 +43,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._report import machine_description, markdown_table, update_section  # noqa: E402
-from bench.reference import EFFECT_PPM, PLANTED, STUDY_ROIS, _adjacent_rois, _roi_means  # noqa: E402
-
-
-def _simulate(seed: int, effect: float, snr: float):
-    from qsmdask.sim import phantom
-
-    rv = np.random.default_rng([seed, 2])
-    values = phantom.sample_tissue_values(rv, age_years=40.0, effect_ppm=effect,
-                                          effect_regions=PLANTED if effect else ())
-    shape = phantom.random_shape(rv)
-    rng = np.random.default_rng([seed, 4])
-    pose = phantom.random_pose(rng, shape=shape)
-    return phantom.simulate_session(values=values, pose=pose, rng=rng, snr=snr, t1w=False,
-                                    local_field=True)
+from bench.reference import EFFECT_PPM, PLANTED, STUDY_ROIS, _adjacent_rois, _roi_means, _simulate  # noqa: E402
 
 
 DEEP = ("putamen", "thalamus", "caudate", "pallidum", "hippocampus", "amygdala")
@@ -78,7 +65,7 @@ def head_table(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
     from qsmdask.kernels import voxel_size_from_affine
 
     cfg = ChainConfig(tv_mask_data=True)
-    sims = {e: _simulate(seed, e, snr) for e in (0.0, EFFECT_PPM)}
+    sims = {e: _simulate(seed, e, snr, t1w=False) for e in (0.0, EFFECT_PPM)}
     s0 = sims[0.0]
     vs = voxel_size_from_affine(s0.affine)
     recon = {}

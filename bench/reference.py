@@ -59,7 +59,10 @@ STUDY_ROIS = ("frontal", "temporal", "occipital", "parietal", "cingulum", "cereb
               "amygdala", "caudate", "pallidum")
 
 
-def _simulate(seed: int, effect: float, snr: float):
+def _simulate(seed: int, effect: float, snr: float, *, t1w: bool = True, local_field: bool = True,
+              **session_kw):
+    """Head ``seed`` with ``effect`` ppm planted in PLANTED (same values, pose and noise with and
+    without it); ``session_kw`` goes to ``phantom.simulate_session`` (e.g. ``voxel_size_mm``)."""
     from qsmdask.sim import phantom
 
     rv = np.random.default_rng([seed, 2])
@@ -68,8 +71,8 @@ def _simulate(seed: int, effect: float, snr: float):
     shape = phantom.random_shape(rv)
     rng = np.random.default_rng([seed, 4])
     pose = phantom.random_pose(rng, shape=shape)
-    return phantom.simulate_session(values=values, pose=pose, rng=rng, snr=snr, t1w=True,
-                                    local_field=True)
+    return phantom.simulate_session(values=values, pose=pose, rng=rng, snr=snr, t1w=t1w,
+                                    local_field=local_field, **session_kw)
 
 
 def _roi_means(chi, labels, table, vs, mask, erode_mm=1.0) -> pd.Series:
@@ -198,18 +201,10 @@ def null_head_rows(seed: int, ctx: Context, chain: dict, snr: float = 50.0,
     from qsmdask.kernels import voxel_size_from_affine
     from qsmdask.reference import reference_mask, reference_value
     from qsmdask.registration import standardise
-    from qsmdask.sim import phantom
 
     rows, final, wm = [], None, None
     for e in (0.0, EFFECT_PPM):
-        rv = np.random.default_rng([seed, 2])
-        values = phantom.sample_tissue_values(rv, age_years=40.0, effect_ppm=e,
-                                              effect_regions=PLANTED if e else ())
-        shape = phantom.random_shape(rv)
-        rng = np.random.default_rng([seed, 4])
-        pose = phantom.random_pose(rng, shape=shape)
-        s = phantom.simulate_session(values=values, pose=pose, rng=rng, snr=snr, t1w=False,
-                                     local_field=False, voxel_size_mm=(voxel_size_mm,) * 3)
+        s = _simulate(seed, e, snr, t1w=False, local_field=False, voxel_size_mm=(voxel_size_mm,) * 3)
         vs = voxel_size_from_affine(s.affine)
         t0 = time.perf_counter()
         r = reconstruct(s.magnitude, s.phase_rad, s.echo_times_s, vs, b0_dir=s.b0_dir,

@@ -468,29 +468,36 @@ def test_methods_and_sidecar_describe_the_single_step_inversion():
     assert "one step" in m and "LBV" not in m and "TKD" not in m
 
 
+def _voxelwise_section_without_findings(tmp_path, subjects, n_patients, power) -> str:
+    """The voxel-wise section of a report whose analysis (baseline ses-pre) found nothing:
+    a recorded voxel-wise configuration with ``power`` and a flat t map below threshold."""
+    import json
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "qsmdask_voxelwise_config.json").write_text(json.dumps({
+        "session_id": "ses-pre", "session_choice": "chronological baseline",
+        "subjects": subjects, "n_patients": n_patients, "power": power}))
+    t = np.zeros((12, 14, 10), np.float32)
+    t[1:11, 1:13, 1:9] = 1.5
+    logp = np.full(t.shape, 0.1, np.float32)
+    text = build_cohort_report(tmp_path, perm_results={"t": t, "logp_fwe_t": logp,
+                                                       "affine": np.diag([2.0, 2, 2, 1])}).read_text()
+    return text.split('<section id="voxelwise">')[1].split("</section>")[0]
+
+
 def test_report_voxelwise_nothing_significant_says_not_detected_with_power(tmp_path):
     """Issue 14 section 4: an empty voxel-wise result says 'not detected at n = ...' and what
     the analysis could have detected (FWE threshold and detectable effect at 80 % power)."""
-    import json
-
     from qsmdask.perm.permute import detectable_effect_size, fwe_t_threshold
 
     null = np.random.default_rng(3).normal(5.0, 0.5, size=499)
     t_fwe = fwe_t_threshold(null, 0.05)
     d = detectable_effect_size(t_fwe, 8, 8, dof=13)
     assert 2.5 < d < 5  # 8 vs 8 at a whole-brain threshold: only very large differences
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "qsmdask_voxelwise_config.json").write_text(json.dumps({
-        "session_id": "ses-pre", "session_choice": "chronological baseline",
-        "subjects": [f"sub-{i:02d}" for i in range(16)], "n_patients": 8,
-        "power": {"fwe_alpha": 0.05, "fwe_t_threshold": t_fwe, "n_permutations": 499, "dof": 13,
-                  "detectable_d_power80": d}}))
-    t = np.zeros((12, 14, 10), np.float32)
-    t[1:11, 1:13, 1:9] = 1.5
-    logp = np.full(t.shape, 0.1, np.float32)
-    text = build_cohort_report(tmp_path, perm_results={"t": t, "logp_fwe_t": logp,
-                                                       "affine": np.diag([2.0, 2, 2, 1])}).read_text()
-    vox = text.split('<section id="voxelwise">')[1].split("</section>")[0]
+    vox = _voxelwise_section_without_findings(
+        tmp_path, [f"sub-{i:02d}" for i in range(16)], 8,
+        {"fwe_alpha": 0.05, "fwe_t_threshold": t_fwe, "n_permutations": 499, "dof": 13,
+         "detectable_d_power80": d})
     assert "ses-pre" in vox and "<b>Not detected</b>" in vox and "n = 16 (8 patients, 8 controls)" in vox
     assert f"t &ge; {t_fwe:.2f}" in vox and f"{d:.2f} within-group standard deviations" in vox
 
@@ -498,19 +505,9 @@ def test_report_voxelwise_nothing_significant_says_not_detected_with_power(tmp_p
 def test_report_voxelwise_undetectable_at_this_n(tmp_path):
     """2 vs 2 subjects: no difference reaches the FWE threshold with 80 % power; the report says
     so instead of 'too few permutations' (the config stores null, JSON has no inf)."""
-    import json
-
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "qsmdask_voxelwise_config.json").write_text(json.dumps({
-        "session_id": "ses-pre", "session_choice": "chronological baseline",
-        "subjects": ["sub-01", "sub-02", "sub-03", "sub-04"], "n_patients": 2,
-        "power": {"fwe_alpha": 0.05, "fwe_t_threshold": 1e9, "n_permutations": 199, "dof": 1,
-                  "detectable_d_power80": None, "undetectable_at_this_n": True}}))
-    t = np.zeros((12, 14, 10), np.float32)
-    t[1:11, 1:13, 1:9] = 1.5
-    logp = np.full(t.shape, 0.1, np.float32)
-    text = build_cohort_report(tmp_path, perm_results={"t": t, "logp_fwe_t": logp,
-                                                       "affine": np.diag([2.0, 2, 2, 1])}).read_text()
-    vox = text.split('<section id="voxelwise">')[1].split("</section>")[0]
+    vox = _voxelwise_section_without_findings(
+        tmp_path, ["sub-01", "sub-02", "sub-03", "sub-04"], 2,
+        {"fwe_alpha": 0.05, "fwe_t_threshold": 1e9, "n_permutations": 199, "dof": 1,
+         "detectable_d_power80": None, "undetectable_at_this_n": True})
     assert "which no group difference reaches with 80 % probability at this n" in vox
     assert "Too few permutations" not in vox
