@@ -349,6 +349,19 @@ def _air_scores(h, r):
             "air-zone nrmse %": 100 * float(np.linalg.norm(e - t) / np.linalg.norm(t))}
 
 
+def _pairs_rows(h, seed, *, air):
+    """One head reconstructed with `quality_pairs` all and inside: its score rows (printed)."""
+    rows = []
+    for pairs in ("all", "inside"):
+        t0 = time.perf_counter()
+        r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
+                        config=DEFAULT.replace(quality_pairs=pairs))
+        rows.append({"seed": seed, "quality_pairs": pairs, **_head_scores(h, r, air=air),
+                     "time s": time.perf_counter() - t0})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_pairs(seeds):
     """(e) only: `quality_pairs` all vs inside, with the air-tissue zone scores."""
     import tempfile
@@ -356,14 +369,7 @@ def bench_pairs(seeds):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            h = _load_head(seed, tmp)
-            for pairs in ("all", "inside"):
-                t0 = time.perf_counter()
-                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
-                                config=DEFAULT.replace(quality_pairs=pairs))
-                rows.append({"seed": seed, "quality_pairs": pairs, **_head_scores(h, r, air=True),
-                             "time s": time.perf_counter() - t0})
-                print(rows[-1], flush=True)
+            rows += _pairs_rows(_load_head(seed, tmp), seed, air=True)
     print(markdown_table(rows, floatfmt=".3g"))
     return 0
 
@@ -379,13 +385,7 @@ def bench_robustness_heads(seeds):
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             h = _load_head(seed, tmp)
-            for pairs in ("all", "inside"):
-                t0 = time.perf_counter()
-                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
-                                config=DEFAULT.replace(quality_pairs=pairs))
-                pairs_rows.append({"seed": seed, "quality_pairs": pairs, **_head_scores(h, r),
-                                   "time s": time.perf_counter() - t0})
-                print(pairs_rows[-1], flush=True)
+            pairs_rows += _pairs_rows(h, seed, air=False)
             for name, idx in ECHO_SETS.items():
                 r = reconstruct(h["mag"][..., idx], h["phase"][..., idx], h["te"][idx], h["vs"],
                                 b0_dir=h["b0"], b0_tesla=3.0, config=DEFAULT)
