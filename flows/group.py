@@ -84,6 +84,7 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
         except Exception as e:  # the ROI statistics above stand on their own
             log.error("voxel-wise analysis failed: %s: %s", type(e).__name__, e)
             res = {"skipped": f"failed: {type(e).__name__}: {e}"}
+            written["voxelwise_failed"] = f"{type(e).__name__}: {e}"
         if "skipped" in res:
             log.warning("voxel-wise analysis skipped: %s", res["skipped"])
         else:
@@ -91,11 +92,18 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
                      res["session_id"] or "no sessions", res["session_choice"], res["n_subjects"],
                      res["n_voxels"], res["n_significant_clusters"])
             written.update({f"perm_{k}": v for k, v in res["written"].items()})
-        if res.get("covariates_left_out"):  # listed with the other skipped analyses
-            extra = pd.DataFrame([("voxelwise", why) for _, why in res["covariates_left_out"]],
-                                 columns=["test", "reason"])
-            tables["skipped"] = pd.concat([tables["skipped"], extra], ignore_index=True)
+        # listed with the other analyses not run: the voxel-wise analysis itself when it was
+        # skipped or failed, and the covariates it left out
+        rows = ([("voxelwise", res["skipped"])] if "skipped" in res else []) + [
+            ("voxelwise", why) for _, why in res.get("covariates_left_out", [])]
+        if rows:
+            extra = pd.DataFrame(rows, columns=["test", "reason"])
+            tables["skipped"] = pd.concat([tables.get("skipped"), extra], ignore_index=True)
             written["skipped"] = str(writer.save_group_table("skipped", tables["skipped"]))
+    removed = writer.prune_group_outputs([v for k, v in written.items() if k != "voxelwise_failed"])
+    if removed:  # an earlier run's results must not be read (by the report) as this run's
+        log.info("removed %d group output(s) of an earlier run that this run did not produce: %s",
+                 len(removed), ", ".join(Path(str(r)).name for r in removed))
     stage("cohort report")
     report = build_cohort_report(output_dir, bids_dir, tables_url=tables_url)
     log.info("cohort report: %s", report)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SUBJECTS_FAILED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SUBJECTS_FAILED, EXIT_ANALYSIS_FAILED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 EXIT_CODES_HELP = """exit codes:
@@ -30,6 +30,8 @@ EXIT_CODES_HELP = """exit codes:
   1    error (bad input, bad configuration, crash): one line, the traceback with --debug
   2    usage error (bad arguments)
   3    finished, but some subject-sessions failed (listed, and in OUTPUT_DIR/failures.parquet)
+  4    group level finished, but the voxel-wise analysis failed (ROI statistics and report
+       written; the error is in the log and in group/skipped.parquet)
   130  interrupted (SIGINT, Ctrl-C)
   143  terminated (SIGTERM: kill, SLURM, Kubernetes)"""
 
@@ -539,11 +541,20 @@ def _run_level(args, cfg, design, validation_errors=None) -> int:
         return EXIT_OK
     written = run_group(args.bids_dir, args.output_dir, design=design, n_perm=args.n_perm,
                         tables_url=args.tables_url)
-    n_tables = len([k for k in written if k != "report"])
+    n_tables = len([k for k in written if k not in ("report", "voxelwise_failed")])
     group_dir = _tables_root(args.output_dir, args.tables_url)
     print(f"group level: {n_tables} table(s) in {str(group_dir).rstrip('/')}/group; "
           f"report {written.get('report')}")
-    return EXIT_OK
+    return _voxelwise_status(written)
+
+
+def _voxelwise_status(written: dict) -> int:
+    """EXIT_ANALYSIS_FAILED (one line on stderr) when the group level's voxel-wise analysis failed."""
+    if "voxelwise_failed" not in written:
+        return EXIT_OK
+    print(f"voxel-wise analysis failed: {written['voxelwise_failed']} (the ROI statistics and the "
+          "report were written; see group/skipped.parquet and the log)", file=sys.stderr)
+    return EXIT_ANALYSIS_FAILED
 
 
 def _cmd_serve(args) -> int:
@@ -610,7 +621,7 @@ def _cmd_demo(args) -> int:
     if res["failed"]:
         _print_failures(res["failed"])
         return EXIT_SUBJECTS_FAILED
-    return EXIT_OK
+    return _voxelwise_status(written)
 
 
 def _interrupted(args, exc: KeyboardInterrupt) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qsmdask.cli import EXIT_OK, EXIT_SUBJECTS_FAILED, main
+from qsmdask.cli import EXIT_ANALYSIS_FAILED, EXIT_OK, EXIT_SUBJECTS_FAILED, main
 from qsmdask.io.nifti import save_nifti
 from qsmdask.kernels import b0_direction_from_affine, dipole_kernel
 
@@ -25,7 +25,7 @@ def tiny_cohort(tmp_path_factory):
     return root
 
 
-def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api, capsys):
+def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api, capsys, monkeypatch):
     out = tmp_path / "derivatives"
     rc = main(["run", str(tiny_cohort), str(out), "participant", "--n-workers", "2"])
     first = capsys.readouterr()
@@ -76,6 +76,28 @@ def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api
     assert "http://" not in html and "<script src" not in html
     png = out / "sub-01/anat/sub-01_desc-recon_qc.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a group rerun whose voxel-wise analysis fails: exit 4, the reason in skipped.parquet, and
+    # the first run's voxel-wise maps and clusters gone (before: left in place, and the report
+    # showed them as this run's results)
+    assert (out / "group" / "perm_t.nii.gz").exists() and (out / "group" / "perm_clusters.parquet").exists()
+    assert "No voxel-wise permutation results" not in html
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated failure of the voxel-wise analysis")
+
+    monkeypatch.setattr("flows.group.run_voxelwise", broken)
+    capsys.readouterr()
+    rc = main(["run", str(tiny_cohort), str(out), "group", "--n-perm", "10"])
+    assert rc == EXIT_ANALYSIS_FAILED
+    assert "voxel-wise analysis failed: RuntimeError: simulated failure" in capsys.readouterr().err
+    assert not list((out / "group").glob("perm_*")) and not (out / "logs/qsmdask_voxelwise_config.json").exists()
+    sk = pd.read_parquet(out / "group" / "skipped.parquet")
+    assert sk[sk["test"] == "voxelwise"]["reason"].str.contains("failed: RuntimeError").any()
+    html = (out / "report.html").read_text()
+    assert "No voxel-wise permutation results" in html and "simulated failure" in html
+    assert (out / "group" / "group_wilcoxon.parquet").exists()  # the ROI statistics stand
+    monkeypatch.undo()
 
     # rerun: nothing to do
     capsys.readouterr()

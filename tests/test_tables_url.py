@@ -52,6 +52,40 @@ def test_write_read_tables_on_urls(table_root):
         assert not isinstance(a, str)  # a local Path comes back
 
 
+def test_group_outputs_of_an_earlier_run_are_pruned(tmp_path, table_root):
+    """A group rerun leaves only what it wrote: an earlier run's voxel-wise maps, cluster table,
+    TFCE map and voxel-wise config would otherwise be read by the report as current results."""
+    from qsmdask.io.nifti import save_nifti
+    from qsmdask.io.tables import list_tables
+
+    out = tmp_path / "out"
+    w = DerivativesWriter(out, tables_url=table_root)
+    df = pd.DataFrame({"a": [1]})
+    for n in ("group_wilcoxon", "paired_ttest", "perm_clusters"):  # an earlier run's tables
+        w.save_group_table(n, df)
+    maps = [save_nifti(out / "group" / f"perm_{n}.nii.gz", np.zeros((2, 2, 2), np.float32), np.eye(4))
+            for n in ("t", "logp_fwe_tfce")]
+    w.write_run_config({"level": "group-voxelwise"}, name="qsmdask_voxelwise_config.json")
+    (out / "group" / "notes.txt").write_text("a user's file")
+
+    # this run: ROI statistics only, voxel-wise failed (nothing perm_* written)
+    now = [w.save_group_table("group_wilcoxon", df), w.save_group_table("skipped", df)]
+    removed = w.prune_group_outputs(now)
+    left = sorted(str(f).rsplit("/", 1)[-1] for f in list_tables(w.group_folder()))
+    assert left == ["group_wilcoxon.parquet", "skipped.parquet"]
+    assert not any(m.exists() for m in maps) and not (out / "logs/qsmdask_voxelwise_config.json").exists()
+    assert (out / "group" / "notes.txt").exists()  # only the group level's own outputs go
+    assert {str(f).rsplit("/", 1)[-1] for f in removed} == {
+        "paired_ttest.parquet", "perm_clusters.parquet", "perm_t.nii.gz", "perm_logp_fwe_tfce.nii.gz",
+        "qsmdask_voxelwise_config.json"}
+
+    # a run whose voxel-wise analysis wrote maps keeps them and its config
+    t = save_nifti(out / "group" / "perm_t.nii.gz", np.zeros((2, 2, 2), np.float32), np.eye(4))
+    w.write_run_config({"level": "group-voxelwise"}, name="qsmdask_voxelwise_config.json")
+    assert w.prune_group_outputs(now + [t, w.save_group_table("perm_clusters", df)]) == []
+    assert t.exists() and (out / "logs/qsmdask_voxelwise_config.json").exists()
+
+
 def test_writer_manifest_records_and_verifies_remote_roi_table(tmp_path, table_root):
     w = DerivativesWriter(tmp_path / "out", tables_url=table_root)
     img = w.save_image("01", "", "Chimap", np.zeros((3, 3, 3), np.float32), np.eye(4))

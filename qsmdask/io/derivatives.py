@@ -20,7 +20,8 @@ import pandas as pd
 
 from .. import __version__
 from .nifti import atomic_write_bytes, atomic_write_json, save_nifti
-from .tables import file_digest, join_url, local_path, read_parquet, table_exists, write_parquet
+from .tables import (canonical_location, file_digest, join_url, list_tables, local_path, read_parquet,
+                     remove_table, table_exists, write_parquet)
 
 __all__ = ["DerivativesWriter", "bids_stem", "bids_uri", "dataset_link", "PIPELINE_NAME", "RAW_DATASET",
            "BIDSIGNORE", "ENTITY_ORDER"]
@@ -184,6 +185,29 @@ class DerivativesWriter:
         """A group-level table, ``<tables>/group/<name>.parquet``."""
         return write_parquet(df, self.table_location("group", f"{name}.parquet"),
                              metadata={"qsmdask_version": __version__})
+
+    def prune_group_outputs(self, written) -> list[str]:
+        """Remove the group outputs of earlier runs that this group run did not write.
+
+        The group level owns ``<tables>/group/*.parquet``, ``OUTPUT_DIR/group/perm_*`` and
+        ``logs/qsmdask_voxelwise_config.json``; after a run they must describe that run only. A
+        table or map left from an earlier run (a voxel-wise analysis that failed or was not
+        run this time, a TFCE map when this run used cluster inference, a test the design no
+        longer asks for) would otherwise be read by the report as a current result.
+        ``written``: the locations this run wrote (paths or URLs). Returns what was removed.
+        """
+        keep = {canonical_location(w) for w in written}
+        local_group = self.root / "group"
+        stale = list_tables(self.group_folder()) + list_tables(local_group, "perm_*.nii*")
+        vcfg = self.root / "logs" / "qsmdask_voxelwise_config.json"
+        if vcfg.exists() and not any(Path(str(w)).name.startswith("perm_") for w in written):
+            stale.append(vcfg)  # describes voxel-wise results this run did not produce
+        removed = []
+        for f in stale:
+            if canonical_location(f) not in keep and str(f) not in removed:
+                remove_table(f)
+                removed.append(str(f))
+        return removed
 
     def read_failures(self) -> pd.DataFrame | None:
         path = self.failures_path()

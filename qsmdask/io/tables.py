@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .nifti import atomic_write_bytes
 
 __all__ = ["write_parquet", "read_parquet", "read_parquet_folder", "join_url", "local_path",
-           "table_exists", "file_digest"]
+           "table_exists", "file_digest", "list_tables", "remove_table", "canonical_location"]
 
 
 def local_path(url) -> Path | None:
@@ -98,6 +98,36 @@ def read_parquet_folder(folder, pattern: str = "*.parquet") -> pd.DataFrame:
         return pd.DataFrame()
     tables = [t.replace_schema_metadata(None) for t in tables]
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def list_tables(folder, pattern: str = "*.parquet") -> list:
+    """The files of ``folder`` (path or URL) matching ``pattern``: Paths, or URL strings."""
+    local = local_path(folder)
+    if local is not None:
+        return sorted(local.glob(pattern)) if local.is_dir() else []
+    fs, p = _fs(folder)
+    return [fs.unstrip_protocol(f) for f in sorted(fs.glob(f"{p.rstrip('/')}/{pattern}"))]
+
+
+def canonical_location(path) -> str:
+    """One spelling per file: the resolved local path, or the URL as its filesystem writes it
+    (``memory://x/a`` and ``memory:///x/a`` are the same file)."""
+    local = local_path(path)
+    if local is not None:
+        return str(local.resolve())
+    fs, p = _fs(path)
+    return fs.unstrip_protocol(p)
+
+
+def remove_table(path) -> None:
+    """Delete one file (path or URL); a missing one is not an error."""
+    local = local_path(path)
+    if local is not None:
+        local.unlink(missing_ok=True)
+        return
+    fs, p = _fs(path)
+    if fs.exists(p):
+        fs.rm(p)
 
 
 def table_exists(path) -> bool:
