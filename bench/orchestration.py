@@ -298,7 +298,7 @@ def p95(xs):
     return float(np.percentile(xs, 95)) if xs else float("nan")
 
 
-def run_count(n: int, args, work: Path, pg=None) -> dict:
+def run_count(n: int, args, work: Path, pg=None, per_task="auto") -> dict:
     from distributed import Client, LocalCluster
     bids, out = work / "bids", work / "out"
     t0 = time.perf_counter()
@@ -311,7 +311,10 @@ def run_count(n: int, args, work: Path, pg=None) -> dict:
     plan = plan_participants(bids, out, PipelineConfig())
     t_plan = time.perf_counter() - t0
     assert len(plan.todo) == n, (len(plan.todo), len(plan.invalid), plan.invalid[:2])
-    row = {"subject-sessions": n, "bids s": t_bids, "plan s": t_plan, "load start": os.getloadavg()[0]}
+    from qsmdask.orchestration.batching import subject_sessions_per_task
+    size = subject_sessions_per_task(n, per_task, threads=args.workers * args.threads)
+    row = {"subject-sessions": n, "per task": f"{size} ({per_task})", "bids s": t_bids, "plan s": t_plan,
+           "load start": os.getloadavg()[0]}
     mem = int(args.worker_memory_gb * 2**30)
     with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
                       dashboard_address="127.0.0.1:0", memory_limit=mem, resources={"MEMORY": mem}) as lc, \
@@ -331,7 +334,7 @@ def run_count(n: int, args, work: Path, pg=None) -> dict:
         cpu0, flow_cpu0 = tree_cpu_s(roots), sum(psutil.Process().cpu_times()[:2])
         t0 = time.perf_counter()
         try:
-            res = flow(str(bids), str(out))
+            res = flow(str(bids), str(out), subject_sessions_per_task=per_task)
             row["error"] = ""
         except Exception as e:  # noqa: BLE001 - what breaks is a result of this benchmark
             res = {"done": [], "failed": [], "skipped": []}
@@ -359,7 +362,7 @@ def run_count(n: int, args, work: Path, pg=None) -> dict:
         try:
             if row["error"]:
                 raise RuntimeError("first run failed: no resume")
-            res2 = flow(str(bids), str(out))
+            res2 = flow(str(bids), str(out), subject_sessions_per_task=per_task)
             row["resume skipped"] = len(res2["skipped"])
             if len(res2["skipped"]) != n:
                 row["error"] += f" | resume skipped {len(res2['skipped'])} of {n}"
@@ -419,6 +422,9 @@ def checksum_bench(n: int, mb: float, work: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", default="1000")
+    ap.add_argument("--per-task", default="auto",
+                    help="subject-sessions per Prefect task run, comma-separated settings run one after the "
+                         "other for each count (e.g. 1,auto: the per-subject-session before/after side by side)")
     ap.add_argument("--stage-s", type=float, default=0.2, help="duration of each synthetic stage (s)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=8, help="threads per worker (synthetic stages sleep)")
@@ -434,7 +440,8 @@ def main(argv=None):
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # the PostgreSQL user must reach its data folder below
     rows = []
-    for n in [int(c) for c in args.counts.split(",") if c]:
+    runs = [(int(c), pt) for c in args.counts.split(",") if c for pt in args.per_task.split(",") if pt]
+    for n, per_task in runs:
         work = base / f"n{n}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -449,7 +456,7 @@ def main(argv=None):
         from qsmdask.orchestration.server import ensure_prefect_api
         try:
             api = ensure_prefect_api(port=free_port(), home=work / "prefect", timeout_s=900)
-            row = run_count(n, args, work, pg)
+            row = run_count(n, args, work, pg, per_task=per_task)
             row["DB MiB"] = pg.size_mb()
             row.update(pg.counts())
         finally:
@@ -476,7 +483,7 @@ def main(argv=None):
         print(ck_rows[-1], flush=True)
         shutil.rmtree(work, ignore_errors=True)
     cmd = "python bench/orchestration.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    cols = ["subject-sessions", "done", "failed", "wall s", "wall s/ss", "overhead s/ss", "CPU s/ss",
+    cols = ["subject-sessions", "per task", "done", "failed", "wall s", "wall s/ss", "overhead s/ss", "CPU s/ss",
             "flow CPU s/ss", "CPU s/ss dask scheduler", "CPU s/ss dask workers", "CPU s/ss prefect server", "CPU s/ss postgres", "plan s", "resume s", "flow RSS at 25% MiB", "flow RSS peak MiB",
             "API p95 flow run s", "API p95 task runs s", "DB MiB", "task_runs", "logs", "load start", "load end",
             "error"]
