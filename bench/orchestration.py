@@ -434,6 +434,7 @@ def main(argv=None):
     ap.add_argument("--checksum", default=None, metavar="N,MB[;N,MB]",
                     help="also time planning of N subject-sessions with MB-sized inputs: first plan vs the plan "
                          "of a resume (several: separated by ';')")
+    ap.add_argument("--row-json", type=Path, default=None, help=argparse.SUPPRESS)  # one run, its row as JSON
     args = ap.parse_args(argv)
     machine = machine_description()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="qsmdask-bench-orch-"))
@@ -441,6 +442,20 @@ def main(argv=None):
     base.chmod(0o755)  # the PostgreSQL user must reach its data folder below
     rows = []
     runs = [(int(c), pt) for c in args.counts.split(",") if c for pt in args.per_task.split(",") if pt]
+    if len(runs) > 1:  # one process per run: Prefect reads its API URL once per process
+        for n, per_task in runs:
+            out_json = base / f"row-{n}-{per_task}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--counts", str(n), "--per-task", per_task,
+                   "--stage-s", str(args.stage_s), "--workers", str(args.workers), "--threads", str(args.threads),
+                   "--worker-memory-gb", str(args.worker_memory_gb), "--workdir", str(base), "--no-write",
+                   "--row-json", str(out_json)]
+            subprocess.run(cmd, check=False)
+            row = json.loads(out_json.read_text()) if out_json.exists() else {
+                "subject-sessions": n, "per task": per_task, "error": "the run's process ended without a row"}
+            rows.append(row)
+            if row.get("error"):
+                break
+        runs = []
     for n, per_task in runs:
         work = base / f"n{n}"
         shutil.rmtree(work, ignore_errors=True)
@@ -470,6 +485,8 @@ def main(argv=None):
                     os.environ[k] = v
         print(row, flush=True)
         rows.append(row)
+        if args.row_json:
+            args.row_json.write_text(json.dumps(row, default=float))
         shutil.rmtree(work, ignore_errors=True)
         if row.get("error"):
             break
@@ -482,6 +499,8 @@ def main(argv=None):
         ck_rows.append(checksum_bench(int(n_ck), float(mb), work))
         print(ck_rows[-1], flush=True)
         shutil.rmtree(work, ignore_errors=True)
+    if args.row_json:
+        return
     cmd = "python bench/orchestration.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cols = ["subject-sessions", "per task", "done", "failed", "wall s", "wall s/ss", "overhead s/ss", "CPU s/ss",
             "flow CPU s/ss", "CPU s/ss dask scheduler", "CPU s/ss dask workers", "CPU s/ss prefect server", "CPU s/ss postgres", "plan s", "resume s", "flow RSS at 25% MiB", "flow RSS peak MiB",
@@ -494,7 +513,7 @@ def main(argv=None):
         f"**Synthetic compute**: the four stages run as labelled synthetic functions of {args.stage_s} s each "
         f"({4 * args.stage_s:.2f} s per subject-session, a sleep; `write` writes the real ROI table and manifest), "
         f"on {args.workers} Dask workers x {args.threads} threads; everything else is the real participant flow "
-        "(one Prefect task run per subject-session) on a Prefect server backed by PostgreSQL 15. "
+        "(`per task`: subject-sessions per Prefect task run, the setting in brackets) on a Prefect server backed by PostgreSQL 15. "
         "Overhead per subject-session = wall x slots / N - the synthetic time; CPU s/ss = CPU seconds of every "
         "process of the run (flow process with the Dask scheduler, workers, Prefect server, PostgreSQL) per "
         "subject-session, all of it orchestration since the synthetic stages sleep.", ""]

@@ -322,6 +322,15 @@ def _float_field(meta: dict, key: str, path: Path, *, lo: float, hi: float, unit
     return v
 
 
+def _nifti_files_under(root: Path) -> list[Path]:
+    """The NIfTI names below ``root`` (symlinked folders not followed, as ``Path.rglob``), sorted
+    as ``sorted(root.rglob("*"))`` would; one ``os.scandir`` per folder, no ``stat`` per name
+    (discovery of 10,000 subject-sessions spent most of its time in ``rglob``)."""
+    import os
+    out = [Path(d, name) for d, _dirs, names in os.walk(root) for name in names if name.endswith(_NIFTI_EXT)]
+    return sorted(out)
+
+
 def find_subject_sessions(bids_dir, participant_labels=None, *,
                           errors: list | None = None) -> list[SubjectSession]:
     """Discover every subject-session with multi-echo GRE data.
@@ -369,8 +378,8 @@ def find_subject_sessions(bids_dir, participant_labels=None, *,
         sub_found: dict[tuple, dict] = {}
         sub_t2s: dict[tuple, dict] = {}
         try:
-            for f in sorted(sub_dir.rglob("*")):
-                if not f.is_file() or not f.name.endswith(_NIFTI_EXT) or "/anat/" not in f.as_posix():
+            for f in _nifti_files_under(sub_dir):
+                if "/anat/" not in f.as_posix() or not f.is_file():
                     continue
                 ents, suffix, _ = parse_bids_name(f)
                 if ents["sub"] != sub:

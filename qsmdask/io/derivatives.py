@@ -222,10 +222,16 @@ class DerivativesWriter:
         local = local_path(f)
         if local is not None:
             try:
-                return {"path": local.resolve().relative_to(self.root.resolve()).as_posix()}
+                return {"path": local.resolve().relative_to(self._resolved_root()).as_posix()}
             except ValueError:
                 return {"url": local.resolve().as_uri()}
         return {"url": str(f)}
+
+    def _resolved_root(self) -> Path:
+        """``output_dir`` resolved once per writer (planning checks thousands of manifests)."""
+        if getattr(self, "_root_resolved", None) is None:
+            self._root_resolved = self.root.resolve()
+        return self._root_resolved
 
     def _entry_location(self, entry: dict) -> Path | str:
         return self.root / entry["path"] if "path" in entry else entry["url"]

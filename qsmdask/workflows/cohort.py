@@ -65,9 +65,11 @@ def plan_participants(bids_dir, output_dir, config: PipelineConfig, participant_
         found, rows = apply_validation_errors(bids_dir, found, validation_errors)
         plan.invalid += rows
     checksums = InputChecksums(input_checksums_path(output_dir))
+    fingerprint = config.fingerprint()  # once, not per subject-session
+    writer = DerivativesWriter(output_dir, tables_url=tables_url)
     for ss in found:
-        key = resume_key(ss, config, checksums)
-        if not force and is_up_to_date(ss, output_dir, config, key, tables_url=tables_url):
+        key = resume_key(ss, config, checksums, fingerprint=fingerprint)
+        if not force and is_up_to_date(ss, output_dir, config, key, tables_url=tables_url, writer=writer):
             plan.skipped.append(ss)
         else:
             plan.todo.append((ss, key))

@@ -105,28 +105,30 @@ class _stage:
         return False
 
 
-def resume_key(ss: SubjectSession, config: PipelineConfig, checksums=None) -> str:
+def resume_key(ss: SubjectSession, config: PipelineConfig, checksums=None, *, fingerprint: str | None = None) -> str:
     """Acquisition key + input checksum + configuration fingerprint + pipeline version.
 
     ``checksums``: an :class:`~qsmdask.io.bids.InputChecksums` cache, so unchanged inputs
-    are not read again.
+    are not read again. ``fingerprint``: ``config.fingerprint()`` when already computed (a
+    plan of 10,000 subject-sessions computes it once).
     """
     h = hashlib.sha256()
     h.update(ss.key.encode())
     h.update(ss.checksum(checksums).encode())
-    h.update(config.fingerprint().encode())
+    h.update((fingerprint or config.fingerprint()).encode())
     h.update(__version__.encode())
     return h.hexdigest()
 
 
 def is_up_to_date(ss: SubjectSession, output_dir, config: PipelineConfig, key: str | None = None, *,
-                  tables_url=None) -> bool:
+                  tables_url=None, writer: DerivativesWriter | None = None) -> bool:
     """True when this subject-session's outputs exist, are intact and match the resume key.
 
     The manifest must also list the ROI table where ``tables_url`` puts it now (a run with
-    another tables location recomputes the subject-session).
+    another tables location recomputes the subject-session). ``writer``: the
+    ``DerivativesWriter(output_dir, tables_url=tables_url)`` to use (one for a whole plan).
     """
-    writer = DerivativesWriter(output_dir, tables_url=tables_url)
+    writer = writer or DerivativesWriter(output_dir, tables_url=tables_url)
     manifest = writer.read_manifest(ss.subject, ss.session, **ss.entities)
     if not manifest or manifest.get("status") != "done":
         return False
