@@ -160,3 +160,42 @@ def test_discovery_lists_the_dataset_root_once(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "glob", counting_glob)
     found = find_subject_sessions(root)
     assert len(found) == 6 and len(calls) == 1
+
+
+def test_plan_fingerprints_the_configuration_once(tmp_path, monkeypatch):
+    """The plan hashed the whole configuration for every subject-session (about a third of a
+    10,000 resume plan); once per plan now, with the same resume keys."""
+    import json
+
+    from tests.conftest import write_megre_subject
+    from qsmdask.workflows.cohort import plan_participants
+    from qsmdask.workflows.participant import resume_key
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    for i in range(5):
+        write_megre_subject(root, f"{i:02d}", "pre", seed=i, shape=(4, 4, 4))
+    cfg = PipelineConfig()
+    calls = []
+    real = PipelineConfig.fingerprint
+    monkeypatch.setattr(PipelineConfig, "fingerprint", lambda self: calls.append(1) or real(self))
+    plan = plan_participants(root, tmp_path / "out", cfg)
+    assert len(plan.todo) == 5 and len(calls) == 1
+    assert [k for _, k in plan.todo] == [resume_key(ss, cfg) for ss, _ in plan.todo]
+
+
+def test_discovery_lists_nifti_names_like_rglob(tmp_path):
+    """Discovery walks each subject folder once (rglob stat'ed every file): same files, same
+    order, symlinked folders not followed, folders named like NIfTI files left out."""
+    from qsmdask.io.bids import _nifti_files_under
+
+    sub = tmp_path / "sub-01"
+    for rel in ("ses-b/anat/sub-01_ses-b_echo-1_part-mag_MEGRE.nii.gz", "ses-a/anat/x_T1w.nii",
+                "ses-a/anat/x_T1w.json", "ses-a/anat/y.nii.gz", "ses-a/func/z.nii.gz"):
+        (sub / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sub / rel).write_bytes(b"x")
+    (sub / "ses-a" / "anat" / "dir.nii").mkdir()
+    (sub / "linked").symlink_to(sub / "ses-a", target_is_directory=True)
+    expected = sorted(p for p in sub.rglob("*") if p.is_file() and p.name.endswith((".nii.gz", ".nii")))
+    assert _nifti_files_under(sub) == expected and len(expected) == 4
