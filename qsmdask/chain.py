@@ -17,7 +17,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from qsmdask import bgremove, inversion, mask as maskmod, unwrap
-from qsmdask.kernels import PaddedFFT, check_b0_dir, check_voxel_size, dipole_kernel
+from qsmdask.kernels import PaddedFFT, check_b0_dir, check_voxel_size, dipole_kernel, distance_to_edge_mm
 
 __all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
@@ -121,6 +121,23 @@ class ChainConfig:
         edge; forcing it to 0 there makes the inversion add a broad negative halo around
         every focal increase (measured in ``bench/reference.py``: a deep-nuclei increase
         moved the cingulum by -3.2 % of itself with False, -0.8 % with True).
+    lbv_boundary_depth_mm : "lbv" + "tv" only; 0 disables. LBV imposes local field = 0 on the
+        brain's boundary, but the field of deep sources is not 0 there: LBV's output lacks the
+        harmonic function with those boundary values, and the inversion turns it into a broad
+        halo of the opposite sign around every deep increase (``bench/halo.py``). With a depth
+        d > 0, before TV's Bregman step the field of the first TV estimate inside the region
+        deeper than d mm (distance to the mask edge) is computed and the part of it that LBV
+        removes (:func:`qsmdask.bgremove.lbv_boundary_field`) is added to the data; the
+        returned ``local_field_ppm`` includes it. It costs one dipole convolution and one more
+        LBV solve. Sources shallower than d keep LBV's boundary condition: their boundary
+        field cannot be told apart from a halo of the same estimate (any estimate is a fixed
+        point of the correction over the whole mask; docs/benchmarks.md, "Where the halo comes
+        from"). Needs ``tv_bregman_iterations >= 1``.
+    lbv_boundary_threshold_ppm : with ``lbv_boundary_depth_mm`` > 0, only deep voxels whose
+        estimate differs from the deep region's median by more than this count as sources
+        (the halo of the first estimate is broad and faint; counted, it cancels most of a deep
+        increase's boundary field: on a simulated head the deep region's summed increase was
+        25 % of the truth without the threshold). 0: every deep voxel.
     tv_edge_fraction : fraction of the magnitude's strongest gradients left
         unpenalised by "tv" (MEDI-like edge mask; 0 disables).
     phase_sign : +1 for the right-handed convention (positive chi -> positive phase,
@@ -157,6 +174,8 @@ class ChainConfig:
     tv_edge_fraction: float = 0.0
     tv_mask_data: bool = False
     tv_laplacian_lambda: float = 2e-4
+    lbv_boundary_depth_mm: float = 0.0
+    lbv_boundary_threshold_ppm: float = 0.01
     phase_sign: int = 1
     pad_voxels: tuple[int, int, int] = (16, 16, 16)
     fft_workers: int = 1
@@ -199,6 +218,10 @@ class ChainConfig:
             raise ValueError(f"tv_max_iter must be >= 1, got {self.tv_max_iter!r}")
         if not isinstance(self.single_echo_offset_fit, (bool, np.bool_)):
             raise ValueError(f"single_echo_offset_fit must be true or false, got {self.single_echo_offset_fit!r}")
+        if not (np.isfinite(self.lbv_boundary_depth_mm) and self.lbv_boundary_depth_mm >= 0):
+            raise ValueError(f"lbv_boundary_depth_mm must be >= 0, got {self.lbv_boundary_depth_mm!r}")
+        if not (np.isfinite(self.lbv_boundary_threshold_ppm) and self.lbv_boundary_threshold_ppm >= 0):
+            raise ValueError(f"lbv_boundary_threshold_ppm must be >= 0, got {self.lbv_boundary_threshold_ppm!r}")
         if not isinstance(self.tv_mask_data, (bool, np.bool_)):
             raise ValueError(f"tv_mask_data must be true or false, got {self.tv_mask_data!r}")
         if not (0 <= self.tv_edge_fraction < 1):
@@ -436,6 +459,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
 
     # 5. dipole inversion
     t4 = time.perf_counter()
+    boundary_rms = 0.0
     if cfg.inversion_method == "tv_laplacian":
         chi = inversion.tv_admm(np.where(brain, field_ppm, 0).astype(np.float32), brain, vs, b0_dir=b,
                                 lam=cfg.tv_laplacian_lambda, max_iter=cfg.tv_max_iter,
@@ -449,12 +473,27 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         local = fft.inverse(fft.forward(chi) * dipole_kernel(fft.padded_shape, vs, b, real=True))
         local = np.where(eroded, local, 0).astype(np.float32)
     elif cfg.inversion_method == "tv":
+        boundary = {}
+        correction = None
+        if (cfg.lbv_boundary_depth_mm > 0 and cfg.bgremove_method == "lbv" and cfg.tv_bregman_iterations > 0):
+            deep = eroded & (distance_to_edge_mm(eroded, vs) > cfg.lbv_boundary_depth_mm)
+            if deep.any():
+                def correction(x):  # LBV's missing boundary part of the deep estimate's field
+                    d = np.where(deep, x - np.median(x[deep]), 0)
+                    src = np.where(np.abs(d) > cfg.lbv_boundary_threshold_ppm, d, 0).astype(np.float32)
+                    boundary["h"] = bgremove.lbv_boundary_field(
+                        src, deep, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
+                        fft_workers=cfg.fft_workers)[0]
+                    return boundary["h"]
         chi = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter,
                                 magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
                                 edge_fraction=cfg.tv_edge_fraction, mask_data=bool(cfg.tv_mask_data),
                                 bregman_iterations=cfg.tv_bregman_iterations,
-                                bregman_max_iter=cfg.tv_bregman_max_iter,
+                                bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
                                 pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+        if "h" in boundary:
+            local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
+            boundary_rms = float(np.sqrt(np.mean(boundary["h"][eroded] ** 2)))
     elif cfg.inversion_method == "iterative_tkd":
         n_sd = cfg.iterative_tkd_structure_n_sd
         chi = inversion.iterative_tkd(local, eroded, vs, b0_dir=b, threshold=cfg.iterative_tkd_threshold,
@@ -487,6 +526,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         "single_echo_offset_laplacian_rad_per_m2": float(
             offset_laplacian * 1e6 * cfg.phase_sign * 2 * np.pi * unwrap.GAMMA_HZ_PER_T * b0_tesla * 1e-6 * te[0]),
         "local_field_std_ppm": float(lf.std()) if lf.size else 0.0,
+        # RMS of the boundary part of the deep estimate's field added back (lbv_boundary_depth_mm)
+        "lbv_boundary_field_rms_ppm": boundary_rms,
         "local_field_p01_ppm": float(np.percentile(lf, 1)) if lf.size else 0.0,
         "local_field_p99_ppm": float(np.percentile(lf, 99)) if lf.size else 0.0,
         "chi_mean_ppm": float(cv.mean()) if cv.size else 0.0,

@@ -170,7 +170,8 @@ def test_iterative_tkd_reduces_underestimation(noisy):
 
 @pytest.mark.parametrize("changes", [{"unwrap_method": "region_growing"}, {"bgremove_method": "pdf"},
                                      {"inversion_method": "iterative_tkd"},
-                                     {"inversion_method": "tv_laplacian"}])
+                                     {"inversion_method": "tv_laplacian"},
+                                     {"tv_mask_data": True, "lbv_boundary_depth_mm": 10.0}])
 def test_chain_method_options(changes):
     p = make_phantom(shape=(48, 48, 48), voxel_size_mm=(1.3, 1.3, 1.3), snr=80, seed=4,
                      echo_times_s=(0.005, 0.01, 0.015))
@@ -178,6 +179,8 @@ def test_chain_method_options(changes):
                     b0_dir=p["b0_dir"], b0_tesla=3.0, config=ChainConfig(**changes))
     m = r.mask
     assert np.corrcoef(r.chi_ppm[m], p["chi_ppm"][m])[0, 1] >= 0.7
+    if changes.get("lbv_boundary_depth_mm"):  # the boundary field was added to the local field
+        assert r.qc["lbv_boundary_field_rms_ppm"] > 0
 
 
 @pytest.mark.slow  # four 2 mm TV inversions: ~25 s idle, 90 s on the loaded shared machine

@@ -15,7 +15,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             magnitude=None, data_weight=None, edge_fraction: float = 0.3, rho: float | None = None,
             max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, bregman_iterations: int = 0,
             bregman_max_iter: int | None = None, laplacian_data: bool = False,
-            pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
+            data_correction=None, pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
     """Weighted total-variation dipole inversion (ADMM, every update closed form).
 
     Solves  min_chi  1/2 || W (IFFT(D FFT(chi)) - f) ||^2 + lam || E grad(chi) ||_{2,1}
@@ -57,6 +57,11 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         the part of a deep source's field that is harmonic in the brain, which the inversion
         turns into a broad halo (``bench/halo.py``). Implies ``mask_data``; ``data_weight``
         applies to the interior. The result is 0 outside the interior.
+    data_correction : None, or a function of the current estimate (full-size array, 0 outside
+        the mask) that returns a field (ppm, full size) to add to the data inside the mask
+        before each Bregman step (it replaces the previous step's correction). The chain
+        passes the part of the field of the deep susceptibility that LBV removed
+        (:func:`qsmdask.bgremove.lbv_boundary_field`). Needs ``bregman_iterations >= 1``.
     rho : ADMM penalty (default 100 * lam for the gradient split; the data split uses 1).
     max_iter : maximum iterations (>= 1); 30 and 50 scored the same on the 2016 data.
     tol : stop when the relative change of chi falls below this.
@@ -90,6 +95,10 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     step_iter = int(max_iter if bregman_max_iter is None else bregman_max_iter)
     if step_iter < 1:
         raise ValueError(f"bregman_max_iter must be >= 1, got {bregman_max_iter!r}")
+    if data_correction is not None and int(bregman_iterations) < 1:
+        raise ValueError("data_correction needs bregman_iterations >= 1 (it is applied at the Bregman steps)")
+    if data_correction is not None and laplacian_data:
+        raise ValueError("data_correction cannot be combined with laplacian_data")
     rho1 = float(rho) if rho is not None else 100.0 * lam
     if rho1 <= 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
@@ -175,11 +184,23 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         inv_denom = (1.0 / den0).astype(np.float32)
         inv_denom[0, 0, 0] = 0.0
     target = fp  # the data of the current Bregman step (the field plus added-back residuals)
+    base = fp  # the field the residual is measured against (plus the data correction)
+    corr = np.zeros_like(fp)
     for outer in range(int(bregman_iterations) + 1):
+        if outer > 0 and data_correction is not None:
+            est = np.zeros(full_shape, dtype=np.float32)
+            est[bb] = np.where(m, chi[fft.slices], 0)
+            c = np.asarray(data_correction(est), dtype=np.float32)
+            if c.shape != full_shape:
+                raise ValueError(f"data_correction returned shape {c.shape}, expected {full_shape}")
+            c = fft.pad(np.where(m, c[bb], 0))
+            target = (target + (c - corr)).astype(np.float32)
+            base = (fp + c).astype(np.float32)
+            corr = c
         if outer > 0:  # add the residual inside the mask back to the data
             spec = fwd(chi)
             spec *= d
-            resid = np.where(w > 0, fp - inv(spec), 0).astype(np.float32)
+            resid = np.where(w > 0, base - inv(spec), 0).astype(np.float32)
             target = (target + resid).astype(np.float32)
             w2f = (w2 * target).astype(np.float32)
             if not mask_data:

@@ -1182,6 +1182,11 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                  f"iterations{breg}"
                  + ("; the field was fitted inside the mask only" if ch.tv_mask_data else "")
                  + ").")
+        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations:
+            s.append(f"Before the Bregman step, the part of the field of the first estimate's sources "
+                     f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
+                     f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
+                     "condition had removed was added back to the data.")
     elif ch.inversion_method == "iterative_tkd":
         s.append(f"Susceptibility was computed by the iterative thresholded k-space division of "
                  f"Tang et al. {cite('tang2013')} (threshold {ch.tkd_threshold:g}, "
