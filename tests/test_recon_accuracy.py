@@ -91,3 +91,73 @@ def test_default_chain_deep_grey_within_15_percent_on_adult_size_phantom():
     err = _roi_rel_errors(r.chi_ppm, r.mask, p)
     assert np.all(np.abs(err) < 0.15), err
     assert r.config.bgremove_method == "lbv" and r.config.inversion_method == "tv"
+
+
+def test_refit_restores_a_shrunk_solution_exactly(phantom):
+    """The amplitude step is the least-squares scale on the solution's span: a solution that is
+    the truth shrunk by a constant factor comes back as the truth (its residual is then 0)."""
+    import scipy.fft as sfft
+
+    from qsmdask.inversion.tv_admm import _refit
+    from qsmdask.kernels import dipole_kernel
+
+    chi = np.zeros((32, 32, 32), np.float32)
+    chi[10:20, 12:18, 8:22] = 0.1
+    chi[22:26, 5:25, 14:18] = -0.05
+    d = dipole_kernel(chi.shape, (1.0, 1.0, 2.0), (0.2, 0.1, 0.97), real=True)
+
+    def fwd(x):
+        return sfft.rfftn(x)
+
+    def inv(x):
+        return sfft.irfftn(x, s=chi.shape).astype(np.float32)
+
+    field = inv(fwd(chi) * d)
+    out = _refit(np.float32(0.7) * chi, field, d, np.float32(0.1), fwd, inv)
+    np.testing.assert_allclose(out, chi, atol=2e-5)
+
+
+def test_tv_refit_debias_restores_contrast_without_streaks():
+    """debias='refit' gives back most of the deep-grey contrast that TV shrinks, and lowers plain
+    TV's error on a noisy field (measured: mean ROI error 33 % -> 11 %, NRMSE 0.34 -> 0.22)."""
+    p = make_phantom(snr=40, seed=5)
+    m, vs, b = p["brain_mask"], p["voxel_size_mm"], p["b0_dir"]
+    rng = np.random.default_rng(0)
+    f = p["local_field_ppm"] + 0.003 * rng.standard_normal(m.shape).astype(np.float32)
+    truth = p["chi_ppm"][m] - p["chi_ppm"][m].mean()
+
+    def nrmse(chi):
+        a = chi[m] - chi[m].mean()
+        return float(np.linalg.norm(a - truth) / np.linalg.norm(truth))
+
+    plain = inversion.tv_admm(f, m, vs, b0_dir=b, lam=3e-3, max_iter=30)
+    refit = inversion.tv_admm(f, m, vs, b0_dir=b, lam=3e-3, max_iter=30, debias="refit")
+    assert np.all(refit[~m] == 0)
+    e_plain = np.abs(_roi_rel_errors(plain, m, p)).mean()
+    e_refit = np.abs(_roi_rel_errors(refit, m, p)).mean()
+    assert e_plain > 0.15 and e_refit < 0.6 * e_plain, (e_plain, e_refit)
+    assert nrmse(refit) < nrmse(plain), (nrmse(plain), nrmse(refit))
+    with pytest.raises(ValueError, match="debias"):
+        inversion.tv_admm(f, m, vs, b0_dir=b, debias="clear")
+    with pytest.raises(ValueError, match="refit_mu"):
+        inversion.tv_admm(f, m, vs, b0_dir=b, debias="refit", refit_mu=0)
+    with pytest.raises(ValueError, match="mask_data"):
+        inversion.tv_admm(f, m, vs, b0_dir=b, debias="refit", mask_data=True)
+
+
+def test_tv_refit_preset_is_named_in_the_methods_text():
+    from qsmdask.report.html import methods_paragraph
+    from qsmdask.report.references import chain_method
+
+    c = ChainConfig.preset("tv_refit")
+    assert (c.tv_debias, c.tv_bregman_iterations, c.inversion_method) == ("refit", 0, "tv")
+    m = chain_method({"preset": "tv_refit"})
+    assert "least-squares amplitude and data refit (mu 0.1" in m["Method"]
+    assert any("Deledalle" in r for r in m["MethodReferences"])
+    text, _ = methods_paragraph({"chain": {"preset": "tv_refit"}})
+    assert "least-squares refit of its amplitude" in text
+    assert "refit" not in chain_method({})["Method"]  # the default chain does not refit
+    with pytest.raises(ValueError, match="tv_refit_mu"):
+        ChainConfig(tv_refit_mu=0.0)
+    with pytest.raises(ValueError, match="tv_mask_data"):
+        ChainConfig(tv_debias="refit", tv_mask_data=True)

@@ -15,7 +15,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             magnitude=None, data_weight=None, edge_fraction: float = 0.3, rho: float | None = None,
             max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, bregman_iterations: int = 0,
             bregman_max_iter: int | None = None, laplacian_data: bool = False,
-            data_correction=None, pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
+            data_correction=None, debias: str = "none", refit_mu: float = 0.1,
+            pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
     """Weighted total-variation dipole inversion (ADMM, every update closed form).
 
     Solves  min_chi  1/2 || W (IFFT(D FFT(chi)) - f) ||^2 + lam || E grad(chi) ||_{2,1}
@@ -62,6 +63,23 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         before each Bregman step (it replaces the previous step's correction). The chain
         passes the part of the field of the deep susceptibility that LBV removed
         (:func:`qsmdask.bgremove.lbv_boundary_field`). Needs ``bregman_iterations >= 1``.
+    debias : "none" (default) or "refit": two least-squares corrections of the TV solution
+        against the data term, after the last solve (one FFT pair each):
+
+        1. amplitude: chi is multiplied by the scalar k that best explains the field,
+           k = <D chi, f> / ||D chi||^2 (least squares refit on the span of the solution,
+           the simplest model subspace of Deledalle et al. 2015).  Total variation shrinks
+           every contrast by an amount set by ``lam``; the data fix the amplitude again.
+        2. data refit: chi <- argmin_x ||D x - f||^2 + refit_mu ||x - chi||^2, closed form
+           chi + IFFT(D R / (D^2 + refit_mu)) with R the spectrum of the residual f - D chi:
+           the well-conditioned part of the residual (|D|^2 >> refit_mu) goes back into chi,
+           the ill-conditioned cone stays with the TV solution (no streaks; noise gain at most
+           1 / (2 sqrt(refit_mu))).
+
+        Both use the data term of the solve (the field inside the mask, 0 outside it), so
+        only with ``mask_data=False``.  Measured in docs/benchmarks.md (recon (a)/(f)).
+    refit_mu : weight of the closeness to the TV solution in the data refit (> 0; in units
+        of D^2, which lies in [0, 4/9]).
     rho : ADMM penalty (default 100 * lam for the gradient split; the data split uses 1).
     max_iter : maximum iterations (>= 1); 30 and 50 scored the same on the 2016 data.
     tol : stop when the relative change of chi falls below this.
@@ -82,6 +100,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     Milovic C et al. Fast nonlinear susceptibility inversion with variational
     regularization (FANSI). Magn Reson Med 2018;80:814-821.
     Liu T et al. Morphology enabled dipole inversion (MEDI). Magn Reson Med 2012;67:137-147.
+    Deledalle C-A, Papadakis N, Salmon J. On debiasing restoration algorithms: applications
+    to total-variation and nonlocal-means. SSVM 2015, LNCS 9087:129-141.
     """
     f, m, vs, b = check_inversion_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     if not (np.isfinite(lam) and lam > 0):
@@ -92,6 +112,13 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     if int(bregman_iterations) < 0:
         raise ValueError(f"bregman_iterations must be >= 0, got {bregman_iterations!r}")
+    if debias not in ("none", "refit"):
+        raise ValueError(f"debias must be 'none' or 'refit', got {debias!r}")
+    if debias == "refit":
+        if not (np.isfinite(refit_mu) and refit_mu > 0):
+            raise ValueError(f"refit_mu must be > 0, got {refit_mu!r}")
+        if mask_data or laplacian_data:
+            raise ValueError("debias='refit' needs the unmasked data term (mask_data=False, laplacian_data=False)")
     step_iter = int(max_iter if bregman_max_iter is None else bregman_max_iter)
     if step_iter < 1:
         raise ValueError(f"bregman_max_iter must be >= 1, got {bregman_max_iter!r}")
@@ -240,6 +267,28 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
                 v -= y
             if it > 0 and change < tol:
                 break
+    if debias == "refit":
+        chi = _refit(chi, base, d, np.float32(refit_mu), fwd, inv)  # the field (+ data correction)
     out = np.zeros(full_shape, dtype=np.float32)
     out[bb] = np.where(m, chi[fft.slices], 0)
     return out
+
+
+def _refit(chi, field, d, mu, fwd, inv):
+    """Amplitude then Tikhonov-regularised data refit of a TV solution (see ``tv_admm(debias=)``).
+
+    ``field`` is the data on the padded grid (0 outside the mask), ``d`` the real dipole
+    kernel on its rfft grid; ``fwd``/``inv`` the matching transforms.
+    """
+    dchi = inv(fwd(chi) * d)
+    d64 = dchi.ravel().astype(np.float64)
+    den = float(d64 @ d64)
+    k = float(d64 @ field.ravel()) / den if den > 0 else 1.0
+    del d64
+    if not (np.isfinite(k) and k > 0):  # a solution anti-correlated with its data: leave its amplitude
+        k = 1.0
+    chi = chi * np.float32(k)
+    resid = (field - np.float32(k) * dchi).astype(np.float32)
+    spec = fwd(resid)
+    spec *= (d / (d * d + mu)).astype(np.float32)
+    return (chi + inv(spec)).astype(np.float32)

@@ -1181,7 +1181,11 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                  f"solved by ADMM {tv_ref} (lambda {ch.tv_lambda:g}, {ch.tv_max_iter} "
                  f"iterations{breg}"
                  + ("; the field was fitted inside the mask only" if ch.tv_mask_data else "")
-                 + ").")
+                 + ")"
+                 + (f", followed by a least-squares refit of its amplitude and of the well-conditioned "
+                    f"part of the field residual (Tikhonov weight {ch.tv_refit_mu:g}) "
+                    f"{cite('deledalle2015')}" if ch.tv_debias == "refit" else "")
+                 + ".")
         if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations:
             s.append(f"Before the Bregman step, the part of the field of the first estimate's sources "
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "

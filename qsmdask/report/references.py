@@ -75,6 +75,9 @@ REFERENCES: dict[str, str] = {
     "osher2005": "Osher S, Burger M, Goldfarb D, Xu J, Yin W (2005). An iterative regularization "
                  "method for total variation-based image restoration. Multiscale Model Simul "
                  "4(2):460-489.",
+    "deledalle2015": "Deledalle C-A, Papadakis N, Salmon J (2015). On debiasing restoration "
+                     "algorithms: applications to total-variation and nonlocal-means. Scale Space "
+                     "and Variational Methods in Computer Vision, LNCS 9087:129-141.",
 }
 
 
@@ -138,8 +141,11 @@ def chain_method(chain: dict | None) -> dict:
         pass
     elif ch.inversion_method == "tv":
         refs = ("bilgic2014", "osher2005") if ch.tv_bregman_iterations else ("bilgic2014",)
+        refit = ch.tv_debias == "refit"
         step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
-             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else ""), *refs)
+             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else "")
+             + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
+             *refs, *(("deledalle2015",) if refit else ()))
     elif ch.inversion_method == "iterative_tkd":
         step(f"dipole inversion: iterative TKD, threshold {ch.iterative_tkd_threshold:g}, "
              f"up to {ch.iterative_tkd_max_iter} iterations", "tang2013")
