@@ -24,7 +24,10 @@ final mask count as 0), the voxel correlation inside the final mask, the final m
 coverage of the brain, and the ROI slope (least squares of ROI mean - mask mean of the
 estimate on that of the model over the evaluation labels).
 
-Usage: python bench/interop.py [--factor 2] [--b0-dir 0.1 0.15 0.98] [--no-write]
+``--presets default tv_refit`` runs ``qsmdask run`` once per chain preset (``chain: {preset: ...}``)
+on the same generated data.
+
+Usage: python bench/interop.py [--factor 2] [--b0-dir 0.1 0.15 0.98] [--presets default ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -227,8 +230,14 @@ def main(argv=None):
     ap.add_argument("--b0-dir", type=float, nargs=3, default=B0_OBLIQUE)
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--presets", nargs="+", default=["default"], help="chain presets, one qsmdask run each")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args(argv)
+    from qsmdask.chain import PRESETS
+
+    unknown = [p for p in args.presets if p not in PRESETS]
+    if unknown:
+        ap.error(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
     if not (DATA / "chi_cosmos.nii.gz").exists():
         print(f"{DATA} not found: nothing to do")
         return 0
@@ -242,27 +251,30 @@ def main(argv=None):
             model = write_head_model(base / "model", factor=f)
             bids = generate_dataset(base / "bids", model, b0_dir=args.b0_dir)
             t_gen = time.perf_counter() - t0
-            out = base / "out"
-            rc, dt, log = run_qsmdask(bids, out, config={"registration_quick": True},
-                                      extra_args=["--nprocs", str(args.nprocs), "--skip-bids-validation"])
-            print(log[-3000:], flush=True)
-            for sub, what in (("me", "4 echoes (4/12/20/28 ms), MEGRE"), ("se", "1 echo (20 ms), T2starw")):
-                row = {"model voxel mm": f"{1.0625 * f:.3g}", "acquisition": what,
-                       "exit code": rc, "qsmdask run s (both)": dt, "qsm-forward s (both)": t_gen}
-                try:
-                    row.update(score_subject(bids, out, sub))
-                except (OSError, ValueError) as e:
-                    row["notes"] = f"not scored: {e}"
-                rows.append(row)
-                print(rows[-1], flush=True)
+            for preset in args.presets:
+                out = base / f"out-{preset}"
+                rc, dt, log = run_qsmdask(bids, out, config={"registration_quick": True, "chain": {"preset": preset}},
+                                          extra_args=["--nprocs", str(args.nprocs), "--skip-bids-validation"])
+                print(log[-3000:], flush=True)
+                for sub, what in (("me", "4 echoes (4/12/20/28 ms), MEGRE"), ("se", "1 echo (20 ms), T2starw")):
+                    row = {"model voxel mm": f"{1.0625 * f:.3g}", "chain preset": preset, "acquisition": what,
+                           "exit code": rc, "qsmdask run s (both)": dt, "qsm-forward s (both)": t_gen}
+                    try:
+                        row.update(score_subject(bids, out, sub))
+                    except (OSError, ValueError) as e:
+                        row["notes"] = f"not scored: {e}"
+                    rows.append(row)
+                    print(rows[-1], flush=True)
+            for sub in ("me", "se"):
                 geo.append({"model voxel mm": f"{1.0625 * f:.3g}", "sub": sub, **affine_facts(bids, sub)})
     body = (f"## interop\n\nMachine: {machine} (shared machine, loaded by other "
             "jobs: times are inflated)\n\nCommand: `python bench/interop.py "
-            f"--factor {' '.join(map(str, args.factor))} --b0-dir {' '.join(map(str, args.b0_dir))}`\n\n"
+            f"--factor {' '.join(map(str, args.factor))} --b0-dir {' '.join(map(str, args.b0_dir))}"
+            f"{' --presets ' + ' '.join(args.presets) if args.presets != ['default'] else ''}`\n\n"
             "qsm-forward " + _qsm_forward_version() + " writes the BIDS data from the 2016 challenge COSMOS "
             "map (B0 oblique, its own shim and phase offset, peak SNR 100); `qsmdask run BIDS OUT "
-            "participant --config {registration_quick: true}` reconstructs both subjects with the "
-            "default chain. Scored inside the model's brain mask (see the script's docstring).\n\n"
+            "participant --config {registration_quick: true, chain: {preset: P}}` reconstructs both "
+            "subjects with each chain preset P. Scored inside the model's brain mask (see the script's docstring).\n\n"
             + markdown_table(rows, floatfmt=".3g") + "\n\nGeometry as written and as read:\n\n"
             + markdown_table(geo, floatfmt=".3g"))
     print(body)

@@ -503,7 +503,7 @@ DEBIAS = {
     "TV lam 1e-3, 30 it": _tv(1e-3),
     "TV lam 1.5e-3, 30 it": _tv(1.5e-3),
     "TV lam 2e-3, 30 it": _tv(2e-3),
-    "TV lam 2e-3 + 1 Bregman step, 15+15 it (default before)": _tv(2e-3, breg=1),
+    "TV lam 2e-3 + 1 Bregman step, 15+15 it (chain default)": _tv(2e-3, breg=1),
     "TV lam 3e-3 + 1 Bregman step, 15+15 it": _tv(3e-3, breg=1),
     "TV lam 1e-3 + refit mu 0.1": _tv(1e-3, debias="refit"),
     "TV lam 1.5e-3 + refit mu 0.1": _tv(1.5e-3, debias="refit"),
@@ -512,7 +512,7 @@ DEBIAS = {
     "TV lam 3e-3 + refit mu 0.1": _tv(3e-3, debias="refit"),
     "TV lam 2e-3 + 1 Bregman step + refit mu 0.1": _tv(2e-3, breg=1, debias="refit"),
 }
-DEBIAS_HEADS = ("TV lam 2e-3 + 1 Bregman step, 15+15 it (default before)", "TV lam 1.5e-3, 30 it",
+DEBIAS_HEADS = ("TV lam 2e-3 + 1 Bregman step, 15+15 it (chain default)", "TV lam 1.5e-3, 30 it",
                 "TV lam 1e-3 + refit mu 0.1", "TV lam 1.5e-3 + refit mu 0.1", "TV lam 2e-3 + refit mu 0.1",
                 "TV lam 2e-3 + refit mu 0.5", "TV lam 3e-3 + refit mu 0.1",
                 "TV lam 2e-3 + 1 Bregman step + refit mu 0.1")
