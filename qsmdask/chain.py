@@ -114,9 +114,10 @@ class ChainConfig:
     chosen on ROI accuracy over the benchmark's phantoms and simulated heads together
     (``bench/recon.py``): deep-grey ROI means within 15 % of truth there, against
     40-50 % underestimation for the study's V-SHARP + TKD.  On the 2016 challenge data
-    this less smoothed default scores nrmse 70 vs COSMOS; plain TV (no Bregman step,
-    lambda 1e-3 to 1.5e-3) scores 58-57.6 there but underestimates deep-grey means by
-    10-27 %.  See docs/benchmarks.md.
+    this less smoothed default scores nrmse 67.7 vs COSMOS (ROI slope 0.95); plain TV (no
+    Bregman step, lambda 1e-3 to 1.5e-3) scores 58.7-57.6 there (slope 0.88-0.84) and TV with
+    ``tv_debias="refit"`` (preset ``tv_refit``) 57.1 (slope 0.95), but both are less accurate
+    than the default on the simulated heads.  See docs/benchmarks.md (recon-debias).
     tv_laplacian_lambda : regularisation weight of "tv_laplacian" (its data term is in
         ppm/mm^2, so the weight is not comparable with ``tv_lambda``).
     tv_mask_data : "tv" fits the field only inside the mask (``tv_admm(mask_data=True)``)
