@@ -237,11 +237,23 @@ def _corr(a, b, m):
     return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
 
 
+def _deep_grey_errors(h, chi, m):
+    """(ROI mean - mask mean) of ``chi`` relative to the same of the true chi, in %, per DEEP_GREY
+    region (AAL labels of the head's desc-truth_dseg), in mask ``m``."""
+    out = {}
+    for reg in DEEP_GREY:
+        sel = np.isin(h["dseg"], h["table"].loc[h["table"].region == reg, "label"].astype(int).to_numpy()) & m
+        est = chi[sel].mean() - chi[m].mean()
+        true = h["chi"][sel].mean() - h["chi"][m].mean()
+        out[f"{reg} err %"] = float(100 * (est / true - 1))
+    return out
+
+
 def _head(seed, tmp):
     """Simulate one head and reconstruct it with every HEAD_CHAINS entry: rows of scores."""
     h = _load_head(seed, tmp)
     mag, ph, tes, vs, b0 = h["mag"], h["phase"], list(h["te"]), h["vs"], h["b0"]
-    chi_t, local_t, dseg, table = h["chi"], h["local"], h["dseg"], h["table"]
+    chi_t, local_t = h["chi"], h["local"]
     rows = []
     for name, cfg in HEAD_CHAINS.items():
         t0 = time.perf_counter()
@@ -250,11 +262,7 @@ def _head(seed, tmp):
         m = r.mask
         row = {"seed": seed, "chain": name, "final mask ml": float(m.sum() * np.prod(vs) / 1000),
                "local-field corr": _corr(r.local_field_ppm, local_t, m), "chi corr": _corr(r.chi_ppm, chi_t, m)}
-        for reg in DEEP_GREY:
-            sel = np.isin(dseg, table.loc[table.region == reg, "label"].astype(int).to_numpy()) & m
-            est = r.chi_ppm[sel].mean() - r.chi_ppm[m].mean()
-            true = chi_t[sel].mean() - chi_t[m].mean()
-            row[f"{reg} err %"] = float(100 * (est / true - 1))
+        row.update(_deep_grey_errors(h, r.chi_ppm, m))
         row["time s"] = float(dt)
         rows.append(row)
         print(row, flush=True)
@@ -534,12 +542,7 @@ def bench_debias_heads(seeds):
                 dt = time.perf_counter() - t0
                 sc = _head_scores(h, SimpleNamespace(mask=r.mask, chi_ppm=chi, quality_mask=r.quality_mask))
                 row = {"seed": seed, "inversion": name, "chi corr": sc["chi corr"], "ROI slope": sc["ROI slope"]}
-                m = r.mask
-                for reg in DEEP_GREY:
-                    sel = np.isin(h["dseg"], h["table"].loc[h["table"].region == reg, "label"].astype(int)
-                                  .to_numpy()) & m
-                    row[f"{reg} err %"] = float(100 * ((chi[sel].mean() - chi[m].mean())
-                                                       / (h["chi"][sel].mean() - h["chi"][m].mean()) - 1))
+                row.update(_deep_grey_errors(h, chi, r.mask))
                 row["time s"] = dt
                 rows.append(row)
                 print(row, flush=True)
