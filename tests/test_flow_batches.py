@@ -117,3 +117,34 @@ def test_subject_sessions_per_task_default_and_setting():
             spt(10, bad, environ=env)
     assert [len(b) for b in batching.make_batches(list(range(11)), 4)] == [4, 4, 3]
     assert batching.batch_name(0, 3, ["a", "b"]) == "batch-0001-of-0003 a..b (2)"
+
+
+def test_a_batch_lost_as_a_whole_fails_only_its_unfinished_subject_sessions(tiny_bids, tmp_path, monkeypatch):
+    """The batch's worker was lost after its first subject-session was written: that one counts as
+    done (from its manifest), the other fails at the stage it last started."""
+    from prefect.states import Running
+
+    from qsmdask.config import PipelineConfig
+    from qsmdask.io.bids import find_subject_sessions
+    from qsmdask.orchestration.submission import chain_outcomes
+    from qsmdask.workflows import participant as wf
+
+    _fast_stages(monkeypatch)
+    cfg, out = PipelineConfig(), tmp_path / "out"
+    batch = [(ss, wf.work_paths(ss, out, None), wf.resume_key(ss, cfg)) for ss in find_subject_sessions(tiny_bids)]
+    since = batching.now_ns()
+    batching.run_batch(batch[:1], out, cfg, since_ns=since)  # written before the worker died
+
+    class LostFuture:  # a Prefect future whose task never reached a final state
+        state = Running()
+        wrapped_future = None
+
+        def wait(self, timeout=None):
+            return None
+
+    outcomes = chain_outcomes(batch, LostFuture(), batched=True, stage_of={"sub-02_ses-pre": "reconstruct"}.get,
+                              output_dir=out, config=cfg, since_ns=since)
+    assert [(o["key"], o["status"]) for o in outcomes] == [("sub-01_ses-pre", "done"), ("sub-02_ses-pre", "failed")]
+    assert outcomes[0]["result"]["earlier_attempt"]
+    row = outcomes[1]["failure"]
+    assert row["stage"] == "reconstruct" and "worker or the scheduler connection was lost" in row["message"]
