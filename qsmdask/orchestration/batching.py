@@ -1,7 +1,7 @@
 """Several subject-sessions per Prefect task run (issue 18: orchestration at cohort scale).
 
 Prefect's cost is fixed per task run (its engine builds a settings context, an API client
-and the run's states for every task run: ~0.5 CPU s on a loaded 2-core machine, measured in
+and the run's states for every task run: ~0.6 CPU s on a loaded 2-core machine, measured in
 docs/benchmarks.md), so a cohort of 10,000 subject-sessions run as 10,000 task runs spends
 more on orchestration than a quick pipeline spends on compute. A *batch* runs several
 subject-sessions one after the other in one task run, each isolated exactly like its own
