@@ -53,6 +53,9 @@ class ChainConfig:
         voxels at the whole mask surface) or "inside" (only pairs inside the mask: keeps the
         cortex; see :func:`qsmdask.mask.phase_quality_mask` and docs/benchmarks.md for
         which is more accurate on which data).
+    quality_dilate_voxels : dilation (6-connected steps) of the voxels the quality mask removes
+        (aliased differences can wrap back to small values next to them); 0 keeps more of the
+        brain but lets aliased voxels in (docs/benchmarks.md, recon-coverage).
     unwrap_method : "temporal" (echo-difference phase Laplacian-unwrapped, echoes
         unwrapped in time: fewest spatial wraps, no phase offset;
         :func:`qsmdask.unwrap.temporal_unwrap`), "laplacian" (every echo by
@@ -158,6 +161,7 @@ class ChainConfig:
     quality_max_gradient_rad: float = 1.0
     quality_single_echo_gradient_rad: float = 2.0
     quality_pairs: str = "all"
+    quality_dilate_voxels: int = 1
     unwrap_method: str = "temporal"
     laplacian_form: str = "gradient"
     fit_offset: bool = True
@@ -205,6 +209,8 @@ class ChainConfig:
             q = getattr(self, name)
             if not (np.isfinite(q) and 0 < q < np.pi):
                 raise ValueError(f"{name} must be in (0, pi), got {q!r}")
+        if not (isinstance(self.quality_dilate_voxels, (int, np.integer)) and self.quality_dilate_voxels >= 0):
+            raise ValueError(f"quality_dilate_voxels must be an int >= 0, got {self.quality_dilate_voxels!r}")
         if self.mask_open_mm < 0:
             raise ValueError(f"mask_open_mm must be >= 0, got {self.mask_open_mm!r}")
         if not self.sharp_radius_mm > 0:
@@ -408,7 +414,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
             qphase = phs[..., int(np.argmax(te))]  # the echo with the most wraps
         max_grad = cfg.quality_max_gradient_rad if phs.shape[3] > 1 else cfg.quality_single_echo_gradient_rad
         brain = maskmod.phase_quality_mask(qphase, whole_brain, max_gradient_rad=max_grad,
-                                           pairs=cfg.quality_pairs)
+                                           pairs=cfg.quality_pairs, dilate_voxels=cfg.quality_dilate_voxels)
         del qphase
         if not brain.any():
             raise ValueError("no voxel of reliable phase is left in the brain mask "

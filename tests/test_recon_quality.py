@@ -134,3 +134,20 @@ def test_quality_mask_inside_pairs_keeps_the_surface_next_to_noise():
         max_wrapped_gradient(phase, brain[:-1])
     with pytest.raises(ValueError, match="quality_pairs"):
         ChainConfig(quality_pairs="some")
+
+
+def test_chain_passes_the_quality_mask_dilation():
+    """quality_dilate_voxels reaches phase_quality_mask: without the dilation the chain keeps
+    exactly the voxels that are not over the limit themselves (a superset of the default's)."""
+    p = make_phantom(shape=(48, 48, 40), snr=40, seed=4)
+    args = (p["magnitude"], p["phase_rad"], p["echo_times_s"], p["voxel_size_mm"])
+    kw = dict(b0_dir=p["b0_dir"], b0_tesla=p["b0_tesla"])
+    r1 = reconstruct(*args, **kw, config=ChainConfig())
+    r0 = reconstruct(*args, **kw, config=ChainConfig(quality_dilate_voxels=0))
+    assert not (r1.quality_mask & ~r0.quality_mask).any()
+    assert r0.quality_mask.sum() > r1.quality_mask.sum()
+    q = unwrap.echo_difference_phase(p["phase_rad"], np.asarray(p["echo_times_s"]), magnitude=p["magnitude"])[0]
+    expect = phase_quality_mask(q, r0.brain_mask, dilate_voxels=0)
+    np.testing.assert_array_equal(r0.quality_mask, expect)
+    with pytest.raises(ValueError, match="quality_dilate_voxels"):
+        ChainConfig(quality_dilate_voxels=-1)
