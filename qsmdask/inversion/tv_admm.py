@@ -77,7 +77,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
            1 / (2 sqrt(refit_mu))).
 
         Both use the data term of the solve (the field inside the mask, 0 outside it), so
-        only with ``mask_data=False``.  Measured in docs/benchmarks.md (recon (a)/(f)).
+        only with ``mask_data=False``.  Measured in docs/benchmarks.md (recon-debias).
     refit_mu : weight of the closeness to the TV solution in the data refit (> 0; in units
         of D^2, which lies in [0, 4/9]).
     rho : ADMM penalty (default 100 * lam for the gradient split; the data split uses 1).
