@@ -308,7 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # challenge data (nrmse 57 vs COSMOS, ROI slope 0.95) but below the default on the piecewise-
     # constant simulator heads (docs/benchmarks.md, recon-debias)
     "tv_refit": {"inversion_method": "tv", "tv_lambda": 2e-3, "tv_max_iter": 30, "tv_bregman_iterations": 0,
-                 "tv_debias": "refit", "tv_refit_mu": 0.1},
+                 "tv_debias": "refit", "tv_refit_mu": 0.1, "tv_mask_data": False},
 }
 
 
