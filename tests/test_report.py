@@ -269,9 +269,9 @@ def test_methods_paragraph_follows_configuration():
     assert cited[:4] == ["smith2002", "schofield2003", "wu2012", "schweser2011"]
     numbers = [int(n) for n in re.findall(r"\[(\d+)", text)]
     assert numbers == sorted(numbers)  # references numbered in order of first citation
-    assert "boundary condition had removed" not in text
-    fixed, _ = methods_paragraph({"chain": {"lbv_boundary_depth_mm": 20.0}})
-    assert "deeper than 20 mm" in fixed and "boundary condition had removed" in fixed
+    assert "deeper than 20 mm" in text and "boundary condition had removed" in text  # the default
+    off, _ = methods_paragraph({"chain": {"lbv_boundary_depth_mm": 0.0}})
+    assert "boundary condition had removed" not in off
 
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium")
