@@ -28,41 +28,28 @@ from qsmdask.kernels import PaddedFFT, check_b0_dir, dipole_kernel
 __all__ = ["dipole_field", "lbv_boundary_field"]
 
 
-def dipole_field(chi_ppm, mask, voxel_size_mm, *, b0_dir, pad_voxels=(16, 16, 16),
+def dipole_field(chi_ppm, mask, voxel_size_mm, *, b0_dir, within=None, pad_voxels=(16, 16, 16),
                  fft_workers: int = 1) -> np.ndarray:
     """Field (ppm) of the susceptibility ``chi_ppm`` inside ``mask`` (0 outside it), on the
-    whole array, computed on the mask's bounding box zero-padded by ``pad_voxels`` per side.
+    voxels of ``within`` (default ``mask``; 0 elsewhere).
 
-    The padding sets how far the periodic images of the FFT are: the field at the far side of
-    the box carries their contribution (falls off as 1/r^3, so 16 voxels is a small error for a
-    brain-sized source)."""
+    Computed on the bounding box of ``mask | within`` zero-padded by ``pad_voxels`` per side: the
+    padding sets how far the periodic images of the FFT are (the field falls off as 1/r^3, so
+    16 voxels is a small error for a brain-sized box)."""
     chi = np.asarray(chi_ppm, dtype=np.float32)
     m = np.asarray(mask, dtype=bool)
-    if chi.shape != m.shape or chi.ndim != 3:
-        raise ValueError(f"chi_ppm {chi.shape} and mask {m.shape} must be the same 3-D shape")
+    w = m if within is None else np.asarray(within, dtype=bool)
+    if chi.shape != m.shape or chi.ndim != 3 or w.shape != m.shape:
+        raise ValueError(f"chi_ppm {chi.shape}, mask {m.shape} and within {w.shape} must be the same 3-D shape")
     b = check_b0_dir(b0_dir)
     out = np.zeros(chi.shape, dtype=np.float32)
-    if not m.any():
+    if not (m.any() and w.any()):
         return out
-    idx = np.nonzero(m)
-    bb = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    bb = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(m | w))
     fft = PaddedFFT(chi[bb].shape, pad_voxels, workers=fft_workers)
     d = dipole_kernel(fft.padded_shape, voxel_size_mm, b, real=True)
-    # the box's field, then the parts of the padding that lie inside the array
-    spec = fft.forward(np.where(m[bb], chi[bb], 0))
-    spec *= d
-    import scipy.fft as sfft
-
-    full = sfft.irfftn(spec, s=fft.padded_shape, workers=fft.workers).astype(np.float32)
-    lo = [b_.start - s.start for b_, s in zip(bb, fft.slices)]  # array index of padded index 0
-    src, dst = [], []
-    for ax, n in enumerate(chi.shape):
-        a0 = max(lo[ax], 0)
-        a1 = min(lo[ax] + fft.padded_shape[ax], n)
-        dst.append(slice(a0, a1))
-        src.append(slice(a0 - lo[ax], a1 - lo[ax]))
-    out[tuple(dst)] = full[tuple(src)]
-    return out
+    out[bb] = fft.inverse(fft.forward(np.where(m[bb], chi[bb], 0)) * d)
+    return np.where(w, out, 0).astype(np.float32)
 
 
 def lbv_boundary_field(chi_ppm, chi_mask, brain_mask, voxel_size_mm, *, b0_dir,
@@ -91,7 +78,8 @@ def lbv_boundary_field(chi_ppm, chi_mask, brain_mask, voxel_size_mm, *, b0_dir,
     cm = np.asarray(chi_mask, dtype=bool)
     if cm.shape != m.shape:
         raise ValueError(f"chi_mask shape {cm.shape} differs from brain_mask shape {m.shape}")
-    g = dipole_field(chi_ppm, cm, vs, b0_dir=b0_dir, pad_voxels=pad_voxels, fft_workers=fft_workers)
-    g = np.where(m, g, 0).astype(np.float32)
+    # the field on the whole brain: LBV needs its values on the brain's boundary, which may lie
+    # far outside the estimate's support (the chain passes only the deep region)
+    g = dipole_field(chi_ppm, cm, vs, b0_dir=b0_dir, within=m, pad_voxels=pad_voxels, fft_workers=fft_workers)
     kept, interior = lbv(g, m, vs, tol=tol, max_iter=max_iter, fft_workers=fft_workers)
     return np.where(interior, g - kept, 0).astype(np.float32), interior
