@@ -148,7 +148,8 @@ def _synthetic_stages(stage_s: float):
         time.sleep(stage_s)
         return {**meta, "stage": "standardise"}
 
-    def write_outputs(ss, meta, output_dir, config, *, resume=None, keep_work=False, tables_url=None):
+    def write_outputs(ss, meta, output_dir, config, *, resume=None, keep_work=False, tables_url=None,
+                      run_token=None):
         time.sleep(stage_s)
         writer = DerivativesWriter(output_dir, tables_url=tables_url)
         roi = pd.DataFrame({"participant_id": [ss.participant_id], "session_id": [ss.session_id],
@@ -157,7 +158,8 @@ def _synthetic_stages(stage_s: float):
                             "mean_ppm": [0.05], "median_ppm": [0.05], "std_ppm": [0.0], "iqr_ppm": [0.0]})
         files = [writer.save_roi_table(ss.subject, ss.session, roi)]
         manifest = writer.write_manifest(ss.subject, ss.session, files, config=config.to_dict(),
-                                         status={"status": "done", "resume_key": resume or "", "synthetic": True})
+                                         status={"status": "done", "resume_key": resume or "", "synthetic": True,
+                                                 "run_token": run_token})
         return {"participant_id": ss.participant_id, "session_id": ss.session_id,
                 "manifest": str(manifest), "n_files": 1, "qc": {}, "synthetic": True}
 

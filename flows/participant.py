@@ -53,7 +53,7 @@ def subject_session_task(ss, paths, output_dir, config, key, tables_url=None, ke
 
 
 @task(name="subject-session-batch", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
-def subject_session_batch_task(name, batch, output_dir, config, tables_url=None, keep_work=False, since_ns=None):
+def subject_session_batch_task(name, batch, output_dir, config, tables_url=None, keep_work=False, run_token=None):
     """One Prefect task run for several subject-sessions (``batch``: ``(ss, paths, key)`` each).
 
     Each runs as :func:`subject_session_task` would, isolated
@@ -64,7 +64,7 @@ def subject_session_batch_task(name, batch, output_dir, config, tables_url=None,
     """
     log = get_run_logger()
     outcomes = batching.run_batch(batch, output_dir, config, tables_url=tables_url, keep_work=keep_work,
-                                  since_ns=since_ns, reporter=_stage_reporter, log=log)
+                                  run_token=run_token, reporter=_stage_reporter, log=log)
     n_failed = sum(o["status"] == "failed" for o in outcomes)
     try:
         create_table_artifact(table=batching.batch_table(outcomes),
@@ -176,7 +176,7 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
             entries.append((ss, paths, key))
         needs = [n for _, _, n in batch if n is not None]
         need = max(needs) if needs else None  # the batch's subject-sessions run one at a time
-        since_ns = batching.now_ns()
+        run_token = batching.new_run_token()
         with memory_annotation(need):  # at most MEMORY / need of these at once on a worker
             if per_task == 1:
                 ss, paths, key = entries[0]
@@ -184,8 +184,8 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
             else:
                 name = batching.batch_name(index, len(batches), [e[0].key for e in entries])
                 fut = subject_session_batch_task.submit(name, entries, output_dir, cfg, tables_url, keep_work,
-                                                        since_ns)
-        return entries, [fut], since_ns
+                                                        run_token)
+        return entries, [fut], run_token
 
     window = int(max_in_flight or in_flight_window(current_client()))
     log.info("%d subject-session(s) per task run (%d task runs), at most %d in flight", per_task, len(batches),
@@ -210,9 +210,9 @@ def participant_flow(bids_dir: str, output_dir: str, participant_labels: list[st
             log.warning("no stage progress from the Dask workers: %s", e)
     i, last_progress = 0, -1e9
     try:
-        for (entries, futs, since_ns), _ in bounded_completion(enumerate(batches), submit, window):
+        for (entries, futs, run_token), _ in bounded_completion(enumerate(batches), submit, window):
             outcomes = chain_outcomes(entries, futs[0], batched=per_task > 1, stage_of=stages.current,
-                                      output_dir=output_dir, config=cfg, tables_url=tables_url, since_ns=since_ns)
+                                      output_dir=output_dir, config=cfg, tables_url=tables_url, run_token=run_token)
             for (ss, paths, _key), outcome in zip(entries, outcomes):
                 i += 1
                 if outcome["status"] == "done":

@@ -27,9 +27,15 @@ def tiny_cohort(tmp_path_factory):
 
 def test_participant_group_resume_and_failure(tiny_cohort, tmp_path, prefect_api, capsys, monkeypatch):
     out = tmp_path / "derivatives"
+    monkeypatch.setenv("QSMDASK_SUBJECT_SESSIONS_PER_TASK", "2")  # the real pipeline in batches
     rc = main(["run", str(tiny_cohort), str(out), "participant", "--n-workers", "2"])
+    monkeypatch.delenv("QSMDASK_SUBJECT_SESSIONS_PER_TASK")
     first = capsys.readouterr()
     assert rc == EXIT_OK, first.err
+    # each batch's manifests carry its run token (what a retried batch checks; no clock compared)
+    tokens = [json.loads(p.read_text()).get("run_token")
+              for p in sorted((out / "logs" / "manifests").glob("sub-0*_manifest.json"))]
+    assert len(tokens) == 4 and all(tokens) and tokens[0] == tokens[1] != tokens[2] == tokens[3]
     # console: stage progress before the first subject-session finishes, no shutdown noise
     err = first.err
     assert "stages: ingest 0/4" in err and err.index("stages:") < err.index("] 1/4 ")

@@ -5,6 +5,7 @@ again skips what it finished, and a resume skips what is done."""
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -80,6 +81,7 @@ def test_a_batch_run_again_does_not_redo_what_it_finished(tiny_bids, tmp_path, m
     """What Dask does when a worker dies mid-batch: the batch runs again in the same flow run."""
     from qsmdask.config import PipelineConfig
     from qsmdask.io.bids import find_subject_sessions
+    from qsmdask.io.derivatives import DerivativesWriter
     from qsmdask.workflows import participant as wf
 
     _fast_stages(monkeypatch, fail_stage="standardise")
@@ -88,16 +90,21 @@ def test_a_batch_run_again_does_not_redo_what_it_finished(tiny_bids, tmp_path, m
     monkeypatch.setattr(wf, "ingest", lambda ss, paths: calls.append(ss.key) or real_ingest(ss, paths))
     cfg, out = PipelineConfig(), tmp_path / "out"
     batch = [(ss, wf.work_paths(ss, out, None), wf.resume_key(ss, cfg)) for ss in find_subject_sessions(tiny_bids)]
-    since = batching.now_ns()
-    first = batching.run_batch(batch, out, cfg, since_ns=since, retry_delay_s=0.0)
+    token = batching.new_run_token()
+    first = batching.run_batch(batch, out, cfg, run_token=token, retry_delay_s=0.0)
     assert [(o["key"], o["status"]) for o in first] == [("sub-01_ses-pre", "done"), ("sub-02_ses-pre", "failed")]
     assert first[1]["failure"]["stage"] == "standardise"
-    again = batching.run_batch(batch, out, cfg, since_ns=since, retry_delay_s=0.0)
+    # the worker's clock may differ from the flow's (pods on other nodes, a shared file system):
+    # the manifest's time plays no part, its run token does
+    manifest = DerivativesWriter(out).manifest_path("01", "pre")
+    assert json.loads(manifest.read_text())["run_token"] == token
+    os.utime(manifest, ns=(0, 0))
+    again = batching.run_batch(batch, out, cfg, run_token=token, retry_delay_s=0.0)
     assert calls == ["sub-01_ses-pre", "sub-02_ses-pre", "sub-02_ses-pre"]  # sub-01 not run again
     assert [(o["key"], o["status"]) for o in again] == [("sub-01_ses-pre", "done"), ("sub-02_ses-pre", "failed")]
     assert again[0]["result"]["earlier_attempt"] and again[0]["result"]["n_files"] == 1
-    # outputs written before the batch was submitted (a forced rerun) are recomputed
-    batching.run_batch(batch[:1], out, cfg, since_ns=batching.now_ns() + 10**9, retry_delay_s=0.0)
+    # outputs of another run (a forced rerun submits a new token) are recomputed
+    batching.run_batch(batch[:1], out, cfg, run_token=batching.new_run_token(), retry_delay_s=0.0)
     assert calls[-1] == "sub-01_ses-pre" and len(calls) == 4
     assert [r["status"] for r in batching.batch_table(again)] == ["done (earlier attempt)", "failed"]
 
@@ -132,8 +139,8 @@ def test_a_batch_lost_as_a_whole_fails_only_its_unfinished_subject_sessions(tiny
     _fast_stages(monkeypatch)
     cfg, out = PipelineConfig(), tmp_path / "out"
     batch = [(ss, wf.work_paths(ss, out, None), wf.resume_key(ss, cfg)) for ss in find_subject_sessions(tiny_bids)]
-    since = batching.now_ns()
-    batching.run_batch(batch[:1], out, cfg, since_ns=since)  # written before the worker died
+    token = batching.new_run_token()
+    batching.run_batch(batch[:1], out, cfg, run_token=token)  # written before the worker died
 
     class LostFuture:  # a Prefect future whose task never reached a final state
         state = Running()
@@ -143,7 +150,7 @@ def test_a_batch_lost_as_a_whole_fails_only_its_unfinished_subject_sessions(tiny
             return None
 
     outcomes = chain_outcomes(batch, LostFuture(), batched=True, stage_of={"sub-02_ses-pre": "reconstruct"}.get,
-                              output_dir=out, config=cfg, since_ns=since)
+                              output_dir=out, config=cfg, run_token=token)
     assert [(o["key"], o["status"]) for o in outcomes] == [("sub-01_ses-pre", "done"), ("sub-02_ses-pre", "failed")]
     assert outcomes[0]["result"]["earlier_attempt"]
     row = outcomes[1]["failure"]

@@ -35,14 +35,14 @@ def _fast_stages(monkeypatch, fail_stage: str | None = None):
                 raise RuntimeError("registration diverged")
             return meta
 
-    def write(ss, meta, output_dir, config, *, resume=None, keep_work=False, tables_url=None):
+    def write(ss, meta, output_dir, config, *, resume=None, keep_work=False, tables_url=None, run_token=None):
         with wf._stage(ss.key, "write"):
             w = DerivativesWriter(output_dir, tables_url=tables_url)
             roi = pd.DataFrame({"participant_id": [ss.participant_id], "session_id": [ss.session_id],
                                 "roi": ["putamen"], "mean_ppm": [0.05]})
             files = [w.save_roi_table(ss.subject, ss.session, roi)]
             man = w.write_manifest(ss.subject, ss.session, files, config=config.to_dict(),
-                                   status={"status": "done", "resume_key": resume or ""})
+                                   status={"status": "done", "resume_key": resume or "", "run_token": run_token})
             if not keep_work:
                 zarrstore.remove_group(meta["work_url"])
             return {"participant_id": ss.participant_id, "session_id": ss.session_id, "key": ss.key,

@@ -10,8 +10,9 @@ task run would be:
 - a failure marks that subject-session failed at the stage that failed (the failure row of
   :func:`qsmdask.workflows.participant.failure_row`) and the batch goes on;
 - a batch run again in the same flow run (Dask re-runs a task whose worker died) skips the
-  subject-sessions it already finished: their manifest is done, has their resume key and was
-  written after the flow submitted the batch;
+  subject-sessions it already finished: their manifest is done, has their resume key and
+  carries the batch's run token (a random token drawn when the flow submitted the batch; no
+  clock is compared, so the flow's and the workers' clocks may differ);
 - each subject-session still reports its stages (the ``on_stage`` callback: Dask events).
 
 :func:`subject_sessions_per_task` chooses the batch size: one subject-session per task run for
@@ -25,12 +26,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
+import uuid
 
 from qsmdask.workflows import participant as wf
 
 __all__ = ["TASK_RUNS_TARGET", "ENV_VAR", "subject_sessions_per_task", "make_batches", "batch_name",
-           "run_batch", "finished_in_this_run", "done_from_manifest", "batch_table"]
+           "run_batch", "finished_in_this_run", "done_from_manifest", "batch_table", "new_run_token"]
 
 #: The automatic batch size keeps a participant flow run near this many Prefect task runs.
 TASK_RUNS_TARGET = 200
@@ -84,19 +85,17 @@ def batch_name(index: int, n_batches: int, keys: list[str]) -> str:
     return f"batch-{index + 1:0{w}d}-of-{n_batches:0{w}d} {span} ({len(keys)})"
 
 
-def finished_in_this_run(ss, output_dir, config, key: str | None, since_ns: int | None, *,
+def finished_in_this_run(ss, output_dir, config, key: str | None, run_token: str | None, *,
                          tables_url=None) -> bool:
-    """True when ``ss`` is done with ``key`` and its manifest was written at or after ``since_ns``
-    (the wall-clock time the flow submitted its batch): an earlier attempt of the same batch
-    finished it. Outputs older than that (a forced rerun) do not count."""
-    if since_ns is None or not key:
+    """True when ``ss`` is done with ``key`` and its manifest carries ``run_token`` (the token
+    the flow drew when it submitted the batch): an earlier attempt of the same batch finished
+    it. Outputs of any other run (a forced rerun's old outputs) do not count."""
+    if not run_token or not key:
         return False
     from qsmdask.io.derivatives import DerivativesWriter
-    path = DerivativesWriter(output_dir, tables_url=tables_url).manifest_path(ss.subject, ss.session, **ss.entities)
-    try:  # 50 ms for the file system's coarse clock
-        if path.stat().st_mtime_ns < since_ns - 50_000_000:
-            return False
-    except OSError:
+    manifest = DerivativesWriter(output_dir, tables_url=tables_url).read_manifest(ss.subject, ss.session,
+                                                                                  **ss.entities)
+    if not manifest or manifest.get("run_token") != run_token:
         return False
     return wf.is_up_to_date(ss, output_dir, config, key, tables_url=tables_url)
 
@@ -112,7 +111,7 @@ def done_from_manifest(ss, output_dir, *, tables_url=None) -> dict:
 
 
 def run_batch(batch: list, output_dir, config, *, tables_url=None, keep_work: bool = False,
-              since_ns: int | None = None, reporter=None, log=None, write_retries: int = 2,
+              run_token: str | None = None, reporter=None, log=None, write_retries: int = 2,
               retry_delay_s: float = 2.0) -> list[dict]:
     """Run the subject-sessions of ``batch`` (``(ss, paths, resume_key)`` each) one after the other.
 
@@ -120,21 +119,23 @@ def run_batch(batch: list, output_dir, config, *, tables_url=None, keep_work: bo
     (:func:`~qsmdask.workflows.participant.run_subject_session`'s result, ``stage_seconds``
     included) or ``{"key", "status": "failed", "failure"}`` (a failures-table row naming the
     stage). A failure never stops the batch; a subject-session finished by an earlier attempt
-    of this batch in this flow run (:func:`finished_in_this_run`) is not run again.
+    of this batch in this flow run (:func:`finished_in_this_run`: its manifest carries
+    ``run_token``, which every subject-session written here records) is not run again.
     ``reporter(key)`` gives the ``on_stage`` callback of a subject-session (or None).
     """
     log = log or logging.getLogger("qsmdask.orchestration")
     out = []
     for ss, paths, key in batch:
         try:
-            if finished_in_this_run(ss, output_dir, config, key, since_ns, tables_url=tables_url):
+            if finished_in_this_run(ss, output_dir, config, key, run_token, tables_url=tables_url):
                 log.info("%s: finished by an earlier attempt of this batch, not run again", ss.key)
                 out.append({"key": ss.key, "status": "done", "result": done_from_manifest(
                     ss, output_dir, tables_url=tables_url)})
                 continue
             res = wf.run_subject_session(ss, paths, output_dir, config, resume=key, tables_url=tables_url,
                                          keep_work=keep_work, on_stage=reporter(ss.key) if reporter else None,
-                                         write_retries=write_retries, retry_delay_s=retry_delay_s, log=log)
+                                         write_retries=write_retries, retry_delay_s=retry_delay_s, log=log,
+                                         run_token=run_token)
             log.info("%s done: %s", ss.key, ", ".join(f"{k} {v:.2f} s" for k, v in res["stage_seconds"].items()))
             out.append({"key": ss.key, "status": "done", "result": res})
         except Exception as e:  # noqa: BLE001 - one subject-session's failure never stops the others
@@ -159,6 +160,6 @@ def batch_table(outcomes: list[dict]) -> list[dict]:
     return rows
 
 
-def now_ns() -> int:
-    """Wall-clock time (ns), the ``since_ns`` of a batch submitted now."""
-    return time.time_ns()
+def new_run_token() -> str:
+    """A random token for one submission of a batch (recorded in the manifests it writes)."""
+    return uuid.uuid4().hex

@@ -210,7 +210,7 @@ def bounded_completion(items, submit, window: int):
 
 
 def chain_outcomes(batch: list, fut, *, batched: bool, stage_of, output_dir, config, tables_url=None,
-                   since_ns: int | None = None) -> list[dict]:
+                   run_token: str | None = None) -> list[dict]:
     """Per-subject-session outcomes of a finished task (:func:`qsmdask.orchestration.batching.run_batch`'s
     shape: ``{"key", "status": "done", "result"}`` or ``{"key", "status": "failed", "failure"}``).
 
@@ -229,7 +229,7 @@ def chain_outcomes(batch: list, fut, *, batched: bool, stage_of, output_dir, con
         return [{"key": batch[0][0].key, "status": "done", "result": dict(res)}]
     out = []
     for ss, _paths, key in batch:
-        if batched and finished_in_this_run(ss, output_dir, config, key, since_ns, tables_url=tables_url):
+        if batched and finished_in_this_run(ss, output_dir, config, key, run_token, tables_url=tables_url):
             out.append({"key": ss.key, "status": "done", "result": done_from_manifest(ss, output_dir,
                                                                                       tables_url=tables_url)})
             continue

@@ -289,12 +289,15 @@ def standardise_and_measure(meta: dict, config: PipelineConfig) -> dict:
 
 
 def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineConfig, *,
-                  resume: str | None = None, keep_work: bool = False, tables_url=None) -> dict:
+                  resume: str | None = None, keep_work: bool = False, tables_url=None,
+                  run_token: str | None = None) -> dict:
     """Write every derivative of the subject-session with the one writer, then its manifest.
 
     The manifest is written last, so a subject-session counts as done only when all its
     files are in place; the zarr work group is removed afterwards unless ``keep_work``.
     The ROI table goes to ``tables_url`` (path or fsspec URL; default ``output_dir``).
+    ``run_token``: recorded in the manifest (``"run_token"``) so that a batch run again in the
+    same flow run recognises what it finished (:mod:`qsmdask.orchestration.batching`).
     """
     with _stage(ss.key, "write"):
         cfg = config.to_dict()
@@ -369,7 +372,8 @@ def write_outputs(ss: SubjectSession, meta: dict, output_dir, config: PipelineCo
         Path(meta["roi_tmp"]).unlink(missing_ok=True)
         manifest = writer.write_manifest(sub, ses, files, config=cfg,
                                          status={"status": "done", "resume_key": resume or "",
-                                                 "key": ss.key, "qc": meta.get("qc", {})}, **ents)
+                                                 "key": ss.key, "qc": meta.get("qc", {}),
+                                                 **({"run_token": run_token} if run_token else {})}, **ents)
         if not keep_work:
             zarrstore.remove_group(url)
         return {"participant_id": ss.participant_id, "session_id": ss.session_id,
@@ -537,7 +541,8 @@ STAGES = ("ingest", "reconstruct", "standardise", "write")
 def run_subject_session(ss: SubjectSession, paths: dict, output_dir, config: PipelineConfig, *,
                         resume: str | None = None, tables_url=None, keep_work: bool = False,
                         on_stage=None, write_retries: int = 0, retry_delay_s: float = 2.0,
-                        log: logging.Logger | logging.LoggerAdapter | None = None) -> dict:
+                        log: logging.Logger | logging.LoggerAdapter | None = None,
+                        run_token: str | None = None) -> dict:
     """All stages of one subject-session, one after the other in this process.
 
     This is what one orchestrator task runs (one Prefect task per subject-session: the
@@ -546,7 +551,8 @@ def run_subject_session(ss: SubjectSession, paths: dict, output_dir, config: Pip
     ``on_stage(stage, event, seconds)`` is called with ``event`` ``"start"`` (seconds None)
     and ``"done"`` (the stage's wall seconds) around every stage, for progress reports.
     ``write_retries``: attempts added to the write stage when it fails with a transient IO
-    error (:data:`TRANSIENT_ERROR_TYPES`), ``retry_delay_s`` apart.
+    error (:data:`TRANSIENT_ERROR_TYPES`), ``retry_delay_s`` apart. ``run_token`` goes into
+    the manifest (:func:`write_outputs`).
 
     When a stage after the reconstruction fails, the native-space maps are still written
     (:func:`write_partial_outputs`, manifest status ``failed``) before the :class:`StageError`
@@ -574,7 +580,7 @@ def run_subject_session(ss: SubjectSession, paths: dict, output_dir, config: Pip
             for attempt in range(int(write_retries) + 1):
                 try:
                     out = timed("write", write_outputs, ss, meta, output_dir, config, resume=resume,
-                                tables_url=tables_url, keep_work=keep_work)
+                                tables_url=tables_url, keep_work=keep_work, run_token=run_token)
                     break
                 except StageError as e:
                     if attempt == write_retries or e.error_type not in TRANSIENT_ERROR_TYPES:
