@@ -593,26 +593,53 @@ def main_debias(args):
 
 
 # ------------------------------------------------------------------ section recon-coverage
+# AAL labels of the cerebral cortex: 1-90 without the hippocampus, parahippocampal gyrus, amygdala
+# (37-42) and the deep nuclei (71-78); the cerebellum (91-116) is left out too
+CORTEX_LABELS = tuple(lab for lab in range(1, 91) if not (37 <= lab <= 42 or 71 <= lab <= 78))
+
+
+def _coverage_head(seed, air_cavities):
+    """The first head of ``simulate_cohort(seed=seed)`` in memory (as section single-echo), with or
+    without its air cavities: inputs, truth and the masks the coverage section scores."""
+    import scipy.ndimage as ndi
+
+    from qsmdask.sim import phantom
+
+    sim = _session(seed, "transceive", air_cavities=air_cavities)
+    tb = sim.brain
+    bg = np.abs(sim.field_ppm - sim.local_field_ppm - np.median((sim.field_ppm - sim.local_field_ppm)[tb]))
+    return {"mag": sim.magnitude, "phase": sim.phase_rad, "te": np.asarray(sim.echo_times_s),
+            "vs": sim.voxel_size_mm, "b0": sim.b0_dir, "chi": sim.chi_ppm, "brain": tb,
+            "rois": [np.isin(sim.dseg, labs) for labs in phantom.REGION_LABELS.values()],
+            "cortex": tb & np.isin(sim.dseg, CORTEX_LABELS),
+            # the air zone: top decile of the true background field's deviation in the brain
+            "air zone": tb & (bg >= np.percentile(bg[tb], 90)),
+            "depth_mm": ndi.distance_transform_edt(tb, sampling=sim.voxel_size_mm)}
+
+
 def _coverage_losses(h, r):
-    """Shares (%) of the true brain lost at each step of the default chain's masking."""
+    """Shares (%) of the true brain lost at each step of the chain's masking."""
     import scipy.ndimage as ndi
 
     from qsmdask import unwrap
     from qsmdask.mask import max_wrapped_gradient
 
     tb, whole, q, final = h["brain"], r.brain_mask, r.quality_mask, r.mask
-    lim = DEFAULT.quality_max_gradient_rad
+    cfg = r.config
     qphase = unwrap.echo_difference_phase(h["phase"], np.asarray(h["te"]), magnitude=h["mag"])[0]
-    bad_all = (max_wrapped_gradient(qphase) > lim) & whole
-    bad_in = (max_wrapped_gradient(qphase, whole) > lim) & whole
-    dilated = ndi.binary_dilation(bad_all)
+    g_all = max_wrapped_gradient(qphase)
+    bad_all = (g_all > cfg.quality_max_gradient_rad) & whole
+    bad_in = (max_wrapped_gradient(qphase, whole) > cfg.quality_max_gradient_rad) & whole
+    dilated = ndi.binary_dilation(bad_all, mask=g_all > cfg.quality_dilate_min_gradient_rad) \
+        if cfg.quality_dilate_min_gradient_rad > 0 else ndi.binary_dilation(bad_all)
     lost_q, lost_e = tb & whole & ~q, tb & q & ~final
-    depth = ndi.distance_transform_edt(tb, sampling=h["vs"])
+    depth = h["depth_mm"]
 
     def pc(x):
         return 100 * float((x & tb).sum() / tb.sum())
 
     return {"threshold mask %": pc(whole), "quality mask %": pc(q), "final mask %": pc(final),
+            "cortex in final mask %": 100 * float((final & h["cortex"]).sum() / h["cortex"].sum()),
             "lost: over the limit (inside pairs) %": pc(lost_q & bad_in),
             "lost: over the limit via outside pairs %": pc(lost_q & bad_all & ~bad_in),
             "lost: dilation of removed set %": pc(lost_q & ~bad_all & dilated),
@@ -622,42 +649,113 @@ def _coverage_losses(h, r):
                                                                      / max((lost_q | lost_e).sum(), 1))}
 
 
-COVERAGE_VARIANTS = {"all, dilate 1 (default)": dict(), "all, dilate 0": dict(quality_dilate_voxels=0),
-                     "inside, dilate 1": dict(quality_pairs="inside"),
-                     "inside, dilate 0": dict(quality_pairs="inside", quality_dilate_voxels=0)}
+def _nrmse(a, b, m):
+    """Demeaned NRMSE (%) of ``a`` against truth ``b`` in ``m``."""
+    e = a[m] - a[m].mean()
+    t = b[m] - b[m].mean()
+    return 100 * float(np.linalg.norm(e - t) / np.linalg.norm(t))
+
+
+def _coverage_scores(h, r, ref_mask):
+    """Coverage (true brain, cortex, air zone) and accuracy of one reconstruction; ``ref_mask`` is
+    the reference chain's final mask on the same head (the voxels every variant is compared on)."""
+    import scipy.ndimage as ndi
+
+    m, tb, zone = r.mask, h["brain"], h["air zone"]
+    eroded = ndi.binary_erosion(r.quality_mask, structure=ndi.generate_binary_structure(3, 1), border_value=0)
+    # the boundary layer that keep_boundary_layer gives back (empty otherwise) and the layer just
+    # inside it, in the true brain (outside it the simulator's truth holds extra-cerebral CSF and
+    # bone partial volumes, whose field is not in the local field: nothing can estimate them)
+    rim = m & ~eroded & tb
+    inner_layer = eroded & ~ndi.binary_erosion(eroded, structure=ndi.generate_binary_structure(3, 1)) & tb
+    est, tru = [], []
+    for sel in h["rois"]:
+        s = sel & m
+        if s.sum() >= 10:
+            est.append(r.chi_ppm[s].mean() - r.chi_ppm[m].mean())
+            tru.append(h["chi"][s].mean() - h["chi"][m].mean())
+    common = m & ref_mask
+    cx = m & h["cortex"]
+    out = {"final-mask coverage %": 100 * float((m & tb).sum() / tb.sum()),
+           "cortex coverage %": 100 * float((m & h["cortex"]).sum() / h["cortex"].sum()),
+           "chi corr": _corr(r.chi_ppm, h["chi"], m),
+           "chi corr in true brain": _corr(r.chi_ppm, h["chi"], m & tb),
+           "chi corr, reference voxels": _corr(r.chi_ppm, h["chi"], common),
+           # the cortex's contrast: (cortex mean - true-brain mean in the final mask), estimate minus truth
+           "cortex contrast error ppm": float((r.chi_ppm[cx].mean() - r.chi_ppm[m & tb].mean())
+                                              - (h["chi"][cx].mean() - h["chi"][m & tb].mean())),
+           "ROI slope": float(np.polyfit(tru, est, 1)[0]),
+           "rim chi corr": _corr(r.chi_ppm, h["chi"], rim) if rim.sum() > 10 else float("nan"),
+           "rim nrmse %": _nrmse(r.chi_ppm, h["chi"], rim) if rim.sum() > 10 else float("nan"),
+           "layer inside chi corr": _corr(r.chi_ppm, h["chi"], inner_layer),
+           "layer inside nrmse %": _nrmse(r.chi_ppm, h["chi"], inner_layer),
+           "air-zone coverage %": 100 * float((zone & m).sum() / zone.sum()),
+           "air-zone chi corr": _corr(r.chi_ppm, h["chi"], zone & m),
+           "air-zone chi corr, reference voxels": _corr(r.chi_ppm, h["chi"], zone & common),
+           "air-zone nrmse %": _nrmse(r.chi_ppm, h["chi"], zone & m),
+           "air-zone nrmse, reference voxels %": _nrmse(r.chi_ppm, h["chi"], zone & common)}
+    return out
+
+
+COVERAGE_VARIANTS = {
+    "dilate all, rim eroded": dict(keep_boundary_layer=False, quality_dilate_min_gradient_rad=0.0),
+    "dilate > 0.5 rad, rim eroded": dict(keep_boundary_layer=False, quality_dilate_min_gradient_rad=0.5),
+    "dilate all, rim kept": dict(keep_boundary_layer=True, quality_dilate_min_gradient_rad=0.0),
+    "dilate > 0.5 rad, rim kept": dict(keep_boundary_layer=True, quality_dilate_min_gradient_rad=0.5),
+    "dilate > 0.25 rad, rim kept": dict(keep_boundary_layer=True, quality_dilate_min_gradient_rad=0.25),
+    "no dilation, rim kept": dict(keep_boundary_layer=True, quality_dilate_voxels=0),
+}
+COVERAGE_REFERENCE = "dilate all, rim eroded"  # the chain before issue 15's coverage work
 
 
 def main_coverage(args):
-    import tempfile
-
     machine = machine_description()
     print(machine, flush=True)
+    names = args.variants or list(COVERAGE_VARIANTS)
     loss_rows, var_rows = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            h = _load_head(seed, tmp)
-            for name, ch in COVERAGE_VARIANTS.items():
-                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
-                                config=DEFAULT.replace(**ch))
-                if not ch:
-                    loss_rows.append({"seed": seed, **_coverage_losses(h, r)})
+    for seed in args.seeds:
+        for cav in (True, False):
+            h = _coverage_head(seed, cav)
+            head = "sinuses, mastoids" if cav else "no air cavities"
+            ref = None
+            for name in [COVERAGE_REFERENCE] + [n for n in names if n != COVERAGE_REFERENCE]:
+                t0 = time.perf_counter()
+                cfg = DEFAULT.replace(**COVERAGE_VARIANTS[name])
+                label = name + (" (default)" if cfg == DEFAULT else "")
+                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0, config=cfg)
+                if ref is None:
+                    ref = r.mask
+                if name in (COVERAGE_REFERENCE, "dilate > 0.5 rad, rim kept") or cfg == DEFAULT:
+                    loss_rows.append({"seed": seed, "head": head, "chain": label, **_coverage_losses(h, r)})
                     print(loss_rows[-1], flush=True)
-                sc = _head_scores(h, r, air=True)
-                var_rows.append({"seed": seed, "quality mask": name,
-                                 **{k: v for k, v in sc.items() if k != "n ROIs"}})
+                var_rows.append({"seed": seed, "head": head, "chain": label, **_coverage_scores(h, r, ref),
+                                 "time s": time.perf_counter() - t0})
                 print(var_rows[-1], flush=True)
+    cmd = f"python bench/recon.py --coverage --seeds {' '.join(map(str, args.seeds))}"
+    if args.variants:
+        cmd += " --variants " + " ".join(f"'{v}'" for v in args.variants)
     body = (f"## recon-coverage\n\nMachine: {machine} (shared machine, loaded by other jobs)\n\n"
-            f"Command: `python bench/recon.py --coverage --seeds {' '.join(map(str, args.seeds))}`\n\n"
-            "Simulator heads (simulate_cohort, 2 mm, 3 echoes, SNR 50), default chain. Shares of the true "
-            "brain (desc-truth_mask) covered by each mask, and lost at each step: quality-mask voxels "
+            f"Command: `{cmd}`\n\n"
+            "Simulator heads (the first head of simulate_cohort(seed), 2 mm, TE 4/12/20 ms, SNR 50, "
+            "simulated in memory), each with its sinuses and mastoid air cells and without them "
+            "(`simulate_session(air_cavities=False)`: bone or soft tissue there). Shares of the true "
+            "brain (truth mask) covered by each mask, and lost at each step: quality-mask voxels "
             "whose wrapped echo-difference phase differs by more than the limit from a neighbour inside "
             "the threshold mask, or only from one outside it; voxels lost only to the one-voxel dilation "
             "of the removed set, or to the largest-component step; and the quality mask's boundary layer "
-            "that LBV erodes. Last column: share of all lost voxels within 4.5 mm of the true brain's "
-            "surface.\n\n" + markdown_table(loss_rows, floatfmt=".3g")
-            + "\n\nQuality-mask variants (`quality_pairs`, `quality_dilate_voxels`): coverage, accuracy, "
-            "and the air zone (true-brain voxels in the top decile of the background field's deviation: "
-            "next to sinuses and mastoids).\n\n" + markdown_table(var_rows, floatfmt=".3g"))
+            "that LBV erodes (given back by `keep_boundary_layer`). Cortex: true-brain voxels with an AAL "
+            "cerebral-cortex label. Last column: share of all lost voxels within 4.5 mm of the true "
+            "brain's surface.\n\n" + markdown_table(loss_rows, floatfmt=".3g")
+            + "\n\nChain variants (`keep_boundary_layer`, `quality_dilate_min_gradient_rad`, "
+            "`quality_dilate_voxels`): coverage and accuracy. chi corr in the variant's final mask and "
+            "on the voxels it shares with the reference chain's final mask (dilate all, rim eroded: the default "
+            "before this section's changes); cortex contrast error: (mean over the cortex - mean over the "
+            "true brain, both in the final mask), estimate minus truth (ppm); rim: the boundary layer LBV erodes "
+            "(in the final mask only with `keep_boundary_layer`), beside the layer just inside it (in "
+            "every final mask), both in the true brain; nrmse: demeaned, %. Air zone: true-brain voxels in the top decile of the "
+            "true background field's deviation (next to sinuses and mastoids; on heads without cavities "
+            "next to the skull base and the ear canals' bone).\n\n"
+            + markdown_table(var_rows, floatfmt=".3g"))
     print(body)
     if not args.no_write:
         update_section("recon-coverage", body)
@@ -665,7 +763,7 @@ def main_coverage(args):
 
 
 # ------------------------------------------------------------------ section single-echo
-def _session(seed, offset_model):
+def _session(seed, offset_model, air_cavities=True):
     """The first subject of ``simulate_cohort(seed=seed, n_sessions=1)`` (2 mm, TE 4/12/20 ms), simulated
     in memory with the given receiver phase offset model: both models draw the same random
     numbers, so head, pose and noise are the same and only the offset differs."""
@@ -682,7 +780,8 @@ def _session(seed, offset_model):
     return phantom.simulate_session(values=values, pose=pose, rng=rng, voxel_size_mm=(2.0, 2.0, 2.0),
                                     fov_mm=cfg["fov_mm"], echo_times_s=cfg["echo_times_s"], b0_tesla=3.0,
                                     snr=50.0 * float(plan.participants.iloc[0]["site_snr_factor"]),
-                                    shim_order=2, t1w=False, phase_offset=offset_model)
+                                    shim_order=2, t1w=False, phase_offset=offset_model,
+                                    air_cavities=air_cavities)
 
 
 def _offset_laplacian(sim):
@@ -766,6 +865,8 @@ def main(argv=None):
     ap.add_argument("--f-rows", metavar="SUBSTR",
                     help="run only the (f) rows whose name contains SUBSTR; prints, writes nothing")
     ap.add_argument("--seeds", type=int, nargs="+", default=[5, 7])
+    ap.add_argument("--variants", nargs="+", choices=list(COVERAGE_VARIANTS), default=None,
+                    help="--coverage: only these chain variants (the reference chain always runs)")
     args = ap.parse_args(argv)
     if args.pairs:
         return bench_pairs(args.seeds)

@@ -56,6 +56,15 @@ class ChainConfig:
     quality_dilate_voxels : dilation (6-connected steps) of the voxels the quality mask removes
         (aliased differences can wrap back to small values next to them); 0 keeps more of the
         brain but lets aliased voxels in (docs/benchmarks.md, recon-coverage).
+    quality_dilate_min_gradient_rad : the dilation takes only neighbours whose own largest
+        wrapped difference exceeds this (rad, below ``quality_max_gradient_rad``); 0 takes all.
+    keep_boundary_layer : "tv" inversion only. The background removal's boundary layer (LBV:
+        the quality mask's one-voxel rim, where the local field is 0 by its boundary condition)
+        stays in the final mask: the inversion fits the field only inside the eroded mask, as
+        always, and reports the susceptibility it estimates on the rim from the field that the
+        rim's sources make inside and the regularisation. False: the final mask is the eroded
+        mask. Other inversions, and "tv" with ``tv_mask_data`` false (whose data term takes the
+        field as 0 outside its mask), always use the eroded mask.
     unwrap_method : "temporal" (echo-difference phase Laplacian-unwrapped, echoes
         unwrapped in time: fewest spatial wraps, no phase offset;
         :func:`qsmdask.unwrap.temporal_unwrap`), "laplacian" (every echo by
@@ -169,6 +178,8 @@ class ChainConfig:
     quality_single_echo_gradient_rad: float = 2.0
     quality_pairs: str = "all"
     quality_dilate_voxels: int = 1
+    quality_dilate_min_gradient_rad: float = 0.0
+    keep_boundary_layer: bool = False
     unwrap_method: str = "temporal"
     laplacian_form: str = "gradient"
     fit_offset: bool = True
@@ -218,6 +229,11 @@ class ChainConfig:
                 raise ValueError(f"{name} must be in (0, pi), got {q!r}")
         if not (isinstance(self.quality_dilate_voxels, (int, np.integer)) and self.quality_dilate_voxels >= 0):
             raise ValueError(f"quality_dilate_voxels must be an int >= 0, got {self.quality_dilate_voxels!r}")
+        q = self.quality_dilate_min_gradient_rad
+        if not (np.isfinite(q) and 0 <= q < self.quality_max_gradient_rad):
+            raise ValueError(f"quality_dilate_min_gradient_rad must be in [0, quality_max_gradient_rad), got {q!r}")
+        if not isinstance(self.keep_boundary_layer, (bool, np.bool_)):
+            raise ValueError(f"keep_boundary_layer must be true or false, got {self.keep_boundary_layer!r}")
         if self.mask_open_mm < 0:
             raise ValueError(f"mask_open_mm must be >= 0, got {self.mask_open_mm!r}")
         if not self.sharp_radius_mm > 0:
@@ -324,8 +340,10 @@ class ReconResult:
     """Outputs of :func:`reconstruct` (all (x, y, z) arrays).
 
     chi_ppm : float32 susceptibility, 0 outside ``mask``.
-    mask : bool, the final (eroded) mask.
-    local_field_ppm : float32 background-removed field, 0 outside ``mask``.
+    mask : bool, the final mask: the eroded mask, or the quality mask with
+        ``keep_boundary_layer``.
+    local_field_ppm : float32 background-removed field, 0 outside the eroded mask (the
+        background removal's boundary condition on the rim that ``keep_boundary_layer`` keeps).
     field_ppm : float32 total field from the echo fit, 0 outside the brain mask.
     brain_mask : bool, the brain mask (from the magnitude, or as given).
     quality_mask : bool, ``brain_mask`` without the voxels of unreliable phase: the
@@ -421,7 +439,9 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
             qphase = phs[..., int(np.argmax(te))]  # the echo with the most wraps
         max_grad = cfg.quality_max_gradient_rad if phs.shape[3] > 1 else cfg.quality_single_echo_gradient_rad
         brain = maskmod.phase_quality_mask(qphase, whole_brain, max_gradient_rad=max_grad,
-                                           pairs=cfg.quality_pairs, dilate_voxels=cfg.quality_dilate_voxels)
+                                           pairs=cfg.quality_pairs, dilate_voxels=cfg.quality_dilate_voxels,
+                                           dilate_min_gradient_rad=min(cfg.quality_dilate_min_gradient_rad,
+                                                                       0.999 * max_grad))
         del qphase
         if not brain.any():
             raise ValueError("no voxel of reliable phase is left in the brain mask "
@@ -489,6 +509,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     # 5. dipole inversion
     t4 = time.perf_counter()
     boundary_rms = 0.0
+    final = eroded  # the final mask (keep_boundary_layer: the quality mask)
     if cfg.inversion_method == "tv_laplacian":
         chi = inversion.tv_admm(np.where(brain, field_ppm, 0).astype(np.float32), brain, vs, b0_dir=b,
                                 lam=cfg.tv_laplacian_lambda, max_iter=cfg.tv_max_iter,
@@ -514,8 +535,17 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                         src, deep, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
                         fft_workers=cfg.fft_workers)[0]
                     return boundary["h"]
-        chi = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter,
+        support, lam, weight = eroded, cfg.tv_lambda, None
+        if cfg.keep_boundary_layer and cfg.tv_mask_data:
+            # the data term stays on the eroded mask (weight 0 on the rim, whose field LBV set to
+            # 0); tv_admm normalises the weights to mean 1 over its mask, i.e. 1/p on the eroded
+            # part (p its share of the mask): lam / p^2 is the same problem as before
+            p = float(eroded.sum()) / float(brain.sum())
+            support, lam, weight = brain, cfg.tv_lambda / (p * p), eroded.astype(np.float32)
+            final = brain
+        chi = inversion.tv_admm(local, support, vs, b0_dir=b, lam=lam, max_iter=cfg.tv_max_iter,
                                 magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
+                                data_weight=weight,
                                 edge_fraction=cfg.tv_edge_fraction, mask_data=bool(cfg.tv_mask_data),
                                 bregman_iterations=cfg.tv_bregman_iterations,
                                 bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
@@ -540,7 +570,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
     voxel_ml = float(np.prod(vs)) / 1000.0
     fb = field_ppm[brain]
     lf = local[eroded]
-    cv = chi[eroded]
+    cv = chi[final]
     qc = {
         "mask_volume_ml": float(whole_brain.sum()) * voxel_ml,
         "quality_mask_volume_ml": float(brain.sum()) * voxel_ml,
@@ -566,6 +596,6 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         "chi_p99_ppm": float(np.percentile(cv, 99)) if cv.size else 0.0,
     }
     qc.update({k: float(v) for k, v in timings.items()})
-    return ReconResult(chi_ppm=chi, mask=eroded, local_field_ppm=local,
+    return ReconResult(chi_ppm=chi, mask=final, local_field_ppm=local,
                        field_ppm=np.where(brain, field_ppm, 0).astype(np.float32), qc=qc,
                        config=cfg, brain_mask=whole_brain, quality_mask=brain)
