@@ -25,8 +25,10 @@ Section "recon-debias" (``--debias``): the inversion's debiasing options (issue 
     chi correlation, ROI slope, deep-grey ROI errors.
 
 Section "recon-coverage" (``--coverage``): where the final mask loses the true brain on simulator heads
-(threshold mask, phase-quality mask: voxels over the limit, the dilation of the removed set; LBV's
-one-voxel erosion), and the quality-mask variants (pairs, dilation) with their accuracy next to air.
+with and without air cavities (threshold mask, phase-quality mask: voxels over the limit, the dilation
+of the removed set; LBV's one-voxel erosion), and chain variants (``keep_boundary_layer``, the dilation's
+``quality_dilate_min_gradient_rad``, no dilation) with coverage of the brain and cortex and accuracy
+on the rim, on the default's voxels and next to air.
 
 Section "single-echo" (``--single-echo``): one, two and three echoes of the same simulator heads
 with the physical (transceive) and the earlier (plane-wave) receiver phase offset, with and
@@ -36,7 +38,7 @@ Usage: python bench/recon.py [--quick] [--no-write] [--skip-2016] [--skip-timing
        python bench/recon.py --robustness [--seeds 5 7] [--no-write]
        python bench/recon.py --single-echo [--seeds 5 7] [--no-write]
        python bench/recon.py --debias [--seeds 5 7 9] [--no-write]
-       python bench/recon.py --coverage [--seeds 5 7] [--no-write]
+       python bench/recon.py --coverage [--seeds 5 7] [--variants NAME ...] [--no-write]
        python bench/recon.py --pairs [--seeds 5 7]   (only (e), printed, with air-zone scores)
        python bench/recon.py --f-rows SUBSTR          (only those (f) rows, printed)
 """
@@ -738,7 +740,7 @@ def main_coverage(args):
             f"Command: `{cmd}`\n\n"
             "Simulator heads (the first head of simulate_cohort(seed), 2 mm, TE 4/12/20 ms, SNR 50, "
             "simulated in memory), each with its sinuses and mastoid air cells and without them "
-            "(`simulate_session(air_cavities=False)`: bone or soft tissue there). Shares of the true "
+            "(`simulate_session(air_cavities=False)`: the bone, soft tissue or CSF they replaced). Shares of the true "
             "brain (truth mask) covered by each mask, and lost at each step: quality-mask voxels "
             "whose wrapped echo-difference phase differs by more than the limit from a neighbour inside "
             "the threshold mask, or only from one outside it; voxels lost only to the one-voxel dilation "
@@ -748,13 +750,13 @@ def main_coverage(args):
             "brain's surface.\n\n" + markdown_table(loss_rows, floatfmt=".3g")
             + "\n\nChain variants (`keep_boundary_layer`, `quality_dilate_min_gradient_rad`, "
             "`quality_dilate_voxels`): coverage and accuracy. chi corr in the variant's final mask and "
-            "on the voxels it shares with the reference chain's final mask (dilate all, rim eroded: the default "
-            "before this section's changes); cortex contrast error: (mean over the cortex - mean over the "
+            "on the voxels it shares with the reference chain's final mask (dilate all, rim eroded: the "
+            "default); cortex contrast error: (mean over the cortex - mean over the "
             "true brain, both in the final mask), estimate minus truth (ppm); rim: the boundary layer LBV erodes "
             "(in the final mask only with `keep_boundary_layer`), beside the layer just inside it (in "
             "every final mask), both in the true brain; nrmse: demeaned, %. Air zone: true-brain voxels in the top decile of the "
             "true background field's deviation (next to sinuses and mastoids; on heads without cavities "
-            "next to the skull base and the ear canals' bone).\n\n"
+            "next to the skull base).\n\n"
             + markdown_table(var_rows, floatfmt=".3g"))
     print(body)
     if not args.no_write:

@@ -287,9 +287,9 @@ def load_head_model(resolution_mm: int = 2, *, air_cavities: bool = True) -> Hea
     ----------
     resolution_mm : 1 or 2, the grid spacing of the model.
     air_cavities : False leaves out the sinuses and mastoid air cells (their voxels stay the
-        bone or soft tissue around them): a head
-        without the steep air-tissue fields next to the brain's base (issue 15's coverage
-        target is defined on such heads); the air around the head stays.
+        bone, soft tissue or extra-cerebral CSF they replaced): a head without the steep
+        air-tissue fields next to the brain's base (issue 15's coverage target is defined on
+        such heads); the air around the head stays.
 
     Returns
     -------
@@ -1072,7 +1072,7 @@ def simulate_session(*, values: dict, pose: Pose, rng: np.random.Generator,
         ``values`` and ``b0_tesla``, to share the model-space maps across sessions; read only.
     phase_offset : receiver phase offset model, "transceive" (default) or "plane_waves" (the
         earlier, unphysical one); see :func:`receiver_phase_offset`.
-    air_cavities : False: a head without sinuses and mastoid air cells (bone or soft tissue), see
+    air_cavities : False: a head without sinuses and mastoid air cells, see
         :func:`load_head_model`; ``tissue_maps`` must then come from such a model too.
 
     Returns
