@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxel size in mm (the study's grid is 1 1 2)")
     s.add_argument("--effect-ppm", type=float, default=None,
                    help="planted patient increase in ppm (default: the simulator's)")
+    s.add_argument("--no-air-cavities", action="store_true",
+                   help="heads without sinuses and mastoid air cells (no steep air-tissue fields)")
 
     d = parser("demo", help="simulate a small cohort and run both levels on it")
     d.add_argument("out_dir", type=Path, nargs="?", default=Path("qsmdask_demo"), help="demo folder")
@@ -577,7 +579,8 @@ def _cmd_simulate(args) -> int:
     if args.effect_ppm is not None:
         kw["effect_ppm"] = args.effect_ppm
     info = simulate_cohort(args.out_dir, n_subjects=args.subjects, seed=args.seed, n_sessions=args.sessions,
-                           n_sites=args.sites, voxel_size_mm=tuple(args.voxel_size), **kw)
+                           n_sites=args.sites, voxel_size_mm=tuple(args.voxel_size),
+                           air_cavities=not args.no_air_cavities, **kw)
     print(f"simulated {args.subjects} subject(s) x {args.sessions} session(s) -> {args.out_dir}")
     return EXIT_OK if info is not None else EXIT_ERROR
 

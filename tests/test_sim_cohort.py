@@ -177,3 +177,28 @@ def test_argument_validation(tmp_path):
     with pytest.raises(ValueError, match="voxel_size_mm"):
         simulate_cohort(tmp_path, n_subjects=2, seed=1, voxel_size_mm=(0, 1, 1))
     assert not list(tmp_path.iterdir())
+
+
+def test_cohort_without_air_cavities(tmp_path):
+    """air_cavities=False reaches the head model: the same brain, pose and draws, but no sinus or
+    mastoid air next to the brain's base, so the background field in the brain is less steep."""
+    kw = dict(n_subjects=1, seed=2, n_sessions=1, t1w=False, write_fields=True, **SMALL)
+    a = simulate_cohort(tmp_path / "air", **kw)
+    b = simulate_cohort(tmp_path / "no_air", air_cavities=False, **kw)
+
+    def background_steps(info):
+        p = info.truth_paths("sub-01")
+        brain = load_nifti(p["mask"])[0] > 0
+        bg = load_nifti(p["total_field"])[0] - load_nifti(p["local_field"])[0]
+        n = brain.shape
+        steps = [np.abs(np.diff(bg, axis=k))[np.take(brain, range(1, n[k]), axis=k)
+                                             & np.take(brain, range(n[k] - 1), axis=k)]
+                 for k in range(3)]  # steps between neighbours both in the brain
+        return brain, np.percentile(np.concatenate(steps), 99)
+
+    brain_a, step_a = background_steps(a)
+    brain_b, step_b = background_steps(b)
+    np.testing.assert_array_equal(brain_a, brain_b)
+    assert step_b < 0.8 * step_a, (step_a, step_b)
+    assert json.loads((tmp_path / "no_air" / "derivatives" / "qsmdask-sim" / "sim_config.json").read_text())[
+        "air_cavities"] is False

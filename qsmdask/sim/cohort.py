@@ -312,7 +312,8 @@ def simulate_subject_files(out_dir, plan: CohortPlan, participant_id: str) -> pd
     if participant_id not in ids:
         raise ValueError(f"participant_id {participant_id!r} is not in the plan")
     values, _ = _subject_values(plan, ids.index(participant_id))
-    maps = {res: phantom.compose_tissue_maps(phantom.load_head_model(res), values,
+    air = bool(plan.config.get("air_cavities", True))
+    maps = {res: phantom.compose_tissue_maps(phantom.load_head_model(res, air_cavities=air), values,
                                              b0_tesla=plan.config["b0_tesla"])
             for res in _model_resolutions(plan.config)}
     sessions = session_names(plan.config["n_sessions"]) or [""]
@@ -352,7 +353,8 @@ def simulate_session_files(out_dir, plan: CohortPlan, participant_id: str,
         fov_mm=cfg["fov_mm"], echo_times_s=cfg["echo_times_s"], b0_tesla=cfg["b0_tesla"],
         snr=cfg["snr"] * float(row["site_snr_factor"]), shim_order=cfg["shim_order"],
         t1w=cfg["t1w"], t1w_voxel_size_mm=cfg["t1w_voxel_size_mm"],
-        local_field=cfg["write_fields"], tissue_maps=tissue_maps)
+        local_field=cfg["write_fields"], tissue_maps=tissue_maps,
+        air_cavities=bool(cfg.get("air_cavities", True)))
 
     paths = _gre_paths(root, participant_id, session_id, len(cfg["echo_times_s"]), cfg["t1w"])
     common = {"MagneticFieldStrength": cfg["b0_tesla"], "Manufacturer": "qsmdask-sim",
@@ -479,7 +481,7 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
                     patient_fraction: float = 0.5, snr: float = 50.0, t1w: bool = True,
                     t1w_voxel_size_mm=None, max_rotation_deg: float = 12.0,
                     max_translation_mm: float = 10.0, shape_variation: float = 0.04,
-                    shim_order: int = 2, write_fields: bool = True,
+                    shim_order: int = 2, write_fields: bool = True, air_cavities: bool = True,
                     executor: Executor | None = None) -> CohortInfo:
     """Simulate a BIDS cohort of multi-echo GRE (and T1w) with ground truth.
 
@@ -505,6 +507,9 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
     shape_variation : relative head-size variation and smooth deformation strength.
     shim_order : 0, 1 or 2, harmonic shim of the field over the brain.
     write_fields : also write the true total and local fields (ppm).
+    air_cavities : False simulates heads without sinuses and mastoid air cells (see
+        :func:`qsmdask.sim.phantom.load_head_model`): no steep air-tissue fields next to the
+        brain's base.
     executor : optional ``concurrent.futures.Executor`` (e.g. a process pool or
         ``distributed.Client.get_executor()``) to run subject-sessions in parallel.
 
@@ -535,7 +540,7 @@ def simulate_cohort(out_dir, *, n_subjects: int, seed: int, n_sessions: int = 2,
            "t1w": bool(t1w), "t1w_voxel_size_mm": tvs, "max_rotation_deg": float(max_rotation_deg),
            "max_translation_mm": float(max_translation_mm),
            "shape_variation": float(shape_variation), "shim_order": int(shim_order),
-           "write_fields": bool(write_fields), "version": __version__}
+           "write_fields": bool(write_fields), "air_cavities": bool(air_cavities), "version": __version__}
     plan = plan_cohort(n_subjects=n_subjects, seed=seed, n_sessions=n_sessions, n_sites=n_sites,
                        patient_fraction=patient_fraction, effect_ppm=effect_ppm,
                        effect_regions=tuple(effect_regions), snr=snr, config=cfg)
