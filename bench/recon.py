@@ -450,7 +450,8 @@ def _invert_cfg(cfg_dict, f, m, vs, b0_dir=(0.0, 0.0, 1.0)):
                                  bregman_max_iter=c.tv_bregman_max_iter)
     return inversion.tv_admm(f, m, vs, b0_dir=b0_dir, lam=c.tv_lambda, max_iter=c.tv_max_iter,
                              bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter,
-                             mask_data=c.tv_mask_data, debias=c.tv_debias, refit_mu=c.tv_refit_mu)
+                             bregman_fraction=c.tv_bregman_fraction, mask_data=c.tv_mask_data,
+                             debias=c.tv_debias, refit_mu=c.tv_refit_mu)
 
 
 def bench_study_2016(only=None, configs=None):
@@ -591,6 +592,89 @@ def main_debias(args):
     print(body)
     if not args.no_write:
         update_section("recon-debias", body)
+    return 0
+
+
+# ------------------------------------------------------------------ section recon-refit-mask
+REFIT_MASK_2016 = {
+    "default: TV lam 2e-3 + 1 Bregman step, field inside the mask": {},
+    "TV lam 2e-3, 30 it, field inside the mask": dict(tv_max_iter=30, tv_bregman_iterations=0),
+    "tv_refit (field 0 outside the mask)": {"preset": "tv_refit"},
+    "tv_refit_mask (lam 2e-3, refit inside the mask)": {"preset": "tv_refit_mask"},
+    "tv_refit_mask with lam 3e-3": {"preset": "tv_refit_mask", "tv_lambda": 3e-3},
+}
+REFIT_MASK_CHAINS = {"default": {}, "tv_refit_mask": {"preset": "tv_refit_mask"},
+                     "tv_refit (field 0 outside the mask)": {"preset": "tv_refit"}}
+
+
+def bench_refit_mask_heads(seeds):
+    """Whole chains (each its own local field, boundary correction where configured) on each head."""
+    import tempfile
+    from types import SimpleNamespace
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            h = _load_head(seed, tmp)
+            for name, cfg in REFIT_MASK_CHAINS.items():
+                c0 = time.process_time()
+                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
+                                config=ChainConfig.from_dict(cfg))
+                dt = time.process_time() - c0
+                sc = _head_scores(h, SimpleNamespace(mask=r.mask, chi_ppm=r.chi_ppm, quality_mask=r.quality_mask))
+                row = {"seed": seed, "chain": name, "chi corr": sc["chi corr"], "ROI slope": sc["ROI slope"]}
+                row.update(_deep_grey_errors(h, r.chi_ppm, r.mask))
+                row["chain CPU s"] = dt
+                rows.append(row)
+                print(row, flush=True)
+    summary = []
+    for name in REFIT_MASK_CHAINS:
+        sub = [r for r in rows if r["chain"] == name]
+        out = {"chain": name, "chi corr mean": float(np.mean([r["chi corr"] for r in sub])),
+               "ROI slope mean": float(np.mean([r["ROI slope"] for r in sub]))}
+        for reg in DEEP_GREY:
+            v = np.array([r[f"{reg} err %"] for r in sub])
+            out[f"{reg} err mean / SD %"] = f"{v.mean():.1f} / {v.std(ddof=1) if v.size > 1 else 0.0:.1f}"
+        summary.append(out)
+    return summary, rows
+
+
+def main_refit_mask(args):
+    machine = machine_description()
+    print(machine, flush=True)
+    parts = [f"## recon-refit-mask\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
+             f"inflated)\n\nCommand: `python bench/recon.py --refit-mask --seeds {' '.join(map(str, args.seeds))}`"
+             "\n\nThe least-squares refit with the field fitted inside the mask (`tv_debias: refit` with "
+             "`tv_mask_data: true`, conjugate gradients) and the preset `tv_refit_mask`: first TV solve, a "
+             "second solve on the data plus the boundary-field correction with no residual added back "
+             "(`tv_bregman_fraction: 0`), then the refit.\n"]
+    if (DATA / "local_field_ppm.nii.gz").exists():
+        rows = bench_study_2016(configs=REFIT_MASK_2016)
+        parts.append("### (j) 2016 challenge\n\nThe given local field and mask (so no boundary-field "
+                     "correction); qsm-ci `score_arrays` vs COSMOS; ROI slope over the 11 evaluation labels. "
+                     "Target (issue 15): nrmse <= 58 and slope >= 0.9 at once.\n\n"
+                     + markdown_table(rows, floatfmt=".3g"))
+    summary, rows = bench_refit_mask_heads(args.seeds)
+    parts.append("### (k) simulator heads, whole chains\n\nSimulator heads (simulate_cohort, 2 mm, TE 4/12/20 ms, "
+                 "SNR 50), each chain end to end (its own local field and final mask). Chi corr in the final "
+                 "mask; ROI slope over the simulator's tissue regions; ROI error as in (d).\n\n"
+                 + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
+                 + markdown_table(rows, floatfmt=".3g"))
+    if not args.skip_timing:
+        shape = (256, 256, 80)
+        trows = []
+        for name in ("default", "tv_refit_mask"):
+            (dt, stages), _, rss = run_isolated(_time_chain, REFIT_MASK_CHAINS[name], shape)
+            trows.append({"chain": name, "shape": "x".join(map(str, shape)), "total wall s": float(dt),
+                          "total CPU s": float(stages["cpu_s"]), "inversion s": stages["time_inversion_s"],
+                          "peak RSS MiB (incl. simulation)": rss})
+            print(trows[-1], flush=True)
+        parts.append("### (l) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
+                     "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
+    body = "\n".join(parts)
+    print(body)
+    if not args.no_write:
+        update_section("recon-refit-mask", body)
     return 0
 
 
@@ -862,6 +946,7 @@ def main(argv=None):
     ap.add_argument("--single-echo", action="store_true", help="run only section single-echo")
     ap.add_argument("--debias", action="store_true", help="run only section recon-debias")
     ap.add_argument("--coverage", action="store_true", help="run only section recon-coverage")
+    ap.add_argument("--refit-mask", action="store_true", help="run only section recon-refit-mask")
     ap.add_argument("--pairs", action="store_true",
                     help="run only (e), quality_pairs all vs inside with air-zone scores; prints, writes nothing")
     ap.add_argument("--f-rows", metavar="SUBSTR",
@@ -883,6 +968,8 @@ def main(argv=None):
         return main_debias(args)
     if args.coverage:
         return main_coverage(args)
+    if args.refit_mask:
+        return main_refit_mask(args)
     machine = machine_description()
     print(machine, flush=True)
     parts = [f"Machine: {machine}\n\nCommand: `python bench/recon.py{' --quick' if args.quick else ''}`\n"]

@@ -14,7 +14,7 @@ __all__ = ["tv_admm"]
 def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam: float = 1e-3,
             magnitude=None, data_weight=None, edge_fraction: float = 0.3, rho: float | None = None,
             max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, bregman_iterations: int = 0,
-            bregman_max_iter: int | None = None, laplacian_data: bool = False,
+            bregman_max_iter: int | None = None, bregman_fraction: float = 1.0, laplacian_data: bool = False,
             data_correction=None, debias: str = "none", refit_mu: float = 0.1,
             pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
     """Weighted total-variation dipole inversion (ADMM, every update closed form).
@@ -49,6 +49,10 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         of compact structures by an amount proportional to ``lam``; one step restores
         most of it (deep-grey ROI means) at the price of some noise and streaking.
     bregman_max_iter : ADMM iterations of each Bregman step (default ``max_iter``).
+    bregman_fraction : share of the residual added back at each Bregman step, in [0, 1]
+        (default 1, the Bregman iteration). 0: the step only solves again, from the previous
+        state, with the data plus ``data_correction`` (the boundary-field correction without
+        refitting the residual; used with ``debias="refit"``).
     laplacian_data : single-step background removal and inversion: ``local_field_ppm`` is
         then the TOTAL field (background included) inside ``mask``, and the data term is its
         7-point Laplacian on the mask's interior (voxels whose six neighbours are in the mask),
@@ -76,8 +80,14 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
            the ill-conditioned cone stays with the TV solution (no streaks; noise gain at most
            1 / (2 sqrt(refit_mu))).
 
-        Both use the data term of the solve (the field inside the mask, 0 outside it), so
-        only with ``mask_data=False``.  Measured in docs/benchmarks.md (recon-debias).
+        Both use the data term of the solve.  With ``mask_data=False`` (the field inside the
+        mask, 0 outside it) step 2 is the closed form above; with ``mask_data=True`` the data
+        term is || W (D x - f) ||^2 (the field inside the mask only, W the data weights), the
+        amplitude is weighted the same way and step 2 solves its normal equations
+        (D W^2 D + refit_mu) dx = D W^2 (f - D chi) by conjugate gradients (at most 30
+        iterations of two FFT pairs; the condition number is at most
+        (4/9 + refit_mu) / refit_mu, 5.4 at 0.1).  Measured in docs/benchmarks.md
+        (recon-debias, recon-refit-mask).
     refit_mu : weight of the closeness to the TV solution in the data refit (> 0; in units
         of D^2, which lies in [0, 4/9]).
     rho : ADMM penalty (default 100 * lam for the gradient split; the data split uses 1).
@@ -112,13 +122,15 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     if int(bregman_iterations) < 0:
         raise ValueError(f"bregman_iterations must be >= 0, got {bregman_iterations!r}")
+    if not (np.isfinite(bregman_fraction) and 0 <= bregman_fraction <= 1):
+        raise ValueError(f"bregman_fraction must be in [0, 1], got {bregman_fraction!r}")
     if debias not in ("none", "refit"):
         raise ValueError(f"debias must be 'none' or 'refit', got {debias!r}")
     if debias == "refit":
         if not (np.isfinite(refit_mu) and refit_mu > 0):
             raise ValueError(f"refit_mu must be > 0, got {refit_mu!r}")
-        if mask_data or laplacian_data:
-            raise ValueError("debias='refit' needs the unmasked data term (mask_data=False, laplacian_data=False)")
+        if laplacian_data:
+            raise ValueError("debias='refit' is not available with laplacian_data")
     step_iter = int(max_iter if bregman_max_iter is None else bregman_max_iter)
     if step_iter < 1:
         raise ValueError(f"bregman_max_iter must be >= 1, got {bregman_max_iter!r}")
@@ -228,6 +240,9 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             spec = fwd(chi)
             spec *= d
             resid = np.where(w > 0, base - inv(spec), 0).astype(np.float32)
+            if bregman_fraction != 1:
+                resid *= np.float32(bregman_fraction)
+
             target = (target + resid).astype(np.float32)
             w2f = (w2 * target).astype(np.float32)
             if not mask_data:
@@ -268,7 +283,10 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             if it > 0 and change < tol:
                 break
     if debias == "refit":
-        chi = _refit(chi, base, d, np.float32(refit_mu), fwd, inv)  # the field (+ data correction)
+        if mask_data:  # the data term of the solve: the (weighted) field inside the mask only
+            chi = _refit_masked(chi, base, w2, d, np.float32(refit_mu), fwd, inv)
+        else:
+            chi = _refit(chi, base, d, np.float32(refit_mu), fwd, inv)  # the field (+ data correction)
     out = np.zeros(full_shape, dtype=np.float32)
     out[bb] = np.where(m, chi[fft.slices], 0)
     return out
@@ -292,3 +310,44 @@ def _refit(chi, field, d, mu, fwd, inv):
     spec = fwd(resid)
     spec *= (d / (d * d + mu)).astype(np.float32)
     return (chi + inv(spec)).astype(np.float32)
+
+
+def _refit_masked(chi, field, w2, d, mu, fwd, inv, *, max_iter: int = 30, tol: float = 1e-3):
+    """:func:`_refit` for the data term inside the mask, || W (D x - f) ||^2.
+
+    Amplitude k = <W D chi, W f> / ||W D chi||^2; then the data refit
+    x = argmin ||W (D x - f)||^2 + mu ||x - k chi||^2, whose normal equations
+    (D W^2 D + mu) dx = D W^2 (f - k D chi) have no closed form with a mask and are solved by
+    conjugate gradients (condition number at most (max D^2 + mu) / mu: 5.4 at mu 0.1, so a
+    few iterations; two FFT pairs each).
+    """
+    dchi = inv(fwd(chi) * d)
+    wd = (w2 * dchi).ravel().astype(np.float64)
+    den = float(wd @ dchi.ravel().astype(np.float64))
+    k = float(wd @ field.ravel().astype(np.float64)) / den if den > 0 else 1.0
+    del wd
+    if not (np.isfinite(k) and k > 0):
+        k = 1.0
+    chi = chi * np.float32(k)
+    resid = (w2 * (field - np.float32(k) * dchi)).astype(np.float32)
+
+    def normal(x):  # (D W^2 D + mu) x
+        return (inv(fwd(w2 * inv(fwd(x) * d)) * d) + mu * x).astype(np.float32)
+
+    b = inv(fwd(resid) * d)
+    x = np.zeros_like(chi)
+    r = b.copy()
+    p = r.copy()
+    rr = float(np.vdot(r, r))
+    stop = (tol * tol) * rr
+    for _ in range(int(max_iter)):
+        if rr <= stop or rr == 0:
+            break
+        ap = normal(p)
+        alpha = rr / float(np.vdot(p, ap))
+        x += np.float32(alpha) * p
+        r -= np.float32(alpha) * ap
+        rr_new = float(np.vdot(r, r))
+        p = (r + np.float32(rr_new / rr) * p).astype(np.float32)
+        rr = rr_new
+    return (chi + x).astype(np.float32)

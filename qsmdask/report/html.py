@@ -1149,9 +1149,15 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
              f"linear fit over echo time{' with a phase offset' if ch.fit_offset else ''}"
              + (" using the left-handed sign convention" if ch.phase_sign == -1 else "") + ".")
     if ch.inversion_method == "tv_laplacian":
-        breg = (f", followed by {ch.tv_bregman_iterations} Bregman debiasing step(s) "
-                f"{cite('osher2005')} of {ch.tv_bregman_max_iter} iterations"
-                if ch.tv_bregman_iterations else "")
+        if not ch.tv_bregman_iterations:
+            breg = ""
+        elif ch.tv_bregman_fraction == 0:  # no residual added back: a second solve on corrected data
+            breg = f", then {ch.tv_bregman_max_iter} more iterations on the corrected data (below)"
+        else:
+            part = ("" if ch.tv_bregman_fraction == 1 else
+                    f" adding back {ch.tv_bregman_fraction:g} of the field residual")
+            breg = (f", followed by {ch.tv_bregman_iterations} Bregman debiasing step(s) "
+                    f"{cite('osher2005')} of {ch.tv_bregman_max_iter} iterations{part}")
         s.append("Background removal and dipole inversion were done in one step: total-variation "
                  f"regularised inversion solved by ADMM {cite('bilgic2014')} with the Laplacian of the "
                  f"field inside the brain mask as data {cite('langkammer2015')}, so that harmonic "
@@ -1174,9 +1180,15 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         pass
     elif ch.inversion_method == "tv":
         tv_ref = cite('bilgic2014')  # cited before the Bregman reference, in reading order
-        breg = (f", followed by {ch.tv_bregman_iterations} Bregman debiasing step(s) "
-                f"{cite('osher2005')} of {ch.tv_bregman_max_iter} iterations"
-                if ch.tv_bregman_iterations else "")
+        if not ch.tv_bregman_iterations:
+            breg = ""
+        elif ch.tv_bregman_fraction == 0:  # no residual added back: a second solve on corrected data
+            breg = f", then {ch.tv_bregman_max_iter} more iterations on the corrected data (below)"
+        else:
+            part = ("" if ch.tv_bregman_fraction == 1 else
+                    f" adding back {ch.tv_bregman_fraction:g} of the field residual")
+            breg = (f", followed by {ch.tv_bregman_iterations} Bregman debiasing step(s) "
+                    f"{cite('osher2005')} of {ch.tv_bregman_max_iter} iterations{part}")
         s.append(f"Susceptibility was computed by total-variation regularised dipole inversion "
                  f"solved by ADMM {tv_ref} (lambda {ch.tv_lambda:g}, {ch.tv_max_iter} "
                  f"iterations{breg}"
@@ -1187,7 +1199,7 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                     f"{cite('deledalle2015')}" if ch.tv_debias == "refit" else "")
                  + ".")
         if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations:
-            s.append(f"Before the Bregman step, the part of the field of the first estimate's sources "
+            s.append(f"Before the {'second solve' if ch.tv_bregman_fraction == 0 else 'Bregman step'}, the part of the field of the first estimate's sources "
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
                      "condition had removed was added back to the data.")

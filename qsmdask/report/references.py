@@ -140,10 +140,12 @@ def chain_method(chain: dict | None) -> dict:
     if ch.inversion_method == "tv_laplacian":
         pass
     elif ch.inversion_method == "tv":
-        refs = ("bilgic2014", "osher2005") if ch.tv_bregman_iterations else ("bilgic2014",)
+        bregman = ch.tv_bregman_iterations and ch.tv_bregman_fraction > 0
+        refs = ("bilgic2014", "osher2005") if bregman else ("bilgic2014",)
         refit = ch.tv_debias == "refit"
         step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
-             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else "")
+             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if bregman else "")
+             + (f" (residual fraction {ch.tv_bregman_fraction:g})" if bregman and ch.tv_bregman_fraction < 1 else "")
              + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
              *refs, *(("deledalle2015",) if refit else ()))
     elif ch.inversion_method == "iterative_tkd":
