@@ -135,7 +135,7 @@ def test_tv_refit_mask_preset_keeps_the_issue14_data_term():
     meth = chain_method({"preset": "tv_refit_mask"})["Method"]
     assert "Bregman" not in meth and "data refit (mu 0.1" in meth
     text, _ = methods_paragraph({"chain": {"preset": "tv_refit_mask"}})
-    assert "more iterations on the corrected data" in text and "Before the second solve" in text
+    assert "more iterations on the data with the boundary-field correction" in text and "Before the second solve" in text
     assert "Bregman" not in text
     with pytest.raises(ValueError, match="tv_bregman_fraction"):
         ChainConfig(tv_bregman_fraction=2.0)

@@ -1152,7 +1152,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         if not ch.tv_bregman_iterations:
             breg = ""
         elif ch.tv_bregman_fraction == 0:  # no residual added back: a second solve on corrected data
-            breg = f", then {ch.tv_bregman_max_iter} more iterations on the corrected data (below)"
+            corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv"
+            breg = (f", then {ch.tv_bregman_max_iter} more iterations"
+                    + (" on the data with the boundary-field correction" if corrected else ""))
         else:
             part = ("" if ch.tv_bregman_fraction == 1 else
                     f" adding back {ch.tv_bregman_fraction:g} of the field residual")
@@ -1183,7 +1185,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         if not ch.tv_bregman_iterations:
             breg = ""
         elif ch.tv_bregman_fraction == 0:  # no residual added back: a second solve on corrected data
-            breg = f", then {ch.tv_bregman_max_iter} more iterations on the corrected data (below)"
+            corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv"
+            breg = (f", then {ch.tv_bregman_max_iter} more iterations"
+                    + (" on the data with the boundary-field correction" if corrected else ""))
         else:
             part = ("" if ch.tv_bregman_fraction == 1 else
                     f" adding back {ch.tv_bregman_fraction:g} of the field residual")
