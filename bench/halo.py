@@ -34,7 +34,7 @@ it, per head (``--seeds``), noise-free and SNR 50, with the chain's time per rec
 
 Command: ``nice python bench/halo.py [--seed 101] [--write-doc]`` (~20 min on the loaded 2-core
 machine); ``nice python bench/halo.py --fix --seeds 101 102 [--write-doc]``;
-``nice python bench/halo.py --floor --seeds 101`` (printed: how close the correction is to a perfect one).
+``nice python bench/halo.py --floor --seeds 101 [--write-doc]`` (how close the correction is to a perfect one).
 """
 
 from __future__ import annotations
@@ -184,12 +184,15 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
     values), where the brain's own field is not 0. So the local field is recomputed here as the
     dipole field of the brain's chi on the whole quality mask (``dipole_field``), and rows are:
     the default chain; the chain's LBV output (no correction) plus the EXACT boundary field of
-    that local field (what a perfect correction would add); that local field itself on the
-    chain's masks (a perfect background removal). Each run uses its own masks; TV as the chain."""
+    that local field (what a perfect correction would add); the chain's source selection (region
+    deeper than ``lbv_boundary_depth_mm``, resp. 10 mm, median removed, threshold) applied to the
+    TRUE chi instead of the first TV estimate; that local field itself on the chain's masks (a
+    perfect background removal). Each run uses its own masks; TV as the chain. ``share``: the
+    projection of each correction's planted-minus-unplanted part on the exact one's."""
     from qsmdask import bgremove
     from qsmdask.chain import ChainConfig, reconstruct
     from qsmdask.inversion import tv_admm
-    from qsmdask.kernels import voxel_size_from_affine
+    from qsmdask.kernels import distance_to_edge_mm, voxel_size_from_affine
 
     cfg = ChainConfig()
     sims = {e: _simulate(seed, e, snr, t1w=False) for e in (0.0, EFFECT_PPM)}
@@ -209,7 +212,14 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
 
     default, plain = rec({}), rec({"lbv_boundary_depth_mm": 0.0})
     final = default[0.0].mask
-    exact, true_local = {}, {}
+    depth = cfg.lbv_boundary_depth_mm
+    names = {"default": "default chain",
+             "exact": "chain's LBV (no correction) + exact boundary field",
+             "deep": f"chain's LBV + boundary field of the TRUE chi deeper than {depth:g} mm (chain's threshold)",
+             "deep10": "chain's LBV + boundary field of the TRUE chi deeper than 10 mm (chain's threshold)",
+             "true": "true local field (whole quality mask) on the chain's masks"}
+    chi = {k: {} for k in names}
+    h_eff = {k: {} for k in ("exact", "chain", "deep", "deep10")}
     outside = []
     for e, s in sims.items():
         q, m = plain[e].quality_mask, plain[e].mask
@@ -218,14 +228,31 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
                                   within=q | s.brain, pad_voxels=(24, 24, 24))
         f = np.where(q, f, 0).astype(np.float32)
         kept, interior = bgremove.lbv(f, q, vs)
-        exact[e] = invert(plain[e].local_field_ppm + np.where(interior, f - kept, 0), m)
-        true_local[e] = invert(f, m)
+        h_eff["exact"][e] = np.where(interior, f - kept, 0)
+        h_eff["chain"][e] = np.where(m, default[e].local_field_ppm - plain[e].local_field_ppm, 0)
+        for key, d_mm in (("deep", depth), ("deep10", 10.0)):
+            # the chain's source selection (kernels.distance_to_edge_mm, median, threshold) on the truth
+            region = m & (distance_to_edge_mm(m, vs) > d_mm)
+            dev = np.where(region, s.chi_ppm - np.median(s.chi_ppm[region]), 0)
+            src = np.where(np.abs(dev) > cfg.lbv_boundary_threshold_ppm, dev, 0).astype(np.float32)
+            h_eff[key][e] = bgremove.lbv_boundary_field(src, region, q, vs, b0_dir=s.b0_dir,
+                                                        pad_voxels=cfg.pad_voxels)[0]
+        chi["default"][e] = default[e].chi_ppm
+        for key in ("exact", "deep", "deep10"):
+            chi[key][e] = invert(plain[e].local_field_ppm + h_eff[key][e], m)
+        chi["true"][e] = invert(f, m)
+    ex = h_eff["exact"][EFFECT_PPM] - h_eff["exact"][0.0]
+    share = {}  # projection of each correction's planted-effect part on the exact one
+    for key, h in h_eff.items():
+        dh = h[EFFECT_PPM] - h[0.0]
+        share[key] = float(np.sum(dh[final] * ex[final]) / np.sum(ex[final] ** 2))
+    share["default"] = share.pop("chain")
     rows = []
-    for name, chi in (("default chain", {e: r.chi_ppm for e, r in default.items()}),
-                      ("chain's LBV (no correction) + exact boundary field", exact),
-                      ("true local field (whole quality mask) on the chain's masks", true_local)):
-        rows.append({"seed": seed, "noise": noise, "row": name, **_ref_shift(chi, labels, atlas, vs, final, adjacent),
-                     **_accuracy(chi[0.0], s0.chi_ppm, labels, atlas, vs, final),
+    for key, name in names.items():
+        rows.append({"seed": seed, "noise": noise, "row": name,
+                     **_ref_shift(chi[key], labels, atlas, vs, final, adjacent),
+                     **_accuracy(chi[key][0.0], s0.chi_ppm, labels, atlas, vs, final),
+                     "share of the effect's lost field given back": share.get(key, np.nan),
                      "quality mask outside the brain label %": 100 * float(np.mean(outside))})
         print(rows[-1], flush=True)
     return rows
@@ -255,7 +282,19 @@ def main(argv=None):
                 rows += floor_rows(seed, noise, snr, atlas, adjacent)
         pd.set_option("display.width", 250)
         print(pd.DataFrame(rows).to_string(index=False))
-        print(f"{machine}; wall {time.perf_counter() - t_start:.0f} s")
+        wall = time.perf_counter() - t_start
+        print(f"{machine}; wall {wall:.0f} s")
+        if a.write_doc:
+            seeds = " ".join(str(x) for x in a.seeds)
+            text = ("## How far the correction is from a perfect one (`bench/halo.py --floor`, issue 14)\n\n"
+                    f"Command: `nice python bench/halo.py --floor --seeds {seeds} --write-doc`. Machine: "
+                    f"{machine} (shared, loaded). Wall {wall:.0f} s. Head(s) {seeds}, without and with "
+                    f"+{EFFECT_PPM} ppm in putamen, thalamus and hippocampus; rows as in "
+                    "`bench/halo.py::floor_rows` (the local field recomputed as the field of the brain's chi "
+                    "on the whole quality mask). Shift: % of the planted effect, no reference; ROIs on the "
+                    "default chain's final mask of the unplanted run.\n\n"
+                    + markdown_table(rows, floatfmt=".2f"))
+            update_section("halo-floor", text)
         return None
     rows = []
     for noise, snr in (("noise-free", 1e6), ("SNR 50", 50.0)):
