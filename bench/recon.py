@@ -30,6 +30,9 @@ of the removed set; LBV's one-voxel erosion), and chain variants (``keep_boundar
 ``quality_dilate_min_gradient_rad``, no dilation) with coverage of the brain and cortex and accuracy
 on the rim, on the default's voxels and next to air.
 
+Section "recon-tgv" (``--tgv``): second-order TGV inversion (issue 15, "raise the bar"): (j) alpha grid
+on the 2016 challenge, (k) the same settings on simulator heads, (l) chain timing at 256x256x80.
+
 Section "single-echo" (``--single-echo``): one, two and three echoes of the same simulator heads
 with the physical (transceive) and the earlier (plane-wave) receiver phase offset, with and
 without the single-echo offset fit (issue 15, defect 3).
@@ -39,6 +42,7 @@ Usage: python bench/recon.py [--quick] [--no-write] [--skip-2016] [--skip-timing
        python bench/recon.py --single-echo [--seeds 5 7] [--no-write]
        python bench/recon.py --debias [--seeds 5 7 9] [--no-write]
        python bench/recon.py --coverage [--seeds 5 7] [--variants NAME ...] [--no-write]
+       python bench/recon.py --tgv [--seeds 5 7] [--no-write] [--reading FILE]
        python bench/recon.py --pairs [--seeds 5 7]   (only (e), printed, with air-zone scores)
        python bench/recon.py --f-rows SUBSTR          (only those (f) rows, printed)
 """
@@ -448,6 +452,11 @@ def _invert_cfg(cfg_dict, f, m, vs, b0_dir=(0.0, 0.0, 1.0)):
         return inversion.tv_admm(f, m, vs, b0_dir=b0_dir, lam=c.tv_laplacian_lambda, max_iter=c.tv_max_iter,
                                  laplacian_data=True, bregman_iterations=c.tv_bregman_iterations,
                                  bregman_max_iter=c.tv_bregman_max_iter)
+    if c.inversion_method == "tgv":
+        return inversion.tgv_admm(f, m, vs, b0_dir=b0_dir, alpha1=c.tgv_alpha1, alpha0=c.tgv_alpha0,
+                                  max_iter=c.tgv_max_iter, mask_data=c.tgv_mask_data,
+                                  bregman_iterations=c.tgv_bregman_iterations,
+                                  bregman_max_iter=c.tgv_bregman_max_iter)
     return inversion.tv_admm(f, m, vs, b0_dir=b0_dir, lam=c.tv_lambda, max_iter=c.tv_max_iter,
                              bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter,
                              bregman_fraction=c.tv_bregman_fraction, mask_data=c.tv_mask_data,
@@ -848,6 +857,114 @@ def main_coverage(args):
     return 0
 
 
+# ------------------------------------------------------------------ section recon-tgv
+def _tgv(a1, ratio=2.0, mask_data=False, it=30, breg=0):
+    return dict(inversion_method="tgv", tgv_alpha1=a1, tgv_alpha0=ratio * a1, tgv_max_iter=it,
+                tgv_mask_data=mask_data, tgv_bregman_iterations=breg, tgv_bregman_max_iter=15)
+
+
+TGV_REFERENCE = {
+    "default chain inversion (TV lam 2e-3 + 1 Bregman step, field fitted inside the mask)": dict(),
+    "TV lam 1.5e-3, 30 it, field 0 outside the mask": _tv(1.5e-3),
+}
+TGV_GRID = {
+    "TGV alpha1 1e-3, alpha0 2e-3, field 0 outside the mask": _tgv(1e-3, 2.0),
+    "TGV alpha1 1e-3, alpha0 4e-3, field 0 outside the mask": _tgv(1e-3, 4.0),
+    "TGV alpha1 2e-3, alpha0 8e-3, field 0 outside the mask": _tgv(2e-3, 4.0),
+    "TGV alpha1 1e-3, alpha0 4e-3, field fitted inside the mask (chain tgv options)": _tgv(1e-3, 4.0, True),
+}
+TGV_HEAD_ROWS = ("TGV alpha1 1e-3, alpha0 4e-3, field 0 outside the mask",
+                 "TGV alpha1 1e-3, alpha0 4e-3, field fitted inside the mask (chain tgv options)")
+TGV_2016 = ("TV lam 1.5e-3, 30 it, field 0 outside the mask",) + tuple(TGV_GRID)
+TGV_CHAINS = {"chain with inversion_method tgv (its defaults)": {"inversion_method": "tgv"}}
+TGV_HEADS = ("TV lam 1.5e-3, 30 it, field 0 outside the mask",) + TGV_HEAD_ROWS
+
+
+def bench_tgv_heads(seeds, chain_cfgs):
+    """TGV inversions on the default chain's local field and final mask of each head, and whole chains."""
+    import tempfile
+    from types import SimpleNamespace
+
+    configs = {**TGV_REFERENCE, **TGV_GRID}
+    rows = []
+
+    def score(h, name, chi, mask, qmask, dt):
+        sc = _head_scores(h, SimpleNamespace(mask=mask, chi_ppm=chi, quality_mask=qmask))
+        row = {"seed": seed, "inversion": name, "chi corr": sc["chi corr"], "ROI slope": sc["ROI slope"]}
+        row.update(_deep_grey_errors(h, chi, mask))
+        row["time s"] = dt
+        rows.append(row)
+        print(row, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            h = _load_head(seed, tmp)
+            for name, cfg in chain_cfgs.items():
+                t0 = time.perf_counter()
+                r = reconstruct(h["mag"], h["phase"], h["te"], h["vs"], b0_dir=h["b0"], b0_tesla=3.0,
+                                config=ChainConfig.from_dict(cfg))
+                score(h, name, r.chi_ppm, r.mask, r.quality_mask, time.perf_counter() - t0)
+                if cfg == {}:
+                    ref = r
+            for name in TGV_HEADS:
+                t0 = time.perf_counter()
+                chi = _invert_cfg(configs[name], ref.local_field_ppm, ref.mask, tuple(h["vs"]), tuple(h["b0"]))
+                score(h, name, chi, ref.mask, ref.quality_mask, time.perf_counter() - t0)
+    summary = []
+    for name in list(chain_cfgs) + list(TGV_HEADS):
+        sub = [r for r in rows if r["inversion"] == name]
+        out = {"inversion": name, "chi corr mean": float(np.mean([r["chi corr"] for r in sub])),
+               "ROI slope mean": float(np.mean([r["ROI slope"] for r in sub]))}
+        for reg in DEEP_GREY:
+            out[f"{reg} err mean %"] = float(np.mean([r[f"{reg} err %"] for r in sub]))
+        summary.append(out)
+    return summary, rows
+
+
+def main_tgv(args):
+    machine = machine_description()
+    print(machine, flush=True)
+    seeds = args.seeds
+    parts = [f"## recon-tgv\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
+             f"inflated)\n\nCommand: `python bench/recon.py --tgv --seeds {' '.join(map(str, seeds))}`\n\n"
+             "Second-order total generalised variation (`qsmdask.inversion.tgv_admm`, chain: `inversion_method: "
+             "tgv`): min 1/2 ||W (D chi - f)||^2 + alpha1 ||grad chi - w|| + alpha0 ||E w||, chi 0 outside the "
+             "mask and the regulariser on differences inside it, ADMM with the joint (chi, w) update solved "
+             "in k-space.\n"]
+    if (DATA / "local_field_ppm.nii.gz").exists():
+        rows = bench_study_2016(configs={k: v for k, v in {**TGV_REFERENCE, **TGV_GRID}.items() if k in TGV_2016})
+        parts.append("### (j) 2016 challenge: alpha grid\n\nThe given local field and mask; qsm-ci `score_arrays` "
+                     "vs COSMOS; ROI slope: least squares of (ROI mean - mask mean) of the estimate on COSMOS's over "
+                     "the 11 evaluation labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 at once. One child "
+                     "process per row (time and peak RSS of the inversion alone).\n\n"
+                     + markdown_table(rows, floatfmt=".3g"))
+    chains = {"default chain (LBV + TV + Bregman + boundary correction)": {}, **TGV_CHAINS}
+    summary, rows = bench_tgv_heads(seeds, chains)
+    parts.append("### (k) simulator heads\n\nSimulator heads (simulate_cohort, 2 mm, TE 4/12/20 ms, SNR 50). "
+                 "Whole chains (first rows), then inversions on the default chain's local field and final mask "
+                 "(as recon-debias (i)). Chi corr in the final mask; ROI slope over the simulator's tissue "
+                 "regions; ROI error: (ROI mean - final-mask mean) relative to the same for the true chi, AAL "
+                 "labels.\n\n" + markdown_table(summary, floatfmt=".3g")
+                 + "\n\nPer head:\n\n" + markdown_table(rows, floatfmt=".3g"))
+    trows = []
+    for name, cfg in {"default: LBV + TV-Bregman (15+15 it)": {}, **TGV_CHAINS}.items():
+        (dt, stages), _, rss = run_isolated(_time_chain, ChainConfig.from_dict(cfg).to_dict(), (256, 256, 80))
+        trows.append({"chain": name, "shape": "256x256x80", "total wall s": float(dt),
+                      "total CPU s": float(stages["cpu_s"]), "inversion s": stages["time_inversion_s"],
+                      "peak RSS MiB (incl. simulation)": rss})
+        print(trows[-1], flush=True)
+    parts.append("### (l) whole chain timing, single echo, 1 FFT thread\n\nAs recon (c): adult-size geometric "
+                 "phantom at 256x256x80 (0.94x0.94x2 mm). Target: regularised chain <= 30 s and <= 2 GB.\n\n"
+                 + markdown_table(trows, floatfmt=".3g"))
+    if args.reading:
+        parts.append("### Reading\n\n" + Path(args.reading).read_text().strip() + "\n")
+    body = "\n".join(parts)
+    print(body)
+    if not args.no_write:
+        update_section("recon-tgv", body)
+    return 0
+
+
 # ------------------------------------------------------------------ section single-echo
 def _session(seed, offset_model, air_cavities=True):
     """The first subject of ``simulate_cohort(seed=seed, n_sessions=1)`` (2 mm, TE 4/12/20 ms), simulated
@@ -947,6 +1064,8 @@ def main(argv=None):
     ap.add_argument("--debias", action="store_true", help="run only section recon-debias")
     ap.add_argument("--coverage", action="store_true", help="run only section recon-coverage")
     ap.add_argument("--refit-mask", action="store_true", help="run only section recon-refit-mask")
+    ap.add_argument("--tgv", action="store_true", help="run only section recon-tgv")
+    ap.add_argument("--reading", metavar="FILE", help="--tgv: text of the section's reading (kept with the tables)")
     ap.add_argument("--pairs", action="store_true",
                     help="run only (e), quality_pairs all vs inside with air-zone scores; prints, writes nothing")
     ap.add_argument("--f-rows", metavar="SUBSTR",
@@ -970,6 +1089,8 @@ def main(argv=None):
         return main_coverage(args)
     if args.refit_mask:
         return main_refit_mask(args)
+    if args.tgv:
+        return main_tgv(args)
     machine = machine_description()
     print(machine, flush=True)
     parts = [f"Machine: {machine}\n\nCommand: `python bench/recon.py{' --quick' if args.quick else ''}`\n"]

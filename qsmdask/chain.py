@@ -23,9 +23,11 @@ __all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "MASK_METHODS
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
 MASK_METHODS = ("threshold", "bet")
+# defaults of the "tgv" inversion (bench/recon.py --tgv)
+TGV_ALPHA1, TGV_ALPHA0, TGV_MAX_ITER, TGV_MASK_DATA = 1e-3, 4e-3, 30, True
 UNWRAP_METHODS = ("temporal", "laplacian", "region_growing")
 BGREMOVE_METHODS = ("lbv", "vsharp", "sharp", "pdf")
-INVERSION_METHODS = ("tkd", "tv", "iterative_tkd", "tv_laplacian")
+INVERSION_METHODS = ("tkd", "tv", "iterative_tkd", "tv_laplacian", "tgv")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class ChainConfig:
         wrapped difference exceeds this (rad, below ``quality_max_gradient_rad``); 0 takes all
         (0.5 gave back 2.5 % of simulated brains but lost accuracy next to air on one of two
         heads; docs/benchmarks.md, recon-coverage).
-    keep_boundary_layer : "tv" inversion only. The background removal's boundary layer (LBV:
+    keep_boundary_layer : "tv" (and "tgv") inversion only. The background removal's boundary layer (LBV:
         the quality mask's one-voxel rim, where the local field is 0 by its boundary condition)
         stays in the final mask: the inversion fits the field only inside the eroded mask, as
         always, and reports the susceptibility it estimates on the rim from the field that the
@@ -99,6 +101,8 @@ class ChainConfig:
         and no boundary condition is imposed on the local field; ``bgremove_method`` is then
         unused and the final mask is the quality mask without its one-voxel boundary, as LBV's;
         ``tv_laplacian_lambda``; same iterations and Bregman step as "tv"),
+        "tgv" (second-order total generalised variation, ADMM: smooth variations are not turned
+        into staircases; ``tgv_*`` options; :func:`qsmdask.inversion.tgv_admm`),
         "tkd" or "iterative_tkd"
         (Tang et al. 2013: TKD start, cone re-estimated from the image-domain
         estimate constrained to the mask and the structures of the initial estimate;
@@ -172,6 +176,19 @@ class ChainConfig:
         25 % of the truth without the threshold). 0: every deep voxel.
     tv_edge_fraction : fraction of the magnitude's strongest gradients left
         unpenalised by "tv" (MEDI-like edge mask; 0 disables).
+    tgv_alpha1 : "tgv": weight of the first-order term ||grad chi - w|| (field ppm units, as
+        ``tv_lambda``).
+    tgv_alpha0 : "tgv": weight of the second-order term ||E w|| (E: symmetrised gradient, per
+        mm^2); alpha0 / alpha1 (mm) is the scale below which a smooth variation costs less as a
+        ramp than as a jump.
+    tgv_max_iter : ADMM iterations of the first "tgv" solve.
+    tgv_mask_data : "tgv" fits the field only inside the mask (as ``tv_mask_data``).
+    tgv_bregman_iterations : Bregman steps of "tgv" after the first solve (0: none); with "lbv"
+        and ``lbv_boundary_depth_mm`` > 0 the boundary-field correction is applied before them,
+        as for "tv".
+    tgv_bregman_max_iter : ADMM iterations of each "tgv" Bregman step.
+    tgv_edge_fraction : fraction of the magnitude's strongest gradients left unpenalised by the
+        first-order term of "tgv" (0 disables).
     phase_sign : +1 for the right-handed convention (positive chi -> positive phase,
         as qsm-forward), -1 for the reference study's left-handed convention.
     pad_voxels : zero padding (voxels per side) for dipole-inversion FFTs.
@@ -214,6 +231,13 @@ class ChainConfig:
     tv_laplacian_lambda: float = 2e-4
     lbv_boundary_depth_mm: float = 20.0
     lbv_boundary_threshold_ppm: float = 0.01
+    tgv_alpha1: float = TGV_ALPHA1
+    tgv_alpha0: float = TGV_ALPHA0
+    tgv_max_iter: int = TGV_MAX_ITER
+    tgv_mask_data: bool = TGV_MASK_DATA
+    tgv_bregman_iterations: int = 0
+    tgv_bregman_max_iter: int = 15
+    tgv_edge_fraction: float = 0.0
     phase_sign: int = 1
     pad_voxels: tuple[int, int, int] = (16, 16, 16)
     fft_workers: int = 1
@@ -276,6 +300,18 @@ class ChainConfig:
             raise ValueError(f"tv_bregman_fraction must be in [0, 1], got {self.tv_bregman_fraction!r}")
         if not (0 <= self.tv_edge_fraction < 1):
             raise ValueError(f"tv_edge_fraction must be in [0, 1), got {self.tv_edge_fraction!r}")
+        for name in ("tgv_alpha1", "tgv_alpha0"):
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("tgv_max_iter", "tgv_bregman_max_iter"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.tgv_bregman_iterations) < 0:
+            raise ValueError(f"tgv_bregman_iterations must be >= 0, got {self.tgv_bregman_iterations!r}")
+        if not isinstance(self.tgv_mask_data, (bool, np.bool_)):
+            raise ValueError(f"tgv_mask_data must be true or false, got {self.tgv_mask_data!r}")
+        if not (0 <= self.tgv_edge_fraction < 1):
+            raise ValueError(f"tgv_edge_fraction must be in [0, 1), got {self.tgv_edge_fraction!r}")
         if not (0 < self.iterative_tkd_threshold < 2 / 3):
             raise ValueError(f"iterative_tkd_threshold must be in (0, 2/3), got {self.iterative_tkd_threshold!r}")
         if not (self.iterative_tkd_tol > 0):
@@ -539,10 +575,13 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         fft = PaddedFFT(chi.shape, cfg.pad_voxels, workers=cfg.fft_workers)
         local = fft.inverse(fft.forward(chi) * dipole_kernel(fft.padded_shape, vs, b, real=True))
         local = np.where(eroded, local, 0).astype(np.float32)
-    elif cfg.inversion_method == "tv":
+    elif cfg.inversion_method in ("tv", "tgv"):
+        tgv = cfg.inversion_method == "tgv"
+        breg = cfg.tgv_bregman_iterations if tgv else cfg.tv_bregman_iterations
+        mask_data = bool(cfg.tgv_mask_data if tgv else cfg.tv_mask_data)
         boundary = {}
         correction = None
-        if (cfg.lbv_boundary_depth_mm > 0 and cfg.bgremove_method == "lbv" and cfg.tv_bregman_iterations > 0):
+        if (cfg.lbv_boundary_depth_mm > 0 and cfg.bgremove_method == "lbv" and breg > 0):
             deep = eroded & (distance_to_edge_mm(eroded, vs) > cfg.lbv_boundary_depth_mm)
             if deep.any():
                 def correction(x):  # LBV's missing boundary part of the deep estimate's field
@@ -553,22 +592,33 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                         fft_workers=cfg.fft_workers)[0]
                     return boundary["h"]
         support, lam, weight = eroded, cfg.tv_lambda, None
-        if cfg.keep_boundary_layer and cfg.tv_mask_data:
+        scale = 1.0  # of the regularisation weights
+        if cfg.keep_boundary_layer and mask_data:
             # the data term stays on the eroded mask (weight 0 on the rim, whose field LBV set to
             # 0); tv_admm normalises the weights to mean 1 over its mask, i.e. 1/p on the eroded
             # part (p its share of the mask): lam / p^2 is the same problem as before
             p = float(eroded.sum()) / float(brain.sum())
             support, lam, weight = brain, cfg.tv_lambda / (p * p), eroded.astype(np.float32)
+            scale = 1.0 / (p * p)
             final = brain
-        chi = inversion.tv_admm(local, support, vs, b0_dir=b, lam=lam, max_iter=cfg.tv_max_iter,
-                                magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
-                                data_weight=weight,
-                                edge_fraction=cfg.tv_edge_fraction, mask_data=bool(cfg.tv_mask_data),
-                                bregman_iterations=cfg.tv_bregman_iterations,
-                                bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
-                                bregman_fraction=cfg.tv_bregman_fraction,
-                                debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu,
-                                pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+        if tgv:
+            chi = inversion.tgv_admm(local, support, vs, b0_dir=b, alpha1=cfg.tgv_alpha1 * scale,
+                                     alpha0=cfg.tgv_alpha0 * scale, max_iter=cfg.tgv_max_iter,
+                                     magnitude=mag[..., 0] if cfg.tgv_edge_fraction > 0 else None,
+                                     data_weight=weight, edge_fraction=cfg.tgv_edge_fraction,
+                                     mask_data=mask_data, bregman_iterations=cfg.tgv_bregman_iterations,
+                                     bregman_max_iter=cfg.tgv_bregman_max_iter, data_correction=correction,
+                                     pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+        else:
+            chi = inversion.tv_admm(local, support, vs, b0_dir=b, lam=lam, max_iter=cfg.tv_max_iter,
+                                    magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
+                                    data_weight=weight,
+                                    edge_fraction=cfg.tv_edge_fraction, mask_data=bool(cfg.tv_mask_data),
+                                    bregman_iterations=cfg.tv_bregman_iterations,
+                                    bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
+                                    bregman_fraction=cfg.tv_bregman_fraction,
+                                    debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu,
+                                    pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
         if "h" in boundary:
             local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
             boundary_rms = float(np.sqrt(np.mean(boundary["h"][eroded] ** 2)))
