@@ -9,6 +9,7 @@ offset) -> field in ppm -> background field removal -> dipole inversion.  Pure n
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,8 +70,9 @@ class ChainConfig:
         rim's sources make inside and the regularisation. False: the final mask is the eroded
         mask. On simulated heads without air cavities it raises coverage of the true brain from
         89 to 95 % at the same accuracy on the voxels covered before; the rim's own values are
-        less accurate than the brain's average (docs/benchmarks.md, recon-coverage). Other inversions, and "tv" with ``tv_mask_data`` false (whose data term takes the
-        field as 0 outside its mask), always use the eroded mask.
+        less accurate than the brain's average (docs/benchmarks.md, recon-coverage). True with
+        another inversion, or with ``tv_mask_data`` (``tgv_mask_data``) false (whose data term
+        takes the field as 0 outside its mask), is an error: they have no estimate on the rim.
     unwrap_method : "temporal" (echo-difference phase Laplacian-unwrapped, echoes
         unwrapped in time: fewest spatial wraps, no phase offset;
         :func:`qsmdask.unwrap.temporal_unwrap`), "laplacian" (every echo by
@@ -243,6 +245,7 @@ class ChainConfig:
     fft_workers: int = 1
 
     def __post_init__(self):
+        self._check_types()
         choices = {"mask_method": MASK_METHODS, "unwrap_method": UNWRAP_METHODS,
                    "bgremove_method": BGREMOVE_METHODS, "inversion_method": INVERSION_METHODS,
                    "laplacian_form": ("sincos", "gradient"), "quality_pairs": maskmod.PAIRS,
@@ -268,6 +271,12 @@ class ChainConfig:
             raise ValueError(f"quality_dilate_min_gradient_rad must be in [0, quality_max_gradient_rad), got {q!r}")
         if not isinstance(self.keep_boundary_layer, (bool, np.bool_)):
             raise ValueError(f"keep_boundary_layer must be true or false, got {self.keep_boundary_layer!r}")
+        if self.keep_boundary_layer and not ((self.inversion_method == "tv" and self.tv_mask_data)
+                                             or (self.inversion_method == "tgv" and self.tgv_mask_data)):
+            raise ValueError("keep_boundary_layer needs inversion_method 'tv' with tv_mask_data true or 'tgv' "
+                             "with tgv_mask_data true (only they estimate chi on the rim without data there), "
+                             f"got inversion_method {self.inversion_method!r}, tv_mask_data "
+                             f"{self.tv_mask_data!r}, tgv_mask_data {self.tgv_mask_data!r}")
         if self.mask_open_mm < 0:
             raise ValueError(f"mask_open_mm must be >= 0, got {self.mask_open_mm!r}")
         if not self.sharp_radius_mm > 0:
@@ -327,6 +336,29 @@ class ChainConfig:
         object.__setattr__(self, "pad_voxels", pad)
         if int(self.fft_workers) < 1:
             raise ValueError(f"fft_workers must be >= 1, got {self.fft_workers!r}")
+
+    def _check_types(self):
+        """Numbers where numbers belong and true/false for the switches, so that a text such as
+        YAML 1.1's ``1e-3`` (no decimal point: a string) or ``"false"`` (truthy) is an error that
+        names the option instead of a numpy or comparison error, or a step silently switched on."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"{f.name} must be true or false, got {v!r}")
+            if f.type not in ("float", "int", "float | None") or (v is None and f.type == "float | None"):
+                continue
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                hint = ""
+                if isinstance(v, str):
+                    try:
+                        float(v)
+                        hint = " (a quoted number, or an exponent without a decimal point, which YAML reads as " \
+                               "text: write e.g. 1.0e-3)"
+                    except ValueError:
+                        pass
+                raise ValueError(f"{f.name} must be a number, got {v!r}{hint}")
+            if f.type == "int" and np.isfinite(v) and int(v) != v:
+                raise ValueError(f"{f.name} must be a whole number, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (tuples become lists)."""

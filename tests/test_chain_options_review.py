@@ -1,0 +1,45 @@
+"""Chain options of this session (keep_boundary_layer, quality_dilate_min_gradient_rad,
+tv_bregman_fraction, preset tv_refit_mask) as a user sets them: the error a bad value gives,
+and what the methods text and the Chimap sidecar's Method say about them."""
+import numpy as np
+import pytest
+
+from qsmdask.chain import ChainConfig, reconstruct
+from qsmdask.config import PipelineConfig
+from qsmdask.sim.geometric import make_phantom
+
+
+@pytest.mark.parametrize("key", ["tv_bregman_fraction", "quality_dilate_min_gradient_rad", "tv_lambda",
+                                 "tv_refit_mu", "lbv_boundary_depth_mm", "tv_max_iter", "mask_threshold_fraction"])
+@pytest.mark.parametrize("value", ["abc", "1e-3", True, [0.5]])
+def test_a_non_numeric_value_names_the_option(key, value):
+    """A text (YAML 1.1 reads 1e-3, without a decimal point, as text), a bool or a list where a
+    number belongs: the error names the option, not numpy's ufunc or a comparison of str and int."""
+    with pytest.raises(ValueError, match=key) as e:
+        PipelineConfig.from_dict({"chain": {key: value}}).chain_config()
+    if value == "1e-3":
+        assert "1.0e-3" in str(e.value)  # how to write it
+
+
+@pytest.mark.parametrize("key", ["quality_mask", "fit_offset"])
+def test_a_non_bool_switch_names_the_option(key):
+    """'false' as text is truthy: it would have switched the step on."""
+    with pytest.raises(ValueError, match=key):
+        ChainConfig.from_dict({key: "false"})
+
+
+@pytest.mark.parametrize("chain", [{"inversion_method": "tkd"}, {"preset": "study"},
+                                   {"inversion_method": "tv_laplacian"}, {"tv_mask_data": False},
+                                   {"preset": "tv_refit"}, {"inversion_method": "tgv", "tgv_mask_data": False}])
+def test_keep_boundary_layer_where_no_inversion_can_use_it_is_an_error(chain):
+    """It used to be dropped without a word (the final mask stayed the eroded mask): the user
+    asked for the rim and got neither it nor a message."""
+    with pytest.raises(ValueError, match="keep_boundary_layer"):
+        ChainConfig.from_dict({**chain, "keep_boundary_layer": True})
+    ChainConfig.from_dict({**chain, "keep_boundary_layer": False})  # the default stays valid
+
+
+def test_keep_boundary_layer_accepted_with_tv_refit_mask():
+    c = ChainConfig.preset("tv_refit_mask", keep_boundary_layer=True)
+    assert c.keep_boundary_layer and c.tv_mask_data
+    assert ChainConfig(inversion_method="tgv", keep_boundary_layer=True).keep_boundary_layer
