@@ -602,6 +602,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                                 edge_fraction=cfg.tv_edge_fraction, laplacian_data=True,
                                 bregman_iterations=cfg.tv_bregman_iterations,
                                 bregman_max_iter=cfg.tv_bregman_max_iter,
+                                bregman_fraction=cfg.tv_bregman_fraction,
                                 pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
         # the local field this chi explains (its dipole field inside the final mask)
         fft = PaddedFFT(chi.shape, cfg.pad_voxels, workers=cfg.fft_workers)

@@ -43,3 +43,19 @@ def test_keep_boundary_layer_accepted_with_tv_refit_mask():
     c = ChainConfig.preset("tv_refit_mask", keep_boundary_layer=True)
     assert c.keep_boundary_layer and c.tv_mask_data
     assert ChainConfig(inversion_method="tgv", keep_boundary_layer=True).keep_boundary_layer
+
+
+def test_tv_laplacian_uses_tv_bregman_fraction():
+    """The methods text of tv_laplacian says 'adding back 0.5 of the field residual' for
+    tv_bregman_fraction 0.5; the chain used to drop the option for that inversion (full step)."""
+    p = make_phantom(shape=(40, 40, 36), snr=60, seed=2)
+    args = (p["magnitude"], p["phase_rad"], p["echo_times_s"], p["voxel_size_mm"])
+    kw = dict(b0_dir=p["b0_dir"], b0_tesla=p["b0_tesla"])
+    base = ChainConfig(inversion_method="tv_laplacian", tv_max_iter=8, tv_bregman_max_iter=8)
+    full = reconstruct(*args, **kw, config=base).chi_ppm
+    half = reconstruct(*args, **kw, config=base.replace(tv_bregman_fraction=0.5)).chi_ppm
+    none = reconstruct(*args, **kw, config=base.replace(tv_bregman_iterations=0)).chi_ppm
+    step = np.abs(full - none).max()
+    assert step > 0
+    # the half step lies between no step and the full one
+    assert 0.1 * step < np.abs(half - none).max() < 0.9 * step, (np.abs(half - none).max(), step)
