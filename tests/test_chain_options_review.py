@@ -59,3 +59,44 @@ def test_tv_laplacian_uses_tv_bregman_fraction():
     assert step > 0
     # the half step lies between no step and the full one
     assert 0.1 * step < np.abs(half - none).max() < 0.9 * step, (np.abs(half - none).max(), step)
+
+
+def test_methods_text_and_sidecar_method_say_the_rim_is_kept():
+    """keep_boundary_layer changes what the final mask holds (a layer whose chi is not fitted to
+    data); the report's methods paragraph and the Chimap sidecar's Method said nothing of it."""
+    from qsmdask.report.html import methods_paragraph
+    from qsmdask.report.references import chain_method
+
+    text, _ = methods_paragraph({"chain": {"keep_boundary_layer": True}})
+    assert "boundary layer" in text and "without data" in text
+    plain, _ = methods_paragraph({"chain": {}})
+    assert "boundary layer" not in plain
+    meth = chain_method({"keep_boundary_layer": True})["Method"]
+    assert "boundary layer kept" in meth and "boundary layer" not in chain_method({})["Method"]
+    # tv_refit_mask: the second solve on the corrected data is named in the sidecar too
+    meth = chain_method({"preset": "tv_refit_mask"})["Method"]
+    assert "second solve of 15 iterations on the data with the boundary-field correction" in meth
+    assert "Bregman" not in meth and "data refit (mu 0.1" in meth
+    lap = chain_method({"inversion_method": "tv_laplacian", "tv_bregman_fraction": 0.5})["Method"]
+    assert "residual fraction 0.5" in lap
+
+
+def test_methods_text_describes_the_quality_mask_dilation():
+    from qsmdask.report.html import methods_paragraph
+
+    text, _ = methods_paragraph({"chain": {"quality_dilate_min_gradient_rad": 0.5}})
+    assert "neighbours within 1 voxel" in text and "exceeded 0.5 rad" in text
+    text, _ = methods_paragraph({"chain": {}})
+    assert "neighbours within 1 voxel" in text and "exceeded" not in text
+    text, _ = methods_paragraph({"chain": {"quality_dilate_voxels": 0}})
+    assert "neighbours" not in text.split("excluded")[0].split("aliased")[1]
+
+
+def test_methods_text_gives_the_iterative_tkd_threshold():
+    """The study preset's iterative TKD uses iterative_tkd_threshold 0.1; the methods paragraph
+    printed tkd_threshold (0.4, the plain TKD's)."""
+    from qsmdask.report.html import methods_paragraph
+
+    text, _ = methods_paragraph({"chain": {"preset": "study"}})
+    assert "Tang et al." in text and "threshold 0.1," in text and "threshold 0.4" not in text
+    assert "at most 4 iterations" in text

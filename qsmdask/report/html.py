@@ -1135,7 +1135,12 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     s.append(f"A brain mask was obtained {mask}, followed by morphological opening and closing "
              f"with a {ch.mask_open_mm:g} mm sphere"
              + (", and voxels with aliased wrapped phase (neighbour differences above "
-                f"{ch.quality_max_gradient_rad:g} rad) were excluded" if ch.quality_mask else "") + ".")
+                f"{ch.quality_max_gradient_rad:g} rad) were excluded" if ch.quality_mask else "")
+             + (f", with their neighbours within {ch.quality_dilate_voxels} "
+                f"voxel{'s' if ch.quality_dilate_voxels > 1 else ''}"
+                + (f" whose own largest difference exceeded {ch.quality_dilate_min_gradient_rad:g} rad"
+                   if ch.quality_dilate_min_gradient_rad > 0 else "")
+                if ch.quality_mask and ch.quality_dilate_voxels > 0 else "") + ".")
     if ch.unwrap_method == "temporal":
         unwrap = (f"The phase difference between consecutive echoes was unwrapped with the Laplacian "
                   f"method {cite('schofield2003')} ({ch.laplacian_form} form) and the echoes were "
@@ -1207,10 +1212,16 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
                      "condition had removed was added back to the data.")
+        if ch.keep_boundary_layer:
+            layer = ("one-voxel boundary layer that LBV's boundary condition sets to zero local field"
+                     if ch.bgremove_method == "lbv" else "boundary layer that the background removal erodes")
+            s.append(f"The final mask kept the {layer}: the susceptibility reported there is the "
+                     "inversion's estimate without data on that layer (the field was fitted inside the "
+                     "eroded mask only), set by the field its sources make inside and by the regularisation.")
     elif ch.inversion_method == "iterative_tkd":
         s.append(f"Susceptibility was computed by the iterative thresholded k-space division of "
-                 f"Tang et al. {cite('tang2013')} (threshold {ch.tkd_threshold:g}, "
-                 f"{ch.iterative_tkd_max_iter} iterations).")
+                 f"Tang et al. {cite('tang2013')} (threshold {ch.iterative_tkd_threshold:g}, "
+                 f"at most {ch.iterative_tkd_max_iter} iterations).")
     else:
         s.append(f"Susceptibility was computed by thresholded k-space division (TKD) "
                  f"{cite('shmueli2009')} with threshold {ch.tkd_threshold:g}.")

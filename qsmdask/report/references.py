@@ -134,7 +134,9 @@ def chain_method(chain: dict | None) -> dict:
         refs = ("langkammer2015", "bilgic2014") + (("osher2005",) if ch.tv_bregman_iterations else ())
         step("background removal and dipole inversion in one step: total variation (ADMM) fitted to the "
              f"Laplacian of the field, lambda {ch.tv_laplacian_lambda:g}"
-             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else ""), *refs)
+             + (f", {ch.tv_bregman_iterations} Bregman step(s)" if ch.tv_bregman_iterations else "")
+             + (f" (residual fraction {ch.tv_bregman_fraction:g})"
+                if ch.tv_bregman_iterations and ch.tv_bregman_fraction < 1 else ""), *refs)
     else:
         step(bg[0], *bg[1])
     if ch.inversion_method == "tv_laplacian":
@@ -143,11 +145,20 @@ def chain_method(chain: dict | None) -> dict:
         bregman = ch.tv_bregman_iterations and ch.tv_bregman_fraction > 0
         refs = ("bilgic2014", "osher2005") if bregman else ("bilgic2014",)
         refit = ch.tv_debias == "refit"
+        corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations
+        second = ch.tv_bregman_iterations and ch.tv_bregman_fraction == 0
         step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
              + (f", {ch.tv_bregman_iterations} Bregman step(s)" if bregman else "")
              + (f" (residual fraction {ch.tv_bregman_fraction:g})" if bregman and ch.tv_bregman_fraction < 1 else "")
+             + (f", a second solve of {ch.tv_bregman_max_iter} iterations" if second else "")
+             + ((" on the data with the boundary-field correction" if second else
+                 ", boundary-field correction") + f" (sources deeper than {ch.lbv_boundary_depth_mm:g} mm)"
+                if corrected else "")
+             + (", field fitted inside the mask" if ch.tv_mask_data else "")
              + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
              *refs, *(("deledalle2015",) if refit else ()))
+        if ch.keep_boundary_layer:
+            step("final mask: the background removal's boundary layer kept (chi there not fitted to data)")
     elif ch.inversion_method == "iterative_tkd":
         step(f"dipole inversion: iterative TKD, threshold {ch.iterative_tkd_threshold:g}, "
              f"up to {ch.iterative_tkd_max_iter} iterations", "tang2013")
