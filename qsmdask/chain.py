@@ -625,11 +625,12 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                         fft_workers=cfg.fft_workers)[0]
                     return boundary["h"]
         support, lam, weight = eroded, cfg.tv_lambda, None
-        scale = 1.0  # of the regularisation weights
+        scale = 1.0  # of the regularisation weights (and of the refit's closeness weight)
         if cfg.keep_boundary_layer and mask_data:
             # the data term stays on the eroded mask (weight 0 on the rim, whose field LBV set to
             # 0); tv_admm normalises the weights to mean 1 over its mask, i.e. 1/p on the eroded
-            # part (p its share of the mask): lam / p^2 is the same problem as before
+            # part (p its share of the mask): lam / p^2 (and the refit's mu / p^2, the weight
+            # beside the same data term) is the same problem as before
             p = float(eroded.sum()) / float(brain.sum())
             support, lam, weight = brain, cfg.tv_lambda / (p * p), eroded.astype(np.float32)
             scale = 1.0 / (p * p)
@@ -650,7 +651,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                                     bregman_iterations=cfg.tv_bregman_iterations,
                                     bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
                                     bregman_fraction=cfg.tv_bregman_fraction,
-                                    debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu,
+                                    debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu * scale,
                                     pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
         if "h" in boundary:
             local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)

@@ -100,3 +100,31 @@ def test_methods_text_gives_the_iterative_tkd_threshold():
     text, _ = methods_paragraph({"chain": {"preset": "study"}})
     assert "Tang et al." in text and "threshold 0.1," in text and "threshold 0.4" not in text
     assert "at most 4 iterations" in text
+
+
+def test_keep_boundary_layer_scales_the_refit_weight_like_lambda(monkeypatch):
+    """keep_boundary_layer solves on the quality mask with data weight 1 on the eroded part, which
+    tv_admm normalises to 1/p (p: the eroded share); the chain divides lambda by p^2 so that the
+    problem is the default mask's. The refit's closeness weight mu sits beside the same data term
+    and needs the same scaling, or tv_refit_mask with the rim refits with mu * p^2."""
+    import qsmdask.chain as chainmod
+
+    calls = []
+    real = chainmod.inversion.tv_admm
+
+    def spy(*a, **kw):
+        calls.append((a[1], kw))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(chainmod.inversion, "tv_admm", spy)
+    p = make_phantom(shape=(36, 36, 32), snr=60, seed=2)
+    args = (p["magnitude"], p["phase_rad"], p["echo_times_s"], p["voxel_size_mm"])
+    kw = dict(b0_dir=p["b0_dir"], b0_tesla=p["b0_tesla"])
+    cfg = ChainConfig.preset("tv_refit_mask", tv_max_iter=4, tv_bregman_max_iter=4)
+    r0 = reconstruct(*args, **kw, config=cfg)
+    r1 = reconstruct(*args, **kw, config=cfg.replace(keep_boundary_layer=True))
+    (m0, k0), (m1, k1) = calls
+    assert m0.sum() == r0.mask.sum() and m1.sum() == r1.mask.sum() > m0.sum()
+    share = float(m0.sum()) / float(m1.sum())
+    assert k1["lam"] == pytest.approx(k0["lam"] / share ** 2)
+    assert k1["refit_mu"] == pytest.approx(k0["refit_mu"] / share ** 2)
