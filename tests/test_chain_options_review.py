@@ -128,3 +128,21 @@ def test_keep_boundary_layer_scales_the_refit_weight_like_lambda(monkeypatch):
     share = float(m0.sum()) / float(m1.sum())
     assert k1["lam"] == pytest.approx(k0["lam"] / share ** 2)
     assert k1["refit_mu"] == pytest.approx(k0["refit_mu"] / share ** 2)
+
+
+def test_methods_text_and_sidecar_describe_tgv():
+    """inversion_method tgv (merged this session) fell through to the TKD branch of the methods
+    paragraph and of the sidecar's Method: 'thresholded k-space division ... threshold 0.4'."""
+    from qsmdask.report.html import methods_paragraph
+    from qsmdask.report.references import REFERENCES, chain_method
+
+    text, cited = methods_paragraph({"chain": {"inversion_method": "tgv", "keep_boundary_layer": True}})
+    assert "k-space division" not in text and "total generalised variation" in text
+    assert "alpha1 0.001" in text and "alpha0 0.004" in text and "30 iterations" in text
+    assert "bredies2010" in cited and "langkammer2015" in cited and "boundary layer" in text
+    assert "boundary-field" not in text and "Bregman" not in text  # no Bregman step by default
+    text, cited = methods_paragraph({"chain": {"inversion_method": "tgv", "tgv_bregman_iterations": 1}})
+    assert "1 Bregman debiasing step(s)" in text and "deeper than 20 mm" in text and "osher2005" in cited
+    m = chain_method({"inversion_method": "tgv"})
+    assert "TKD" not in m["Method"] and "total generalised variation" in m["Method"]
+    assert REFERENCES["bredies2010"] in m["MethodReferences"]

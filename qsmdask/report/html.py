@@ -1212,12 +1212,22 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
                      "condition had removed was added back to the data.")
-        if ch.keep_boundary_layer:
-            layer = ("one-voxel boundary layer that LBV's boundary condition sets to zero local field"
-                     if ch.bgremove_method == "lbv" else "boundary layer that the background removal erodes")
-            s.append(f"The final mask kept the {layer}: the susceptibility reported there is the "
-                     "inversion's estimate without data on that layer (the field was fitted inside the "
-                     "eroded mask only), set by the field its sources make inside and by the regularisation.")
+    elif ch.inversion_method == "tgv":
+        tgv_ref = cite("bredies2010", "langkammer2015")
+        breg = (f", followed by {ch.tgv_bregman_iterations} Bregman debiasing step(s) "
+                f"{cite('osher2005')} of {ch.tgv_bregman_max_iter} iterations" if ch.tgv_bregman_iterations else "")
+        s.append(f"Susceptibility was computed by second-order total generalised variation (TGV) "
+                 f"regularised dipole inversion {tgv_ref} solved by ADMM (alpha1 {ch.tgv_alpha1:g}, alpha0 "
+                 f"{ch.tgv_alpha0:g}, {ch.tgv_max_iter} iterations{breg}"
+                 + ("; the field was fitted inside the mask only and chi held at 0 outside it"
+                    if ch.tgv_mask_data else "")
+                 + (f"; the strongest magnitude gradients (a fraction {ch.tgv_edge_fraction:g}) were not penalised"
+                    if ch.tgv_edge_fraction > 0 else "") + ").")
+        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations:
+            s.append(f"Before the Bregman step, the part of the field of the first estimate's sources "
+                     f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
+                     f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
+                     "condition had removed was added back to the data.")
     elif ch.inversion_method == "iterative_tkd":
         s.append(f"Susceptibility was computed by the iterative thresholded k-space division of "
                  f"Tang et al. {cite('tang2013')} (threshold {ch.iterative_tkd_threshold:g}, "
@@ -1225,6 +1235,12 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     else:
         s.append(f"Susceptibility was computed by thresholded k-space division (TKD) "
                  f"{cite('shmueli2009')} with threshold {ch.tkd_threshold:g}.")
+    if ch.keep_boundary_layer:  # only "tv" / "tgv" with the field fitted inside the mask (ChainConfig)
+        layer = ("one-voxel boundary layer that LBV's boundary condition sets to zero local field"
+                 if ch.bgremove_method == "lbv" else "boundary layer that the background removal erodes")
+        s.append(f"The final mask kept the {layer}: the susceptibility reported there is the "
+                 "inversion's estimate without data on that layer (the field was fitted inside the "
+                 "eroded mask only), set by the field its sources make inside and by the regularisation.")
     reg = {"affine": "affine", "rigid": "rigid", "syn": "symmetric diffeomorphic (SyN)"}[pc.registration]
     s.append(f"Images were registered to the MNI152 2009 template {cite('fonov2011')} "
              f"({pc.template_resolution_mm} mm) with ANTs {reg} registration {cite('avants2008')} "

@@ -72,6 +72,8 @@ REFERENCES: dict[str, str] = {
     "langkammer2015": "Langkammer C, Bredies K, Poser BA, et al. (2015). Fast quantitative "
                       "susceptibility mapping using 3D EPI and total generalized variation. "
                       "NeuroImage 111:622-630.",
+    "bredies2010": "Bredies K, Kunisch K, Pock T (2010). Total generalized variation. SIAM J "
+                   "Imaging Sci 3(3):492-526.",
     "osher2005": "Osher S, Burger M, Goldfarb D, Xu J, Yin W (2005). An iterative regularization "
                  "method for total variation-based image restoration. Multiscale Model Simul "
                  "4(2):460-489.",
@@ -157,12 +159,21 @@ def chain_method(chain: dict | None) -> dict:
              + (", field fitted inside the mask" if ch.tv_mask_data else "")
              + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
              *refs, *(("deledalle2015",) if refit else ()))
-        if ch.keep_boundary_layer:
-            step("final mask: the background removal's boundary layer kept (chi there not fitted to data)")
+    elif ch.inversion_method == "tgv":
+        corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations
+        step(f"dipole inversion: second-order total generalised variation (ADMM), alpha1 {ch.tgv_alpha1:g}, "
+             f"alpha0 {ch.tgv_alpha0:g}"
+             + (f", {ch.tgv_bregman_iterations} Bregman step(s)" if ch.tgv_bregman_iterations else "")
+             + (f", boundary-field correction (sources deeper than {ch.lbv_boundary_depth_mm:g} mm)"
+                if corrected else "")
+             + (", field fitted inside the mask" if ch.tgv_mask_data else ""),
+             "bredies2010", "langkammer2015", *(("osher2005",) if ch.tgv_bregman_iterations else ()))
     elif ch.inversion_method == "iterative_tkd":
         step(f"dipole inversion: iterative TKD, threshold {ch.iterative_tkd_threshold:g}, "
              f"up to {ch.iterative_tkd_max_iter} iterations", "tang2013")
     else:
         step(f"dipole inversion: TKD, threshold {ch.tkd_threshold:g}", "shmueli2009")
+    if ch.keep_boundary_layer:
+        step("final mask: the background removal's boundary layer kept (chi there not fitted to data)")
     return {"Method": "qsmdask QSM chain: " + "; ".join(steps) + ".",
             "MethodReferences": [REFERENCES[k] for k in keys]}
