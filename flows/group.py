@@ -10,7 +10,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from qsmdask.io.derivatives import DerivativesWriter
+from qsmdask.io.derivatives import DerivativesWriter, configuration_differences
 from qsmdask.orchestration.cluster import check_worker_versions, cluster_client, on_cluster
 from qsmdask.report import build_cohort_report
 from qsmdask.workflows.voxelwise import VoxelwiseOptions, run_voxelwise, run_voxelwise_on_worker
@@ -53,6 +53,9 @@ def _group(log, client, bids_dir, output_dir, design, voxelwise, tables_url) -> 
     roi, notes = select_acquisitions(roi, acq=gd.acq, run=gd.run)  # one acquisition per subject-session
     for line in notes:
         log.info("acquisition: %s", line)
+    for line in configuration_differences(output_dir):  # e.g. one subject rerun with a changed option
+        log.warning("subject-sessions reconstructed with different configurations (rerun the participant "
+                    "level of the others with --force before comparing them): %s", line)
     writer = DerivativesWriter(output_dir, tables_url=tables_url)
     writer.write_run_config(
         {"level": "group", "bids_dir": str(bids_dir), "design": gd.to_dict(),

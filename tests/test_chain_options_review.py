@@ -146,3 +146,38 @@ def test_methods_text_and_sidecar_describe_tgv():
     m = chain_method({"inversion_method": "tgv"})
     assert "TKD" not in m["Method"] and "total generalised variation" in m["Method"]
     assert REFERENCES["bredies2010"] in m["MethodReferences"]
+
+
+def _manifest(writer, subject, chain, status="done"):
+    writer.write_manifest(subject, "", [], config={"chain": chain, "atlas": "aal"},
+                          status={"status": status, "key": f"sub-{subject}"})
+
+
+def test_group_level_names_subject_sessions_reconstructed_with_another_configuration(tmp_path):
+    """A participant run of one subject with a changed option (keep_boundary_layer here) leaves
+    the cohort reconstructed two ways; the group level compared them without a word and the
+    report's methods text described the last run's configuration only."""
+    from qsmdask.io.derivatives import DerivativesWriter, configuration_differences
+    from qsmdask.report.html import build_cohort_report
+
+    out = tmp_path / "derivatives"
+    w = DerivativesWriter(out)
+    _manifest(w, "01", {"keep_boundary_layer": True})
+    _manifest(w, "02", {"preset": "tv_refit_mask", "fft_workers": 4})
+    _manifest(w, "03", {"preset": "tv_refit_mask"})
+    _manifest(w, "04", {"inversion_method": "tkd"}, status="failed")  # partial outputs: not compared
+    w.write_run_config({"level": "participant", "config": {"chain": {"keep_boundary_layer": True}}})
+    lines = configuration_differences(out)
+    text = "\n".join(lines)
+    assert "chain.keep_boundary_layer" in text and "chain.tv_debias" in text
+    assert "sub-01" in text and "sub-02" in text and "sub-04" not in text
+    assert "fft_workers" not in text and "tkd" not in text  # same results / not a finished output
+    report = build_cohort_report(out).read_text()
+    methods = report.split('<section id="methods">')[1]
+    assert "different configurations" in methods and "keep_boundary_layer" in methods
+    # one configuration (presets resolved: the preset's keys or the same values spelled out)
+    same = tmp_path / "same"
+    w = DerivativesWriter(same)
+    _manifest(w, "01", {"preset": "tv_refit_mask"})
+    _manifest(w, "02", ChainConfig.preset("tv_refit_mask").to_dict())
+    assert configuration_differences(same) == []

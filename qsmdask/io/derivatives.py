@@ -24,7 +24,7 @@ from .tables import (canonical_location, file_digest, join_url, list_tables, loc
                      remove_table, table_exists, write_parquet)
 
 __all__ = ["DerivativesWriter", "bids_stem", "bids_uri", "dataset_link", "PIPELINE_NAME", "RAW_DATASET",
-           "BIDSIGNORE", "ENTITY_ORDER"]
+           "BIDSIGNORE", "ENTITY_ORDER", "configuration_differences"]
 
 PIPELINE_NAME = "qsmdask"
 
@@ -303,3 +303,56 @@ class DerivativesWriter:
         """True when the manifest records the file at ``location`` (path or URL)."""
         ref = self._entry_ref(location)
         return any({k: e[k] for k in ("path", "url") if k in e} == ref for e in manifest.get("files", []))
+
+
+#: configuration keys that do not change what a subject-session's outputs hold
+_RESULT_NEUTRAL_KEYS = {"chain.fft_workers"}
+
+
+def configuration_differences(output_dir, *, max_names: int = 5) -> list[str]:
+    """Lines naming the configuration keys on which the finished subject-sessions of
+    ``output_dir`` were reconstructed differently (from their manifests; presets resolved), e.g.
+    after a participant run of some subjects with a changed option. [] when they agree.
+
+    Each line: ``chain.keep_boundary_layer: True (sub-01), False (sub-02, sub-03)``.
+    """
+    folder = Path(output_dir) / "logs" / "manifests"
+    if not folder.is_dir():
+        return []
+    from qsmdask.chain import ChainConfig
+
+    values: dict[str, dict[str, list[str]]] = {}
+    n = 0
+    for path in sorted(folder.glob("*_manifest.json")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(m, dict) or m.get("status") != "done" or not isinstance(m.get("config"), dict):
+            continue
+        cfg = dict(m["config"])
+        chain = cfg.pop("chain", {}) or {}
+        try:
+            chain = ChainConfig.from_dict(chain).to_dict()
+        except (TypeError, ValueError):
+            pass
+        flat = {**{k: v for k, v in cfg.items()}, **{f"chain.{k}": v for k, v in chain.items()}}
+        who = str(m.get("key") or path.name[:-len("_manifest.json")])
+        n += 1
+        for k, v in flat.items():
+            if k not in _RESULT_NEUTRAL_KEYS:
+                values.setdefault(k, {}).setdefault(json.dumps(v, sort_keys=True, default=str), []).append(who)
+    lines = []
+    for k in sorted(values):
+        groups = values[k]
+        if len(groups) < 2 and sum(map(len, groups.values())) == n:
+            continue  # one value, present in every manifest
+        parts = []
+        for v, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(names[:max_names]) + (f" and {len(names) - max_names} more" if len(names) > max_names else "")
+            parts.append(f"{v} ({shown})")
+        missing = n - sum(map(len, groups.values()))
+        if missing:
+            parts.append(f"not recorded ({missing})")
+        lines.append(f"{k}: " + ", ".join(parts))
+    return lines

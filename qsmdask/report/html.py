@@ -1337,6 +1337,13 @@ def _section_methods(inp: _Inputs) -> str:
         out.append(f"<p class=\"small\">From logs/qsmdask_config.json written "
                    f"{_esc(inp.config.get('written', ''))} by qsmdask "
                    f"{_esc(inp.config.get('qsmdask_version', ''))}.</p>")
+    from ..io.derivatives import configuration_differences
+    differ = configuration_differences(inp.output_dir)
+    if differ:
+        out.append(_note("The subject-sessions were reconstructed with different configurations "
+                         "(their manifests differ on: " + "; ".join(differ) + "). The text below "
+                         "describes the last participant run's configuration only; rerun the "
+                         "participant level of the others with it (--force) before comparing them."))
     out.append(f"<p>{_esc(text)}</p>")
     out.append("<ol class=\"refs\">" + "".join(f"<li>{_esc(REFERENCES[k])}</li>" for k in cited)
                + "</ol>")
