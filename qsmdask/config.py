@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,18 @@ class PipelineConfig:
                              f"'seed from the clock'), got {self.registration_seed!r}")
         if not isinstance(self.registration_quick, bool):
             raise ValueError(f"registration_quick must be true or false, got {self.registration_quick!r}")
+        for name in ("erode_mm", "min_voxels", "smoothing_fwhm_mm", "reference_erode_mm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                hint = ""
+                if isinstance(v, str):
+                    try:
+                        float(v)
+                        hint = (" (a quoted number, or an exponent without a decimal point, which YAML reads "
+                                "as text: write e.g. 1.0e1)")
+                    except ValueError:
+                        pass
+                raise ValueError(f"{name} must be a number, got {v!r}{hint}")
         if self.template_resolution_mm not in (1, 2):
             raise ValueError(f"template_resolution_mm must be 1 or 2, got {self.template_resolution_mm!r}")
         if not (0 <= float(self.erode_mm) <= 10):

@@ -181,3 +181,12 @@ def test_group_level_names_subject_sessions_reconstructed_with_another_configura
     _manifest(w, "01", {"preset": "tv_refit_mask"})
     _manifest(w, "02", ChainConfig.preset("tv_refit_mask").to_dict())
     assert configuration_differences(same) == []
+
+
+@pytest.mark.parametrize("key", ["erode_mm", "min_voxels", "smoothing_fwhm_mm", "reference_erode_mm"])
+@pytest.mark.parametrize("value", ["abc", "1e1", True, [1]])
+def test_pipeline_numbers_name_the_option(key, value):
+    """The same for the pipeline configuration's numbers: 'could not convert string to float'
+    named no key, and true was taken as 1 (mm or voxels)."""
+    with pytest.raises(ValueError, match=key):
+        PipelineConfig.from_dict({key: value})
