@@ -190,3 +190,13 @@ def test_pipeline_numbers_name_the_option(key, value):
     named no key, and true was taken as 1 (mm or voxels)."""
     with pytest.raises(ValueError, match=key):
         PipelineConfig.from_dict({key: value})
+
+
+def test_tv_laplacian_methods_text_claims_no_boundary_correction():
+    """tv_laplacian has no LBV and no boundary-field correction (the chain applies it to "tv" and
+    "tgv" only), but with tv_bregman_fraction 0 its methods text said '15 more iterations on the
+    data with the boundary-field correction' (the default bgremove_method is still "lbv")."""
+    from qsmdask.report.html import methods_paragraph
+
+    text, _ = methods_paragraph({"chain": {"inversion_method": "tv_laplacian", "tv_bregman_fraction": 0}})
+    assert "then 15 more iterations" in text and "boundary-field correction" not in text

@@ -1156,10 +1156,8 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     if ch.inversion_method == "tv_laplacian":
         if not ch.tv_bregman_iterations:
             breg = ""
-        elif ch.tv_bregman_fraction == 0:  # no residual added back: a second solve on corrected data
-            corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv"
-            breg = (f", then {ch.tv_bregman_max_iter} more iterations"
-                    + (" on the data with the boundary-field correction" if corrected else ""))
+        elif ch.tv_bregman_fraction == 0:  # no residual added back, no boundary-field correction here
+            breg = f", then {ch.tv_bregman_max_iter} more iterations"
         else:
             part = ("" if ch.tv_bregman_fraction == 1 else
                     f" adding back {ch.tv_bregman_fraction:g} of the field residual")
