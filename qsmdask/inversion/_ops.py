@@ -48,3 +48,24 @@ def edge_weights(image: np.ndarray, mask: np.ndarray, voxel_size_mm, *, edge_fra
         return np.ones_like(g)
     thr = np.quantile(vals, 1.0 - edge_fraction)
     return (g < thr).astype(np.float32)
+
+
+def corrected_data(data_correction, chi, mask, box, fft, full_shape, field, target, previous):
+    """The data of a Bregman step after ``data_correction`` (e.g. LBV's boundary field of the
+    deep sources, :mod:`qsmdask.bgremove.boundary`), shared by the TV and TGV inversions.
+
+    ``chi``: the current estimate on the padded grid of ``fft`` (a :class:`~qsmdask.kernels.PaddedFFT`
+    over the bounding box ``box`` of ``mask``); ``data_correction(estimate)`` gets it on the full
+    grid ``full_shape`` and returns a field there. ``field``: the measured field and ``target``
+    the current data, both padded; ``previous``: the correction already in ``target``.
+    Returns ``(target, base, correction)``: the data with the new correction in place of the
+    previous one, the field plus the correction (what a Bregman residual is measured against),
+    and the correction (padded).
+    """
+    est = np.zeros(full_shape, dtype=np.float32)
+    est[box] = np.where(mask, chi[fft.slices], 0)
+    c = np.asarray(data_correction(est), dtype=np.float32)
+    if c.shape != tuple(full_shape):
+        raise ValueError(f"data_correction returned shape {c.shape}, expected {tuple(full_shape)}")
+    c = fft.pad(np.where(mask, c[box], 0))
+    return (target + (c - previous)).astype(np.float32), (field + c).astype(np.float32), c

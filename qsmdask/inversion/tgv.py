@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
-from qsmdask.inversion._ops import _sl, edge_weights, gradient, gradient_adjoint
+from qsmdask.inversion._ops import _sl, corrected_data, edge_weights, gradient, gradient_adjoint
 from qsmdask.inversion.tkd import check_inversion_inputs
 from qsmdask.kernels import PaddedFFT, dipole_kernel
 
@@ -306,15 +306,7 @@ def tgv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), al
     w2f = (w2 * fp).astype(np.float32)
     for outer in range(int(bregman_iterations) + 1):
         if outer > 0 and data_correction is not None:
-            est = np.zeros(full_shape, dtype=np.float32)
-            est[bb] = np.where(m, chi[fft.slices], 0)
-            cc = np.asarray(data_correction(est), dtype=np.float32)
-            if cc.shape != full_shape:
-                raise ValueError(f"data_correction returned shape {cc.shape}, expected {full_shape}")
-            cc = fft.pad(np.where(m, cc[bb], 0))
-            target = (target + (cc - corr)).astype(np.float32)
-            base = (fp + cc).astype(np.float32)
-            corr = cc
+            target, base, corr = corrected_data(data_correction, chi, m, bb, fft, full_shape, fp, target, corr)
         if outer > 0:  # Bregman step: add the residual inside the mask back to the data
             resid = np.where(wgt > 0, base - inv(fwd(chi) * d), 0).astype(np.float32)
             target = (target + resid).astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsmdask.inversion._ops import edge_weights, gradient, gradient_adjoint
+from qsmdask.inversion._ops import corrected_data, edge_weights, gradient, gradient_adjoint
 from qsmdask.inversion.tkd import check_inversion_inputs
 from qsmdask.kernels import PaddedFFT, dipole_kernel, laplacian_kernel
 
@@ -227,15 +227,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     corr = np.zeros_like(fp)
     for outer in range(int(bregman_iterations) + 1):
         if outer > 0 and data_correction is not None:
-            est = np.zeros(full_shape, dtype=np.float32)
-            est[bb] = np.where(m, chi[fft.slices], 0)
-            c = np.asarray(data_correction(est), dtype=np.float32)
-            if c.shape != full_shape:
-                raise ValueError(f"data_correction returned shape {c.shape}, expected {full_shape}")
-            c = fft.pad(np.where(m, c[bb], 0))
-            target = (target + (c - corr)).astype(np.float32)
-            base = (fp + c).astype(np.float32)
-            corr = c
+            target, base, corr = corrected_data(data_correction, chi, m, bb, fft, full_shape, fp, target, corr)
         if outer > 0:  # add the residual inside the mask back to the data
             spec = fwd(chi)
             spec *= d
