@@ -330,10 +330,14 @@ class ChainConfig:
                              f"{self.iterative_tkd_structure_n_sd!r}")
         if not (0 < self.tkd_threshold < 2 / 3):
             raise ValueError(f"tkd_threshold must be in (0, 2/3), got {self.tkd_threshold!r}")
-        pad = tuple(int(p) for p in self.pad_voxels)
-        if len(pad) != 3 or min(pad) < 0:
-            raise ValueError(f"pad_voxels must be three ints >= 0, got {self.pad_voxels!r}")
-        object.__setattr__(self, "pad_voxels", pad)
+        raw = self.pad_voxels
+        ok = (isinstance(raw, (list, tuple, np.ndarray)) and len(raw) == 3
+              and all(isinstance(p, (int, np.integer, float, np.floating)) and not isinstance(p, (bool, np.bool_))
+                      and np.isfinite(p) and float(p) == int(p) and p >= 0 for p in raw))
+        if not ok:  # text ("16" read as 1, 6) or 1.5 (read as 1) were taken before
+            raise ValueError(f"pad_voxels must be a list of three whole numbers >= 0 (voxels per side), "
+                             f"e.g. [16, 16, 16], got {raw!r}")
+        object.__setattr__(self, "pad_voxels", tuple(int(p) for p in raw))
         if int(self.fft_workers) < 1:
             raise ValueError(f"fft_workers must be >= 1, got {self.fft_workers!r}")
 
@@ -380,7 +384,7 @@ class ChainConfig:
             if preset not in PRESETS:
                 raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
             d = {**PRESETS[preset], **d}
-        if "pad_voxels" in d:
+        if isinstance(d.get("pad_voxels"), list):  # JSON/YAML lists; anything else is checked by the class
             d["pad_voxels"] = tuple(d["pad_voxels"])
         return cls(**d)
 

@@ -200,3 +200,16 @@ def test_tv_laplacian_methods_text_claims_no_boundary_correction():
 
     text, _ = methods_paragraph({"chain": {"inversion_method": "tv_laplacian", "tv_bregman_fraction": 0}})
     assert "then 15 more iterations" in text and "boundary-field correction" not in text
+
+
+@pytest.mark.parametrize("value", ["abc", "161616", 16, [16, 16], [1.5, 16, 16], [True, 16, 16], [16, -1, 16],
+                                   [16, "x", 16]])
+def test_pad_voxels_that_is_not_three_whole_numbers_names_the_option(value):
+    """Text was split into digits ("161616" gave (1, 6, 1)... or an error about int()), 1.5 became 1."""
+    with pytest.raises(ValueError, match="pad_voxels must be a list of three whole numbers"):
+        PipelineConfig.from_dict({"chain": {"pad_voxels": value}}).chain_config()
+
+
+def test_pad_voxels_accepts_three_whole_numbers():
+    assert ChainConfig(pad_voxels=[8, 8.0, 0]).pad_voxels == (8, 8, 0)
+    assert ChainConfig.from_dict(ChainConfig(pad_voxels=(4, 4, 4)).to_dict()).pad_voxels == (4, 4, 4)

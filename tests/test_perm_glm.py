@@ -423,6 +423,7 @@ def test_huh_jhun_kernel_independent_of_threads_grouping_and_blocks(two_sided):
         assert np.abs(cnt - one["count_unc"]).max() <= 1
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # scipy's "Series did not converge" reached the log
 def test_detectable_effect_size_is_total_at_tiny_samples():
     """Found by the pods run (4 subjects, 2 vs 2): the FWE threshold is so high that no effect
     below 100 SDs reaches 80 % power, and brentq's fixed bracket failed the whole voxel-wise
