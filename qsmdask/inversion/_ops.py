@@ -50,6 +50,29 @@ def edge_weights(image: np.ndarray, mask: np.ndarray, voxel_size_mm, *, edge_fra
     return (g < thr).astype(np.float32)
 
 
+def check_admm_options(*, edge_fraction, max_iter, bregman_iterations, bregman_max_iter, data_correction,
+                       debias, refit_mu) -> int:
+    """Checks of the options :func:`~qsmdask.inversion.tv_admm` and
+    :func:`~qsmdask.inversion.tgv_admm` share; returns the ADMM iterations of each Bregman step
+    (``bregman_max_iter``, default ``max_iter``)."""
+    if not (0 <= edge_fraction < 1):
+        raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction!r}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    if int(bregman_iterations) < 0:
+        raise ValueError(f"bregman_iterations must be >= 0, got {bregman_iterations!r}")
+    step_iter = int(max_iter if bregman_max_iter is None else bregman_max_iter)
+    if step_iter < 1:
+        raise ValueError(f"bregman_max_iter must be >= 1, got {bregman_max_iter!r}")
+    if data_correction is not None and int(bregman_iterations) < 1:
+        raise ValueError("data_correction needs bregman_iterations >= 1 (it is applied at the Bregman steps)")
+    if debias not in ("none", "refit"):
+        raise ValueError(f"debias must be 'none' or 'refit', got {debias!r}")
+    if debias == "refit" and not (np.isfinite(refit_mu) and refit_mu > 0):
+        raise ValueError(f"refit_mu must be > 0, got {refit_mu!r}")
+    return step_iter
+
+
 def corrected_data(data_correction, chi, mask, box, fft, full_shape, field, target, previous):
     """The data of a Bregman step after ``data_correction`` (e.g. LBV's boundary field of the
     deep sources, :mod:`qsmdask.bgremove.boundary`), shared by the TV and TGV inversions.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
-from qsmdask.inversion._ops import _sl, corrected_data, edge_weights, gradient, gradient_adjoint
+from qsmdask.inversion._ops import _sl, check_admm_options, corrected_data, edge_weights, gradient, gradient_adjoint
 from qsmdask.inversion.tkd import check_inversion_inputs
 from qsmdask.kernels import PaddedFFT, dipole_kernel
 
@@ -179,24 +179,11 @@ def tgv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), al
     for name, val in (("alpha1", alpha1), ("alpha0", alpha0)):
         if not (np.isfinite(val) and val > 0):
             raise ValueError(f"{name} must be > 0, got {val!r}")
-    if not (0 <= edge_fraction < 1):
-        raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction!r}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
-    if int(bregman_iterations) < 0:
-        raise ValueError(f"bregman_iterations must be >= 0, got {bregman_iterations!r}")
-    step_iter = int(max_iter if bregman_max_iter is None else bregman_max_iter)
-    if step_iter < 1:
-        raise ValueError(f"bregman_max_iter must be >= 1, got {bregman_max_iter!r}")
-    if data_correction is not None and int(bregman_iterations) < 1:
-        raise ValueError("data_correction needs bregman_iterations >= 1 (it is applied at the Bregman steps)")
-    if debias not in ("none", "refit"):
-        raise ValueError(f"debias must be 'none' or 'refit', got {debias!r}")
-    if debias == "refit":
-        if not (np.isfinite(refit_mu) and refit_mu > 0):
-            raise ValueError(f"refit_mu must be > 0, got {refit_mu!r}")
-        if mask_data:
-            raise ValueError("debias='refit' needs the unmasked data term (mask_data=False)")
+    step_iter = check_admm_options(edge_fraction=edge_fraction, max_iter=max_iter,
+                                   bregman_iterations=bregman_iterations, bregman_max_iter=bregman_max_iter,
+                                   data_correction=data_correction, debias=debias, refit_mu=refit_mu)
+    if debias == "refit" and mask_data:
+        raise ValueError("debias='refit' needs the unmasked data term (mask_data=False)")
     restrict_to_mask = bool(mask_data) if restrict_to_mask is None else bool(restrict_to_mask)
     if not (np.isfinite(rho_support) and rho_support > 0):
         raise ValueError(f"rho_support must be > 0, got {rho_support!r}")

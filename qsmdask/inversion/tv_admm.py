@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsmdask.inversion._ops import corrected_data, edge_weights, gradient, gradient_adjoint
+from qsmdask.inversion._ops import check_admm_options, corrected_data, edge_weights, gradient, gradient_adjoint
 from qsmdask.inversion.tkd import check_inversion_inputs
 from qsmdask.kernels import PaddedFFT, dipole_kernel, laplacian_kernel
 
@@ -116,26 +116,13 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     f, m, vs, b = check_inversion_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     if not (np.isfinite(lam) and lam > 0):
         raise ValueError(f"lam must be > 0, got {lam!r}")
-    if not (0 <= edge_fraction < 1):
-        raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction!r}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
-    if int(bregman_iterations) < 0:
-        raise ValueError(f"bregman_iterations must be >= 0, got {bregman_iterations!r}")
+    step_iter = check_admm_options(edge_fraction=edge_fraction, max_iter=max_iter,
+                                   bregman_iterations=bregman_iterations, bregman_max_iter=bregman_max_iter,
+                                   data_correction=data_correction, debias=debias, refit_mu=refit_mu)
     if not (np.isfinite(bregman_fraction) and 0 <= bregman_fraction <= 1):
         raise ValueError(f"bregman_fraction must be in [0, 1], got {bregman_fraction!r}")
-    if debias not in ("none", "refit"):
-        raise ValueError(f"debias must be 'none' or 'refit', got {debias!r}")
-    if debias == "refit":
-        if not (np.isfinite(refit_mu) and refit_mu > 0):
-            raise ValueError(f"refit_mu must be > 0, got {refit_mu!r}")
-        if laplacian_data:
-            raise ValueError("debias='refit' is not available with laplacian_data")
-    step_iter = int(max_iter if bregman_max_iter is None else bregman_max_iter)
-    if step_iter < 1:
-        raise ValueError(f"bregman_max_iter must be >= 1, got {bregman_max_iter!r}")
-    if data_correction is not None and int(bregman_iterations) < 1:
-        raise ValueError("data_correction needs bregman_iterations >= 1 (it is applied at the Bregman steps)")
+    if debias == "refit" and laplacian_data:
+        raise ValueError("debias='refit' is not available with laplacian_data")
     if data_correction is not None and laplacian_data:
         raise ValueError("data_correction cannot be combined with laplacian_data")
     rho1 = float(rho) if rho is not None else 100.0 * lam
