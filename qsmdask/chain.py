@@ -9,7 +9,6 @@ offset) -> field in ppm -> background field removal -> dipole inversion.  Pure n
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +17,13 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from qsmdask import bgremove, inversion, mask as maskmod, unwrap
+from qsmdask.config import require_number
 from qsmdask.kernels import PaddedFFT, check_b0_dir, check_voxel_size, dipole_kernel, distance_to_edge_mm
 
 __all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
            "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
 MASK_METHODS = ("threshold", "bet")
-# defaults of the "tgv" inversion (bench/recon.py --tgv)
-TGV_ALPHA1, TGV_ALPHA0, TGV_MAX_ITER, TGV_MASK_DATA = 1e-3, 4e-3, 30, True
 UNWRAP_METHODS = ("temporal", "laplacian", "region_growing")
 BGREMOVE_METHODS = ("lbv", "vsharp", "sharp", "pdf")
 INVERSION_METHODS = ("tkd", "tv", "iterative_tkd", "tv_laplacian", "tgv")
@@ -233,10 +231,10 @@ class ChainConfig:
     tv_laplacian_lambda: float = 2e-4
     lbv_boundary_depth_mm: float = 20.0
     lbv_boundary_threshold_ppm: float = 0.01
-    tgv_alpha1: float = TGV_ALPHA1
-    tgv_alpha0: float = TGV_ALPHA0
-    tgv_max_iter: int = TGV_MAX_ITER
-    tgv_mask_data: bool = TGV_MASK_DATA
+    tgv_alpha1: float = 1e-3
+    tgv_alpha0: float = 4e-3
+    tgv_max_iter: int = 30
+    tgv_mask_data: bool = True
     tgv_bregman_iterations: int = 0
     tgv_bregman_max_iter: int = 15
     tgv_edge_fraction: float = 0.0
@@ -269,8 +267,6 @@ class ChainConfig:
         q = self.quality_dilate_min_gradient_rad
         if not (np.isfinite(q) and 0 <= q < self.quality_max_gradient_rad):
             raise ValueError(f"quality_dilate_min_gradient_rad must be in [0, quality_max_gradient_rad), got {q!r}")
-        if not isinstance(self.keep_boundary_layer, (bool, np.bool_)):
-            raise ValueError(f"keep_boundary_layer must be true or false, got {self.keep_boundary_layer!r}")
         if self.keep_boundary_layer and not ((self.inversion_method == "tv" and self.tv_mask_data)
                                              or (self.inversion_method == "tgv" and self.tgv_mask_data)):
             raise ValueError("keep_boundary_layer needs inversion_method 'tv' with tv_mask_data true or 'tgv' "
@@ -301,8 +297,6 @@ class ChainConfig:
             raise ValueError(f"lbv_boundary_depth_mm must be >= 0, got {self.lbv_boundary_depth_mm!r}")
         if not (np.isfinite(self.lbv_boundary_threshold_ppm) and self.lbv_boundary_threshold_ppm >= 0):
             raise ValueError(f"lbv_boundary_threshold_ppm must be >= 0, got {self.lbv_boundary_threshold_ppm!r}")
-        if not isinstance(self.tv_mask_data, (bool, np.bool_)):
-            raise ValueError(f"tv_mask_data must be true or false, got {self.tv_mask_data!r}")
         if not (np.isfinite(self.tv_refit_mu) and self.tv_refit_mu > 0):
             raise ValueError(f"tv_refit_mu must be > 0, got {self.tv_refit_mu!r}")
         if not (np.isfinite(self.tv_bregman_fraction) and 0 <= self.tv_bregman_fraction <= 1):
@@ -317,8 +311,6 @@ class ChainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.tgv_bregman_iterations) < 0:
             raise ValueError(f"tgv_bregman_iterations must be >= 0, got {self.tgv_bregman_iterations!r}")
-        if not isinstance(self.tgv_mask_data, (bool, np.bool_)):
-            raise ValueError(f"tgv_mask_data must be true or false, got {self.tgv_mask_data!r}")
         if not (0 <= self.tgv_edge_fraction < 1):
             raise ValueError(f"tgv_edge_fraction must be in [0, 1), got {self.tgv_edge_fraction!r}")
         if not (0 < self.iterative_tkd_threshold < 2 / 3):
@@ -351,16 +343,7 @@ class ChainConfig:
                 raise ValueError(f"{f.name} must be true or false, got {v!r}")
             if f.type not in ("float", "int", "float | None") or (v is None and f.type == "float | None"):
                 continue
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-                hint = ""
-                if isinstance(v, str):
-                    try:
-                        float(v)
-                        hint = " (a quoted number, or an exponent without a decimal point, which YAML reads as " \
-                               "text: write e.g. 1.0e-3)"
-                    except ValueError:
-                        pass
-                raise ValueError(f"{f.name} must be a number, got {v!r}{hint}")
+            require_number(f.name, v)
             if f.type == "int" and np.isfinite(v) and int(v) != v:
                 raise ValueError(f"{f.name} must be a whole number, got {v!r}")
 

@@ -20,6 +20,22 @@ __all__ = ["PipelineConfig", "load_config_file"]
 _REGISTRATION = ("affine", "syn")  # qsmdask.registration.METHODS
 
 
+def require_number(name: str, value, *, example: str = "1.0e-3") -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a real number (a bool is not). A
+    text that reads as a number gets a hint: YAML 1.1 reads a quoted number, or an exponent
+    without a decimal point (``1e-3``), as text."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = (" (a quoted number, or an exponent without a decimal point, which YAML reads as "
+                        f"text: write e.g. {example})")
+            except ValueError:
+                pass
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Configuration of the participant level.
@@ -80,17 +96,7 @@ class PipelineConfig:
         if not isinstance(self.registration_quick, bool):
             raise ValueError(f"registration_quick must be true or false, got {self.registration_quick!r}")
         for name in ("erode_mm", "min_voxels", "smoothing_fwhm_mm", "reference_erode_mm"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                hint = ""
-                if isinstance(v, str):
-                    try:
-                        float(v)
-                        hint = (" (a quoted number, or an exponent without a decimal point, which YAML reads "
-                                "as text: write e.g. 1.0e1)")
-                    except ValueError:
-                        pass
-                raise ValueError(f"{name} must be a number, got {v!r}{hint}")
+            require_number(name, getattr(self, name), example="1.0e1")
         if self.template_resolution_mm not in (1, 2):
             raise ValueError(f"template_resolution_mm must be 1 or 2, got {self.template_resolution_mm!r}")
         if not (0 <= float(self.erode_mm) <= 10):

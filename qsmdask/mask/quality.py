@@ -116,8 +116,6 @@ def phase_quality_mask(phase_rad, mask, *, max_gradient_rad: float = 1.0,
     g = max_wrapped_gradient(phi, m if pairs == "inside" else None)
     bad = (g > max_gradient_rad) & m
     if dilate_voxels > 0 and bad.any():
-        if dilate_min_gradient_rad > 0:
-            bad = ndimage.binary_dilation(bad, iterations=int(dilate_voxels), mask=g > dilate_min_gradient_rad)
-        else:
-            bad = ndimage.binary_dilation(bad, iterations=int(dilate_voxels))
+        bad = ndimage.binary_dilation(bad, iterations=int(dilate_voxels),
+                                      mask=g > dilate_min_gradient_rad if dilate_min_gradient_rad > 0 else None)
     return largest_component(m & ~bad)
