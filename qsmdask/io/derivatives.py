@@ -236,9 +236,13 @@ class DerivativesWriter:
     def _entry_location(self, entry: dict) -> Path | str:
         return self.root / entry["path"] if "path" in entry else entry["url"]
 
+    @property
+    def manifest_dir(self) -> Path:
+        """Folder of the subject-sessions' manifests."""
+        return self.root / "logs" / "manifests"
+
     def manifest_path(self, subject: str, session: str = "", **entities) -> Path:
-        stem = bids_stem(subject, session, **entities)
-        return self.root / "logs" / "manifests" / f"{stem}_manifest.json"
+        return self.manifest_dir / f"{bids_stem(subject, session, **entities)}_manifest.json"
 
     def write_manifest(self, subject: str, session: str, files: list, *, config: dict,
                        status: dict | None = None, **entities) -> Path:
@@ -316,7 +320,7 @@ def configuration_differences(output_dir, *, max_names: int = 5) -> list[str]:
 
     Each line: ``chain.keep_boundary_layer: True (sub-01), False (sub-02, sub-03)``.
     """
-    folder = Path(output_dir) / "logs" / "manifests"
+    folder = DerivativesWriter(output_dir).manifest_dir
     if not folder.is_dir():
         return []
     from qsmdask.chain import ChainConfig
@@ -336,7 +340,7 @@ def configuration_differences(output_dir, *, max_names: int = 5) -> list[str]:
             chain = ChainConfig.from_dict(chain).to_dict()
         except (TypeError, ValueError):
             pass
-        flat = {**{k: v for k, v in cfg.items()}, **{f"chain.{k}": v for k, v in chain.items()}}
+        flat = {**cfg, **{f"chain.{k}": v for k, v in chain.items()}}
         who = str(m.get("key") or path.name[:-len("_manifest.json")])
         n += 1
         for k, v in flat.items():
