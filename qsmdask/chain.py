@@ -149,6 +149,13 @@ class ChainConfig:
     before), and null cohorts stay inside their binomial band (docs/benchmarks.md, "Null
     cohorts from distinct heads"); the 2016 numbers above are from before that change (with
     the field fitted inside the mask TV + Bregman scores nrmse 74.6 there, not 67.7).
+    tv_outside_weight : "tv" with ``tv_mask_data`` only: weight in [0, 1] (default 0) of the data
+        term outside the mask, on the solver's grid (the mask's bounding box plus ``pad_voxels``),
+        where the field is taken as 0 until the boundary-field correction (``lbv_boundary_depth_mm``)
+        and then as the field of the deep sources' estimate (:func:`qsmdask.inversion.tv_admm`,
+        ``outside_weight``). 0: the field is fitted inside the mask only. 1: the data term of
+        ``tv_mask_data: false`` (field 0 outside the mask), except that the deep sources' field
+        outside the mask is not forced to 0: docs/benchmarks.md, recon-accuracy.
     tv_laplacian_lambda : regularisation weight of "tv_laplacian" (its data term is in
         ppm/mm^2, so the weight is not comparable with ``tv_lambda``).
     tv_mask_data : "tv" fits the field only inside the mask (``tv_admm(mask_data=True)``)
@@ -228,6 +235,7 @@ class ChainConfig:
     tv_refit_mu: float = 0.1
     tv_edge_fraction: float = 0.0
     tv_mask_data: bool = True
+    tv_outside_weight: float = 0.0
     tv_laplacian_lambda: float = 2e-4
     lbv_boundary_depth_mm: float = 20.0
     lbv_boundary_threshold_ppm: float = 0.01
@@ -299,6 +307,12 @@ class ChainConfig:
             raise ValueError(f"lbv_boundary_threshold_ppm must be >= 0, got {self.lbv_boundary_threshold_ppm!r}")
         if not (np.isfinite(self.tv_refit_mu) and self.tv_refit_mu > 0):
             raise ValueError(f"tv_refit_mu must be > 0, got {self.tv_refit_mu!r}")
+        if not (np.isfinite(self.tv_outside_weight) and 0 <= self.tv_outside_weight <= 1):
+            raise ValueError(f"tv_outside_weight must be in [0, 1], got {self.tv_outside_weight!r}")
+        if self.tv_outside_weight > 0 and not (self.inversion_method == "tv" and self.tv_mask_data):
+            raise ValueError("tv_outside_weight needs inversion_method 'tv' with tv_mask_data true (false already "
+                             f"takes the field as 0 outside the mask), got inversion_method "
+                             f"{self.inversion_method!r}, tv_mask_data {self.tv_mask_data!r}")
         if not (np.isfinite(self.tv_bregman_fraction) and 0 <= self.tv_bregman_fraction <= 1):
             raise ValueError(f"tv_bregman_fraction must be in [0, 1], got {self.tv_bregman_fraction!r}")
         if not (0 <= self.tv_edge_fraction < 1):
@@ -601,6 +615,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         mask_data = bool(cfg.tgv_mask_data if tgv else cfg.tv_mask_data)
         boundary = {}
         correction = None
+        outside = 0.0 if tgv else cfg.tv_outside_weight
         if (cfg.lbv_boundary_depth_mm > 0 and cfg.bgremove_method == "lbv" and breg > 0):
             deep = eroded & (distance_to_edge_mm(eroded, vs) > cfg.lbv_boundary_depth_mm)
             if deep.any():
@@ -609,7 +624,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                     src = np.where(np.abs(d) > cfg.lbv_boundary_threshold_ppm, d, 0).astype(np.float32)
                     boundary["h"] = bgremove.lbv_boundary_field(
                         src, deep, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
-                        fft_workers=cfg.fft_workers)[0]
+                        fft_workers=cfg.fft_workers, exterior=outside > 0)[0]
                     return boundary["h"]
         support, lam, weight = eroded, cfg.tv_lambda, None
         scale = 1.0  # of the regularisation weights (and of the refit's closeness weight)
@@ -620,7 +635,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
             # beside the same data term) is the same problem as before
             p = float(eroded.sum()) / float(brain.sum())
             support, lam, weight = brain, cfg.tv_lambda / (p * p), eroded.astype(np.float32)
-            scale = 1.0 / (p * p)
+            scale = 1.0 / (p * p)  # (and outside_weight by 1/p, the data weight inside)
             final = brain
         if tgv:
             chi = inversion.tgv_admm(local, support, vs, b0_dir=b, alpha1=cfg.tgv_alpha1 * scale,
@@ -639,7 +654,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                                     bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
                                     bregman_fraction=cfg.tv_bregman_fraction,
                                     debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu * scale,
-                                    pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+                                    outside_weight=outside * np.sqrt(scale), pad_voxels=cfg.pad_voxels,
+                                    fft_workers=cfg.fft_workers)
         if "h" in boundary:
             local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
             boundary_rms = float(np.sqrt(np.mean(boundary["h"][eroded] ** 2)))

@@ -54,7 +54,7 @@ def dipole_field(chi_ppm, mask, voxel_size_mm, *, b0_dir, within=None, pad_voxel
 
 def lbv_boundary_field(chi_ppm, chi_mask, brain_mask, voxel_size_mm, *, b0_dir,
                        pad_voxels=(16, 16, 16), tol: float = 1e-4, max_iter: int = 300,
-                       fft_workers: int = 1):
+                       fft_workers: int = 1, exterior: bool = False):
     """The part of the field of ``chi_ppm`` that LBV on ``brain_mask`` removes.
 
     Parameters
@@ -66,13 +66,18 @@ def lbv_boundary_field(chi_ppm, chi_mask, brain_mask, voxel_size_mm, *, b0_dir,
     b0_dir : unit B0 vector in voxel-axis coordinates.
     pad_voxels : zero padding of the dipole convolution.
     tol, max_iter, fft_workers : as :func:`qsmdask.bgremove.lbv`.
+    exterior : also return, outside ``interior`` and inside the bounding box of ``brain_mask``,
+        the field ``g`` of the estimate itself (LBV's output is 0 there, so ``g`` is what it lacks
+        there too): the data outside the mask of an inversion that fits the field there
+        (``tv_admm(outside_weight=)``). On LBV's boundary the two agree (there ``g - lbv(g) = g``).
 
     Returns
     -------
     (boundary_field_ppm, interior): float32, ``g - lbv(g)`` with ``g`` the field of the
     estimate, on LBV's eroded mask ``interior`` (0 outside it): the harmonic function in the
     brain with ``g``'s boundary values, up to a constant (LBV removes the field's mean over
-    the mask first; a constant is not determined by the inversion either).
+    the mask first; a constant is not determined by the inversion either). With ``exterior``
+    the first array also holds ``g`` outside ``interior`` within the bounding box of ``brain_mask``.
     """
     _, m, vs = _check(np.zeros(np.shape(brain_mask), np.float32), brain_mask, voxel_size_mm)
     cm = np.asarray(chi_mask, dtype=bool)
@@ -80,6 +85,11 @@ def lbv_boundary_field(chi_ppm, chi_mask, brain_mask, voxel_size_mm, *, b0_dir,
         raise ValueError(f"chi_mask shape {cm.shape} differs from brain_mask shape {m.shape}")
     # the field on the whole brain: LBV needs its values on the brain's boundary, which may lie
     # far outside the estimate's support (the chain passes only the deep region)
-    g = dipole_field(chi_ppm, cm, vs, b0_dir=b0_dir, within=m, pad_voxels=pad_voxels, fft_workers=fft_workers)
-    kept, interior = lbv(g, m, vs, tol=tol, max_iter=max_iter, fft_workers=fft_workers)
-    return np.where(interior, g - kept, 0).astype(np.float32), interior
+    within = m
+    if exterior:
+        within = np.zeros(m.shape, dtype=bool)
+        within[tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(m))] = True
+    g = dipole_field(chi_ppm, cm, vs, b0_dir=b0_dir, within=within, pad_voxels=pad_voxels, fft_workers=fft_workers)
+    kept, interior = lbv(np.where(m, g, 0), m, vs, tol=tol, max_iter=max_iter, fft_workers=fft_workers)
+    # kept is 0 outside interior, so g - kept is g there
+    return np.where(interior | (within & exterior), g - kept, 0).astype(np.float32), interior

@@ -73,7 +73,8 @@ def check_admm_options(*, edge_fraction, max_iter, bregman_iterations, bregman_m
     return step_iter
 
 
-def corrected_data(data_correction, chi, mask, box, fft, full_shape, field, target, previous):
+def corrected_data(data_correction, chi, mask, box, fft, full_shape, field, target, previous,
+                   outside: bool = False):
     """The data of a Bregman step after ``data_correction`` (e.g. LBV's boundary field of the
     deep sources, :mod:`qsmdask.bgremove.boundary`), shared by the TV and TGV inversions.
 
@@ -83,12 +84,13 @@ def corrected_data(data_correction, chi, mask, box, fft, full_shape, field, targ
     the current data, both padded; ``previous``: the correction already in ``target``.
     Returns ``(target, base, correction)``: the data with the new correction in place of the
     previous one, the field plus the correction (what a Bregman residual is measured against),
-    and the correction (padded).
+    and the correction (padded). ``outside``: keep the correction's values outside ``mask`` too
+    (inside ``box``: the data term of ``tv_admm(outside_weight=)`` reaches there), else 0 there.
     """
     est = np.zeros(full_shape, dtype=np.float32)
     est[box] = np.where(mask, chi[fft.slices], 0)
     c = np.asarray(data_correction(est), dtype=np.float32)
     if c.shape != tuple(full_shape):
         raise ValueError(f"data_correction returned shape {c.shape}, expected {tuple(full_shape)}")
-    c = fft.pad(np.where(mask, c[box], 0))
+    c = fft.pad(c[box] if outside else np.where(mask, c[box], 0))
     return (target + (c - previous)).astype(np.float32), (field + c).astype(np.float32), c

@@ -15,7 +15,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             magnitude=None, data_weight=None, edge_fraction: float = 0.3, rho: float | None = None,
             max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, bregman_iterations: int = 0,
             bregman_max_iter: int | None = None, bregman_fraction: float = 1.0, laplacian_data: bool = False,
-            data_correction=None, debias: str = "none", refit_mu: float = 0.1,
+            data_correction=None, debias: str = "none", refit_mu: float = 0.1, outside_weight: float = 0.0,
             pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
     """Weighted total-variation dipole inversion (ADMM, every update closed form).
 
@@ -67,6 +67,13 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         before each Bregman step (it replaces the previous step's correction). The chain
         passes the part of the field of the deep susceptibility that LBV removed
         (:func:`qsmdask.bgremove.lbv_boundary_field`). Needs ``bregman_iterations >= 1``.
+    outside_weight : with ``mask_data=True`` only: weight (>= 0, default 0) of the data term on
+        the voxels of the solver's grid outside the mask (the mask's bounding box plus
+        ``pad_voxels``), where the field is taken as 0 plus what ``data_correction`` returns there
+        (its values outside the mask are then kept). 0: the field is fitted inside the mask only;
+        1: the data term of ``mask_data=False`` (field 0 outside), except that a correction for
+        the boundary field of the deep sources also gives their field outside the mask instead of
+        leaving it forced to 0 there (the chain: ``ChainConfig.tv_outside_weight``).
     debias : "none" (default) or "refit": two least-squares corrections of the TV solution
         against the data term, after the last solve (one FFT pair each):
 
@@ -125,6 +132,11 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         raise ValueError("debias='refit' is not available with laplacian_data")
     if data_correction is not None and laplacian_data:
         raise ValueError("data_correction cannot be combined with laplacian_data")
+    if not (np.isfinite(outside_weight) and outside_weight >= 0):
+        raise ValueError(f"outside_weight must be >= 0, got {outside_weight!r}")
+    if outside_weight > 0 and (not mask_data or laplacian_data):
+        raise ValueError("outside_weight needs mask_data=True and no laplacian_data (mask_data=False already "
+                         "takes the field as 0 outside the mask with weight 1)")
     rho1 = float(rho) if rho is not None else 100.0 * lam
     if rho1 <= 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
@@ -172,6 +184,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             raise ValueError("data_weight must be non-negative")
         w = w * dw / max(float(dw[m].mean()), 1e-12)
     w = fft.pad(w)
+    if outside_weight > 0:  # the solver's grid outside the mask: field 0 (+ the correction there)
+        w += np.float32(outside_weight) * (1.0 - fft.pad(m.astype(np.float32)))
     w2 = w * w
     fp = fft.pad(f)
     if magnitude is not None:
@@ -214,7 +228,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     corr = np.zeros_like(fp)
     for outer in range(int(bregman_iterations) + 1):
         if outer > 0 and data_correction is not None:
-            target, base, corr = corrected_data(data_correction, chi, m, bb, fft, full_shape, fp, target, corr)
+            target, base, corr = corrected_data(data_correction, chi, m, bb, fft, full_shape, fp, target, corr,
+                                                outside=outside_weight > 0)
         if outer > 0:  # add the residual inside the mask back to the data
             spec = fwd(chi)
             spec *= d
