@@ -20,8 +20,8 @@ from qsmdask import bgremove, inversion, mask as maskmod, unwrap
 from qsmdask.config import require_number
 from qsmdask.kernels import PaddedFFT, check_b0_dir, check_voxel_size, dipole_kernel, distance_to_edge_mm
 
-__all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "MASK_METHODS", "UNWRAP_METHODS",
-           "BGREMOVE_METHODS", "INVERSION_METHODS"]
+__all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "boundary_correction", "MASK_METHODS",
+           "UNWRAP_METHODS", "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
 MASK_METHODS = ("threshold", "bet")
 UNWRAP_METHODS = ("temporal", "laplacian", "region_growing")
@@ -448,6 +448,35 @@ class ReconResult:
     quality_mask: np.ndarray | None = field(default=None, repr=False)
 
 
+def boundary_correction(eroded, brain, voxel_size_mm, b0_dir, config: ChainConfig, store: dict, *,
+                        exterior: bool = False):
+    """The boundary-field correction of the "tv" and "tgv" inversions (``lbv_boundary_depth_mm``).
+
+    Returns None when no voxel of ``eroded`` (LBV's eroded mask) lies deeper than
+    ``config.lbv_boundary_depth_mm``, else a function of a chi estimate that returns the part of
+    the field of its deep sources (voxels deeper than that, away from their median by more than
+    ``lbv_boundary_threshold_ppm``) that LBV on ``brain`` removed
+    (:func:`qsmdask.bgremove.lbv_boundary_field`; with ``exterior`` also their field outside
+    ``eroded``, for ``tv_outside_weight``), and keeps the last one in ``store["h"]``. The
+    inversions' ``data_correction``; bench/recon.py uses it to score given local fields as the
+    chain inverts its own."""
+    cfg = config
+    vs = check_voxel_size(voxel_size_mm)
+    b = check_b0_dir(b0_dir)
+    deep = eroded & (distance_to_edge_mm(eroded, vs) > cfg.lbv_boundary_depth_mm)
+    if not deep.any():
+        return None
+
+    def correction(x):  # LBV's missing boundary part of the deep estimate's field
+        d = np.where(deep, x - np.median(x[deep]), 0)
+        src = np.where(np.abs(d) > cfg.lbv_boundary_threshold_ppm, d, 0).astype(np.float32)
+        store["h"] = bgremove.lbv_boundary_field(src, deep, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
+                                                 fft_workers=cfg.fft_workers, exterior=exterior)[0]
+        return store["h"]
+
+    return correction
+
+
 def _as4d(x, name):
     a = np.asarray(x)
     if a.ndim == 3:
@@ -617,15 +646,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         correction = None
         outside = 0.0 if tgv else cfg.tv_outside_weight
         if (cfg.lbv_boundary_depth_mm > 0 and cfg.bgremove_method == "lbv" and breg > 0):
-            deep = eroded & (distance_to_edge_mm(eroded, vs) > cfg.lbv_boundary_depth_mm)
-            if deep.any():
-                def correction(x):  # LBV's missing boundary part of the deep estimate's field
-                    d = np.where(deep, x - np.median(x[deep]), 0)
-                    src = np.where(np.abs(d) > cfg.lbv_boundary_threshold_ppm, d, 0).astype(np.float32)
-                    boundary["h"] = bgremove.lbv_boundary_field(
-                        src, deep, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
-                        fft_workers=cfg.fft_workers, exterior=outside > 0)[0]
-                    return boundary["h"]
+            correction = boundary_correction(eroded, brain, vs, b, cfg, boundary, exterior=outside > 0)
         support, lam, weight = eroded, cfg.tv_lambda, None
         scale = 1.0  # of the regularisation weights (and of the refit's closeness weight)
         if cfg.keep_boundary_layer and mask_data:
