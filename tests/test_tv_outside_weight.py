@@ -142,3 +142,17 @@ def test_chain_with_outside_weight_uses_the_exterior_correction(monkeypatch):
     assert seen == [True]
     assert r.qc["lbv_boundary_field_rms_ppm"] > 0
     assert np.corrcoef(r.chi_ppm[r.mask], p["chi_ppm"][r.mask])[0, 1] >= 0.7
+
+
+def test_methods_text_and_sidecar_method_name_the_outside_weight():
+    from qsmdask.report.html import methods_paragraph
+    from qsmdask.report.references import chain_method
+
+    text, _ = methods_paragraph({"chain": {"tv_outside_weight": 1.0}})
+    assert "also fitted outside the mask with weight 1" in text and "field of the deep sources" in text
+    assert "inside the mask only" not in text
+    plain, _ = methods_paragraph({"chain": {}})
+    assert "inside the mask only" in plain and "outside the mask with weight" not in plain
+    meth = chain_method({"tv_outside_weight": 0.3})["Method"]
+    assert "field also fitted outside the mask (weight 0.3; 0 there plus the deep sources' field)" in meth
+    assert "outside the mask" not in chain_method({})["Method"]

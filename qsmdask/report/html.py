@@ -1199,7 +1199,12 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         s.append(f"Susceptibility was computed by total-variation regularised dipole inversion "
                  f"solved by ADMM {tv_ref} (lambda {ch.tv_lambda:g}, {ch.tv_max_iter} "
                  f"iterations{breg}"
-                 + ("; the field was fitted inside the mask only" if ch.tv_mask_data else "")
+                 + ("; the field was fitted inside the mask only" if ch.tv_mask_data and not ch.tv_outside_weight
+                    else "")
+                 + (f"; the field was also fitted outside the mask with weight {ch.tv_outside_weight:g}, taken "
+                    "as 0 there" + (" plus the field of the deep sources below" if ch.lbv_boundary_depth_mm > 0
+                                    and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations else "")
+                    if ch.tv_outside_weight else "")
                  + ")"
                  + (f", followed by a least-squares refit of its amplitude and of the well-conditioned "
                     f"part of the field residual (Tikhonov weight {ch.tv_refit_mu:g}) "

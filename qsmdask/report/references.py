@@ -156,7 +156,9 @@ def chain_method(chain: dict | None) -> dict:
              + ((" on the data with the boundary-field correction" if second else
                  ", boundary-field correction") + f" (sources deeper than {ch.lbv_boundary_depth_mm:g} mm)"
                 if corrected else "")
-             + (", field fitted inside the mask" if ch.tv_mask_data else "")
+             + (", field fitted inside the mask" if ch.tv_mask_data and not ch.tv_outside_weight else "")
+             + (f", field also fitted outside the mask (weight {ch.tv_outside_weight:g}; 0 there"
+                + (" plus the deep sources' field" if corrected else "") + ")" if ch.tv_outside_weight else "")
              + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
              *refs, *(("deledalle2015",) if refit else ()))
     elif ch.inversion_method == "tgv":
