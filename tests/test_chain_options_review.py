@@ -36,7 +36,9 @@ def test_keep_boundary_layer_where_no_inversion_can_use_it_is_an_error(chain):
     asked for the rim and got neither it nor a message."""
     with pytest.raises(ValueError, match="keep_boundary_layer"):
         ChainConfig.from_dict({**chain, "keep_boundary_layer": True})
-    ChainConfig.from_dict({**chain, "keep_boundary_layer": False})  # the default stays valid
+    ChainConfig.from_dict({**chain, "keep_boundary_layer": False})
+    # the default (null: automatic) stays valid and keeps no layer there
+    assert not ChainConfig.from_dict(chain).boundary_layer_kept
 
 
 def test_keep_boundary_layer_accepted_with_tv_refit_mask():
@@ -69,10 +71,14 @@ def test_methods_text_and_sidecar_method_say_the_rim_is_kept():
 
     text, _ = methods_paragraph({"chain": {"keep_boundary_layer": True}})
     assert "boundary layer" in text and "without data" in text
-    plain, _ = methods_paragraph({"chain": {}})
+    assert methods_paragraph({"chain": {}})[0] == text  # the default keeps it (automatic)
+    plain, _ = methods_paragraph({"chain": {"keep_boundary_layer": False}})
     assert "boundary layer" not in plain
+    for chain in ({"inversion_method": "tkd"}, {"preset": "study"}, {"bgremove_method": "vsharp"}):
+        assert "boundary layer" not in methods_paragraph({"chain": chain})[0]  # automatic: not kept
     meth = chain_method({"keep_boundary_layer": True})["Method"]
-    assert "boundary layer kept" in meth and "boundary layer" not in chain_method({})["Method"]
+    assert "boundary layer kept" in meth and chain_method({})["Method"] == meth
+    assert "boundary layer" not in chain_method({"keep_boundary_layer": False})["Method"]
     # tv_refit_mask: the second solve on the corrected data is named in the sidecar too
     meth = chain_method({"preset": "tv_refit_mask"})["Method"]
     assert "second solve of 15 iterations on the data with the boundary-field correction" in meth
@@ -120,7 +126,7 @@ def test_keep_boundary_layer_scales_the_refit_weight_like_lambda(monkeypatch):
     p = make_phantom(shape=(36, 36, 32), snr=60, seed=2)
     args = (p["magnitude"], p["phase_rad"], p["echo_times_s"], p["voxel_size_mm"])
     kw = dict(b0_dir=p["b0_dir"], b0_tesla=p["b0_tesla"])
-    cfg = ChainConfig.preset("tv_refit_mask", tv_max_iter=4, tv_bregman_max_iter=4)
+    cfg = ChainConfig.preset("tv_refit_mask", tv_max_iter=4, tv_bregman_max_iter=4, keep_boundary_layer=False)
     r0 = reconstruct(*args, **kw, config=cfg)
     r1 = reconstruct(*args, **kw, config=cfg.replace(keep_boundary_layer=True))
     (m0, k0), (m1, k1) = calls

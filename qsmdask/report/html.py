@@ -1238,7 +1238,7 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
     else:
         s.append(f"Susceptibility was computed by thresholded k-space division (TKD) "
                  f"{cite('shmueli2009')} with threshold {ch.tkd_threshold:g}.")
-    if ch.keep_boundary_layer:  # only "tv" / "tgv" with the field fitted inside the mask (ChainConfig)
+    if ch.boundary_layer_kept:  # only "tv" / "tgv" with the field fitted inside the mask (ChainConfig)
         layer = ("one-voxel boundary layer that LBV's boundary condition sets to zero local field"
                  if ch.bgremove_method == "lbv" else "boundary layer that the background removal erodes")
         s.append(f"The final mask kept the {layer}: the susceptibility reported there is the "

@@ -175,7 +175,7 @@ def chain_method(chain: dict | None) -> dict:
              f"up to {ch.iterative_tkd_max_iter} iterations", "tang2013")
     else:
         step(f"dipole inversion: TKD, threshold {ch.tkd_threshold:g}", "shmueli2009")
-    if ch.keep_boundary_layer:
+    if ch.boundary_layer_kept:
         step("final mask: the background removal's boundary layer kept (chi there not fitted to data)")
     return {"Method": "qsmdask QSM chain: " + "; ".join(steps) + ".",
             "MethodReferences": [REFERENCES[k] for k in keys]}
