@@ -163,6 +163,11 @@ FIX_CHAINS = {
                                                           "lbv_boundary_threshold_ppm": 0.01},
     "LBV + TV mask data + boundary correction (20 mm, 0.01 ppm)": {
         "tv_mask_data": True, "lbv_boundary_depth_mm": 20.0, "lbv_boundary_threshold_ppm": 0.01},
+    # the option lbv_boundary_estimate_iter: sources from a 5-iteration TV solve, correction in the
+    # data from the first iteration (docs/benchmarks.md, "How far the correction is from a perfect one")
+    "LBV + TV mask data + early-estimate correction (5 it, 15 mm, 0.02 ppm)": {
+        "tv_mask_data": True, "lbv_boundary_depth_mm": 15.0, "lbv_boundary_threshold_ppm": 0.02,
+        "lbv_boundary_estimate_iter": 5},
 }
 
 

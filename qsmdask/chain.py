@@ -733,8 +733,9 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                                     debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu * scale,
                                     outside_weight=outside * np.sqrt(scale), pad_voxels=cfg.pad_voxels,
                                     fft_workers=cfg.fft_workers)
-        if "h" in boundary and early == 0:  # (with early > 0 it is in `local` already)
-            local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
+        if "h" in boundary:
+            if early == 0:  # (with early > 0 it is in `local` already)
+                local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
             boundary_rms = float(np.sqrt(np.mean(boundary["h"][eroded] ** 2)))
     elif cfg.inversion_method == "iterative_tkd":
         n_sd = cfg.iterative_tkd_structure_n_sd

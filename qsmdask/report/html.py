@@ -1078,6 +1078,16 @@ def _section_other(inp: _Inputs) -> str:
     return "".join(out)
 
 
+def _early_correction_text(ch) -> str:
+    """Methods sentence of the boundary-field correction with sources from an early-stopped TV
+    estimate (``lbv_boundary_estimate_iter``)."""
+    return (f"Before the inversion, the part of the field of the sources deeper than "
+            f"{ch.lbv_boundary_depth_mm:g} mm (deviating by more than {ch.lbv_boundary_threshold_ppm:g} ppm "
+            f"from their median) of an early-stopped TV estimate ({ch.lbv_boundary_estimate_iter} "
+            "iterations) that LBV's boundary condition had removed was added back to the data, from "
+            "the inversion's first iteration.")
+
+
 def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = False,
                       postmortem: bool = False, voxelwise_scheme: str = "huh_jhun") -> tuple[str, list[str]]:
     """Methods text generated from the recorded run configuration.
@@ -1210,7 +1220,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                     f"part of the field residual (Tikhonov weight {ch.tv_refit_mu:g}) "
                     f"{cite('deledalle2015')}" if ch.tv_debias == "refit" else "")
                  + ".")
-        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations:
+        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.lbv_boundary_estimate_iter > 0:
+            s.append(_early_correction_text(ch))
+        elif ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations:
             s.append(f"Before the {'second solve' if ch.tv_bregman_fraction == 0 else 'Bregman step'}, the part of the field of the first estimate's sources "
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
@@ -1226,7 +1238,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                     if ch.tgv_mask_data else "")
                  + (f"; the strongest magnitude gradients (a fraction {ch.tgv_edge_fraction:g}) were not penalised"
                     if ch.tgv_edge_fraction > 0 else "") + ").")
-        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations:
+        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.lbv_boundary_estimate_iter > 0:
+            s.append(_early_correction_text(ch))
+        elif ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations:
             s.append(f"Before the Bregman step, the part of the field of the first estimate's sources "
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "

@@ -147,7 +147,9 @@ def chain_method(chain: dict | None) -> dict:
         bregman = ch.tv_bregman_iterations and ch.tv_bregman_fraction > 0
         refs = ("bilgic2014", "osher2005") if bregman else ("bilgic2014",)
         refit = ch.tv_debias == "refit"
-        corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations
+        early = ch.lbv_boundary_estimate_iter if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" else 0
+        corrected = (ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations
+                     and not early)
         second = ch.tv_bregman_iterations and ch.tv_bregman_fraction == 0
         step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
              + (f", {ch.tv_bregman_iterations} Bregman step(s)" if bregman else "")
@@ -159,16 +161,20 @@ def chain_method(chain: dict | None) -> dict:
              + (", field fitted inside the mask" if ch.tv_mask_data and not ch.tv_outside_weight else "")
              + (f", field also fitted outside the mask (weight {ch.tv_outside_weight:g}; 0 there"
                 + (" plus the deep sources' field" if corrected else "") + ")" if ch.tv_outside_weight else "")
+             + (_early_step(ch) if early else "")
              + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
              *refs, *(("deledalle2015",) if refit else ()))
     elif ch.inversion_method == "tgv":
-        corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations
+        early = ch.lbv_boundary_estimate_iter if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" else 0
+        corrected = (ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations
+                     and not early)
         step(f"dipole inversion: second-order total generalised variation (ADMM), alpha1 {ch.tgv_alpha1:g}, "
              f"alpha0 {ch.tgv_alpha0:g}"
              + (f", {ch.tgv_bregman_iterations} Bregman step(s)" if ch.tgv_bregman_iterations else "")
              + (f", boundary-field correction (sources deeper than {ch.lbv_boundary_depth_mm:g} mm)"
                 if corrected else "")
-             + (", field fitted inside the mask" if ch.tgv_mask_data else ""),
+             + (", field fitted inside the mask" if ch.tgv_mask_data else "")
+             + (_early_step(ch) if early else ""),
              "bredies2010", "langkammer2015", *(("osher2005",) if ch.tgv_bregman_iterations else ()))
     elif ch.inversion_method == "iterative_tkd":
         step(f"dipole inversion: iterative TKD, threshold {ch.iterative_tkd_threshold:g}, "
@@ -179,3 +185,10 @@ def chain_method(chain: dict | None) -> dict:
         step("final mask: the background removal's boundary layer kept (chi there not fitted to data)")
     return {"Method": "qsmdask QSM chain: " + "; ".join(steps) + ".",
             "MethodReferences": [REFERENCES[k] for k in keys]}
+
+
+def _early_step(ch) -> str:
+    """The boundary-field correction with sources from an early-stopped TV estimate
+    (``lbv_boundary_estimate_iter``), as a step of the sidecar's Method."""
+    return (f", boundary-field correction in the data from the start (sources deeper than "
+            f"{ch.lbv_boundary_depth_mm:g} mm of a {ch.lbv_boundary_estimate_iter}-iteration TV estimate)")
