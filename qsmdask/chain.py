@@ -183,7 +183,7 @@ class ChainConfig:
         LBV solve. Sources shallower than d keep LBV's boundary condition: their boundary
         field cannot be told apart from a halo of the same estimate (any estimate is a fixed
         point of the correction over the whole mask; docs/benchmarks.md, "Where the halo comes
-        from"). Needs ``tv_bregman_iterations >= 1``.
+        from"). Needs ``tv_bregman_iterations >= 1`` unless ``lbv_boundary_estimate_iter`` > 0.
     lbv_boundary_estimate_iter : with ``lbv_boundary_depth_mm`` > 0, where the correction's
         sources come from and when it enters the data. 0 (the correction of issue 14's first
         version): the deep part of the first TV (or TGV) solve, added before the Bregman step,
