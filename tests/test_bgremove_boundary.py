@@ -137,6 +137,8 @@ def test_chain_early_estimate_option_is_validated():
             ChainConfig(lbv_boundary_estimate_iter=bad)
     cfg = ChainConfig.from_dict({"lbv_boundary_estimate_iter": 5, "lbv_boundary_depth_mm": 15.0})
     assert ChainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="tv_outside_weight"):
+        ChainConfig(lbv_boundary_estimate_iter=5, tv_outside_weight=0.3)
 
 
 def test_chain_early_estimate_puts_the_correction_in_the_data_from_the_start():
@@ -151,10 +153,12 @@ def test_chain_early_estimate_puts_the_correction_in_the_data_from_the_start():
                      echo_times_s=(0.005, 0.01, 0.015))
     args = (p["magnitude"], p["phase_rad"], p["echo_times_s"], p["voxel_size_mm"])
     for breg in (1, 0):
-        cfg = ChainConfig(lbv_boundary_estimate_iter=3, lbv_boundary_depth_mm=8.0, tv_bregman_iterations=breg)
+        cfg = ChainConfig(lbv_boundary_estimate_iter=3, lbv_boundary_depth_mm=8.0, tv_bregman_iterations=breg,
+                          keep_boundary_layer=False)
         r = reconstruct(*args, b0_dir=p["b0_dir"], b0_tesla=3.0, config=cfg)
         plain = reconstruct(*args, b0_dir=p["b0_dir"], b0_tesla=3.0,
-                            config=ChainConfig(lbv_boundary_depth_mm=0.0, tv_bregman_iterations=breg))
+                            config=ChainConfig(lbv_boundary_depth_mm=0.0, tv_bregman_iterations=breg,
+                                               keep_boundary_layer=False))
         assert r.qc["lbv_boundary_field_rms_ppm"] > 0
         h = (r.local_field_ppm - plain.local_field_ppm)[r.mask]
         assert np.sqrt(np.mean((h - h.mean()) ** 2)) > 0  # the correction is in the returned field
