@@ -1,0 +1,32 @@
+"""bench/halo.py's accuracy column on the rim-kept final mask (issue 14 benchmark)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+
+def _halo():
+    path = Path(__file__).resolve().parents[1] / "bench" / "halo.py"
+    spec = importlib.util.spec_from_file_location("bench_halo", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_chi_corr_counts_only_the_brain_label():
+    """A final mask with a rim outside the brain label, where the simulator's chi is bone (-1 ppm)
+    and the estimate 0: the brain's correlation is what the column reports, not the rim's."""
+    rng = np.random.default_rng(0)
+    shape = (20, 20, 20)
+    brain = np.zeros(shape, bool)
+    brain[3:17, 3:17, 3:17] = True
+    final = np.zeros(shape, bool)
+    final[2:18, 2:18, 2:18] = True  # one voxel of rim outside the brain all round
+    truth = np.where(brain, rng.normal(0, 0.03, shape), np.where(final, -1.0, 0)).astype(np.float32)
+    chi = np.where(brain, truth + rng.normal(0, 0.01, shape), 0).astype(np.float32)
+    got = _halo().brain_corr(chi, truth, final, brain)
+    assert got > 0.9
+    assert np.corrcoef(chi[final], truth[final])[0, 1] < 0.5  # what the column gave with the rim
