@@ -1027,7 +1027,7 @@ def main_coverage_rois(args):
                 e = np.array([(est[k] - r.chi_ppm[r.mask & tb].mean()) - (tru[k] - sim.chi_ppm[tb].mean())
                               for k in tru])
                 rows.append({"seed": seed, "head": "sinuses, mastoids" if cav else "no air cavities",
-                             "chain": name + (" (default)" if cfg == DEFAULT else ""),
+                             "chain": name + (" (default)" if _resolved(cfg) == _resolved(DEFAULT) else ""),
                              "registered cortical group ROI MAE ppb": 1e3 * float(np.abs(e).mean()),
                              "max abs error ppb": 1e3 * float(np.abs(e).max())})
                 print(rows[-1], flush=True)
