@@ -153,8 +153,8 @@ class ChainConfig:
     than the default on the simulated heads.  See docs/benchmarks.md (recon-debias).  Since issue 14 TV fits the
     field inside the mask only and gets LBV's boundary field of the deep sources back
     (``tv_mask_data``, ``lbv_boundary_depth_mm``): on 8 simulated heads a deep-nuclei increase
-    moves the non-adjacent ROIs by at most 1.55 % of itself (white-matter reference; 4.2 %
-    before), and null cohorts stay inside their binomial band (docs/benchmarks.md, "Null
+    moves the non-adjacent ROIs by at most 1.47 % of itself (white-matter reference, LBV's rim
+    kept; 4.2 % before), and null cohorts stay inside their binomial band (docs/benchmarks.md, "Null
     cohorts from distinct heads"); the 2016 numbers above are from before that change (with
     the field fitted inside the mask TV + Bregman scores nrmse 74.6 there, not 67.7).
     tv_outside_weight : "tv" with ``tv_mask_data`` only: weight in [0, 1] (default 0) of the data
