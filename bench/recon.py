@@ -287,6 +287,18 @@ def _head(seed, tmp):
     return rows
 
 
+def _timing_rows(chains: dict, names, shape=(256, 256, 80)) -> list[dict]:
+    """Whole-chain timing rows (as (c)) of the named chains, each in its own child process."""
+    trows = []
+    for name in names:
+        (dt, stages), _, rss = run_isolated(_time_chain, chains[name], shape)
+        trows.append({"chain": name, "shape": "x".join(map(str, shape)), "total wall s": float(dt),
+                      "total CPU s": float(stages["cpu_s"]), "inversion s": stages["time_inversion_s"],
+                      "peak RSS MiB (incl. simulation)": rss})
+        print(trows[-1], flush=True)
+    return trows
+
+
 def bench_heads(quick: bool):
     import tempfile
 
@@ -690,14 +702,7 @@ def main_refit_mask(args):
                  + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
                  + markdown_table(rows, floatfmt=".3g"))
     if not args.skip_timing:
-        shape = (256, 256, 80)
-        trows = []
-        for name in ("default", "tv_refit_mask"):
-            (dt, stages), _, rss = run_isolated(_time_chain, REFIT_MASK_CHAINS[name], shape)
-            trows.append({"chain": name, "shape": "x".join(map(str, shape)), "total wall s": float(dt),
-                          "total CPU s": float(stages["cpu_s"]), "inversion s": stages["time_inversion_s"],
-                          "peak RSS MiB (incl. simulation)": rss})
-            print(trows[-1], flush=True)
+        trows = _timing_rows(REFIT_MASK_CHAINS, ("default", "tv_refit_mask"))
         parts.append("### (l) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
                      "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
     body = "\n".join(parts)
@@ -753,14 +758,7 @@ def main_accuracy(args):
                      + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
                      + markdown_table(rows, floatfmt=".3g"))
     if not args.skip_timing:
-        shape = (256, 256, 80)
-        trows = []
-        for name in ("default", "tv_outside_weight 1"):
-            (dt, stages), _, rss = run_isolated(_time_chain, ACCURACY_CHAINS[name], shape)
-            trows.append({"chain": name, "shape": "x".join(map(str, shape)), "total wall s": float(dt),
-                          "total CPU s": float(stages["cpu_s"]), "inversion s": stages["time_inversion_s"],
-                          "peak RSS MiB (incl. simulation)": rss})
-            print(trows[-1], flush=True)
+        trows = _timing_rows(ACCURACY_CHAINS, ("default", "tv_outside_weight 1"))
         parts.append("### (o) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
                      "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
     body = "\n".join(parts)

@@ -18,15 +18,8 @@ from qsmdask.chain import ChainConfig
 from qsmdask.kernels import distance_to_edge_mm
 from qsmdask.sim.geometric import forward_field
 
-SHAPE, VS, B0 = (56, 64, 52), (2.0, 2.0, 2.0), (0.0, 0.1, 0.995)
-
-
-def _head():
-    x, y, z = np.meshgrid(*[(np.arange(n) - (n - 1) / 2.0) * d for n, d in zip(SHAPE, VS)], indexing="ij")
-    brain = (x / 48) ** 2 + (y / 58) ** 2 + (z / 44) ** 2 <= 1
-    src = (np.abs(x) - 12) ** 2 + (y + 4) ** 2 + z ** 2 <= 8 ** 2  # two deep "nuclei"
-    dist_src = np.sqrt((np.abs(x) - 12) ** 2 + (y + 4) ** 2 + z ** 2)
-    return brain, src, dist_src
+# the two-nuclei phantom of the boundary-field correction's tests
+from .test_bgremove_boundary import B0, SHAPE, VS, _head
 
 
 def test_exterior_boundary_field_is_the_estimate_field_outside_the_interior():
