@@ -484,7 +484,7 @@ def _invert_cfg(cfg_dict, f, m, vs, b0_dir=(0.0, 0.0, 1.0), correction=False):
         from qsmdask.chain import boundary_correction
 
         outside = c.tv_outside_weight
-        if c.lbv_boundary_depth_mm > 0 and c.tv_bregman_iterations > 0:
+        if c.boundary_correction_stage == "bregman":  # (the given field: its mask as LBV's)
             corr = boundary_correction(m, m, vs, b0_dir, c, {}, exterior=outside > 0)
     return inversion.tv_admm(f, m, vs, b0_dir=b0_dir, lam=c.tv_lambda, max_iter=c.tv_max_iter,
                              bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter,

@@ -383,6 +383,20 @@ class ChainConfig:
                     or (self.inversion_method == "tgv" and self.tgv_mask_data))
 
     @property
+    def boundary_correction_stage(self) -> str | None:
+        """Where the boundary-field correction (``lbv_boundary_depth_mm``) enters the "tv" or "tgv"
+        inversion: "start" (``lbv_boundary_estimate_iter`` > 0: in the data from the first
+        iteration), "bregman" (before the Bregman step), or None (no correction: depth 0, another
+        background removal or inversion, or neither an early estimate nor a Bregman step)."""
+        if not (self.lbv_boundary_depth_mm > 0 and self.bgremove_method == "lbv"
+                and self.inversion_method in ("tv", "tgv")):
+            return None
+        if self.lbv_boundary_estimate_iter > 0:
+            return "start"
+        breg = self.tgv_bregman_iterations if self.inversion_method == "tgv" else self.tv_bregman_iterations
+        return "bregman" if breg > 0 else None
+
+    @property
     def boundary_layer_kept(self) -> bool:
         """``keep_boundary_layer`` resolved: None (the default) keeps LBV's one-voxel layer wherever
         the inversion estimates it (``_estimates_the_rim``), and no other background removal's
@@ -686,18 +700,18 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         local = np.where(eroded, local, 0).astype(np.float32)
     elif cfg.inversion_method in ("tv", "tgv"):
         tgv = cfg.inversion_method == "tgv"
-        breg = cfg.tgv_bregman_iterations if tgv else cfg.tv_bregman_iterations
         mask_data = bool(cfg.tgv_mask_data if tgv else cfg.tv_mask_data)
         boundary = {}
         correction = None
         outside = 0.0 if tgv else cfg.tv_outside_weight
-        early = int(cfg.lbv_boundary_estimate_iter)
-        if (cfg.lbv_boundary_depth_mm > 0 and cfg.bgremove_method == "lbv" and (breg > 0 or early > 0)):
+        stage = cfg.boundary_correction_stage
+        if stage is not None:
             correction = boundary_correction(eroded, brain, vs, b, cfg, boundary, exterior=outside > 0)
-            if correction is not None and early > 0:
+            if correction is not None and stage == "start":
                 # sources from an early-stopped TV solve; the corrected field is the data of the
                 # whole inversion, from its first iteration (lbv_boundary_estimate_iter)
-                x0 = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=early,
+                x0 = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda,
+                                       max_iter=int(cfg.lbv_boundary_estimate_iter),
                                        edge_fraction=0.0, mask_data=True, pad_voxels=cfg.pad_voxels,
                                        fft_workers=cfg.fft_workers)
                 local = np.where(eroded, local + correction(x0), 0).astype(np.float32)
@@ -734,7 +748,7 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
                                     outside_weight=outside * np.sqrt(scale), pad_voxels=cfg.pad_voxels,
                                     fft_workers=cfg.fft_workers)
         if "h" in boundary:
-            if early == 0:  # (with early > 0 it is in `local` already)
+            if stage == "bregman":  # ("start": it is in `local` already)
                 local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
             boundary_rms = float(np.sqrt(np.mean(boundary["h"][eroded] ** 2)))
     elif cfg.inversion_method == "iterative_tkd":

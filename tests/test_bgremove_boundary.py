@@ -183,3 +183,19 @@ def test_methods_text_names_the_early_estimate_correction():
     assert "5-iteration TV estimate" in method and "from the start" in method
     default, _ = methods_paragraph({"chain": {}})
     assert "early-stopped" not in default and "Before the Bregman step" in default
+
+
+def test_boundary_correction_stage_is_where_the_chain_applies_the_correction():
+    """One property says whether and where the correction enters; the chain, the methods text and
+    the sidecar's Method all read it."""
+    from qsmdask.chain import ChainConfig
+
+    assert ChainConfig().boundary_correction_stage == "bregman"
+    assert ChainConfig(lbv_boundary_estimate_iter=5).boundary_correction_stage == "start"
+    assert ChainConfig(lbv_boundary_estimate_iter=5, tv_bregman_iterations=0).boundary_correction_stage == "start"
+    assert ChainConfig(tv_bregman_iterations=0).boundary_correction_stage is None
+    assert ChainConfig(lbv_boundary_depth_mm=0.0).boundary_correction_stage is None
+    assert ChainConfig(bgremove_method="vsharp").boundary_correction_stage is None
+    assert ChainConfig(inversion_method="tkd").boundary_correction_stage is None
+    assert ChainConfig(inversion_method="tgv").boundary_correction_stage is None  # tgv: no Bregman step by default
+    assert ChainConfig(inversion_method="tgv", tgv_bregman_iterations=1).boundary_correction_stage == "bregman"

@@ -1198,9 +1198,8 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         if not ch.tv_bregman_iterations:
             breg = ""
         elif ch.tv_bregman_fraction == 0:  # no residual added back: a second solve on corrected data
-            corrected = ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv"
             breg = (f", then {ch.tv_bregman_max_iter} more iterations"
-                    + (" on the data with the boundary-field correction" if corrected else ""))
+                    + (" on the data with the boundary-field correction" if ch.boundary_correction_stage else ""))
         else:
             part = ("" if ch.tv_bregman_fraction == 1 else
                     f" adding back {ch.tv_bregman_fraction:g} of the field residual")
@@ -1212,17 +1211,17 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                  + ("; the field was fitted inside the mask only" if ch.tv_mask_data and not ch.tv_outside_weight
                     else "")
                  + (f"; the field was also fitted outside the mask with weight {ch.tv_outside_weight:g}, taken "
-                    "as 0 there" + (" plus the field of the deep sources below" if ch.lbv_boundary_depth_mm > 0
-                                    and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations else "")
+                    "as 0 there" + (" plus the field of the deep sources below"
+                                    if ch.boundary_correction_stage == "bregman" else "")
                     if ch.tv_outside_weight else "")
                  + ")"
                  + (f", followed by a least-squares refit of its amplitude and of the well-conditioned "
                     f"part of the field residual (Tikhonov weight {ch.tv_refit_mu:g}) "
                     f"{cite('deledalle2015')}" if ch.tv_debias == "refit" else "")
                  + ".")
-        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.lbv_boundary_estimate_iter > 0:
+        if ch.boundary_correction_stage == "start":
             s.append(_early_correction_text(ch))
-        elif ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations:
+        elif ch.boundary_correction_stage == "bregman":
             s.append(f"Before the {'second solve' if ch.tv_bregman_fraction == 0 else 'Bregman step'}, the part of the field of the first estimate's sources "
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
@@ -1238,9 +1237,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                     if ch.tgv_mask_data else "")
                  + (f"; the strongest magnitude gradients (a fraction {ch.tgv_edge_fraction:g}) were not penalised"
                     if ch.tgv_edge_fraction > 0 else "") + ").")
-        if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.lbv_boundary_estimate_iter > 0:
+        if ch.boundary_correction_stage == "start":
             s.append(_early_correction_text(ch))
-        elif ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations:
+        elif ch.boundary_correction_stage == "bregman":
             s.append(f"Before the Bregman step, the part of the field of the first estimate's sources "
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "

@@ -147,9 +147,7 @@ def chain_method(chain: dict | None) -> dict:
         bregman = ch.tv_bregman_iterations and ch.tv_bregman_fraction > 0
         refs = ("bilgic2014", "osher2005") if bregman else ("bilgic2014",)
         refit = ch.tv_debias == "refit"
-        early = ch.lbv_boundary_estimate_iter if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" else 0
-        corrected = (ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tv_bregman_iterations
-                     and not early)
+        early, corrected = ch.boundary_correction_stage == "start", ch.boundary_correction_stage == "bregman"
         second = ch.tv_bregman_iterations and ch.tv_bregman_fraction == 0
         step(f"dipole inversion: total variation (ADMM), lambda {ch.tv_lambda:g}"
              + (f", {ch.tv_bregman_iterations} Bregman step(s)" if bregman else "")
@@ -165,9 +163,7 @@ def chain_method(chain: dict | None) -> dict:
              + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
              *refs, *(("deledalle2015",) if refit else ()))
     elif ch.inversion_method == "tgv":
-        early = ch.lbv_boundary_estimate_iter if ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" else 0
-        corrected = (ch.lbv_boundary_depth_mm > 0 and ch.bgremove_method == "lbv" and ch.tgv_bregman_iterations
-                     and not early)
+        early, corrected = ch.boundary_correction_stage == "start", ch.boundary_correction_stage == "bregman"
         step(f"dipole inversion: second-order total generalised variation (ADMM), alpha1 {ch.tgv_alpha1:g}, "
              f"alpha0 {ch.tgv_alpha0:g}"
              + (f", {ch.tgv_bregman_iterations} Bregman step(s)" if ch.tgv_bregman_iterations else "")
