@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-
-def _halo():
-    path = Path(__file__).resolve().parents[1] / "bench" / "halo.py"
-    spec = importlib.util.spec_from_file_location("bench_halo", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from .conftest import load_bench
 
 
 def test_chi_corr_counts_only_the_brain_label():
@@ -27,6 +18,6 @@ def test_chi_corr_counts_only_the_brain_label():
     final[2:18, 2:18, 2:18] = True  # one voxel of rim outside the brain all round
     truth = np.where(brain, rng.normal(0, 0.03, shape), np.where(final, -1.0, 0)).astype(np.float32)
     chi = np.where(brain, truth + rng.normal(0, 0.01, shape), 0).astype(np.float32)
-    got = _halo().brain_corr(chi, truth, final, brain)
+    got = load_bench("halo").brain_corr(chi, truth, final, brain)
     assert got > 0.9
     assert np.corrcoef(chi[final], truth[final])[0, 1] < 0.5  # what the column gave with the rim

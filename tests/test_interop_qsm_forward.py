@@ -9,32 +9,22 @@ Skips when ../shared/data/qsm2016 is absent. The benchmark is ``bench/interop.py
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, load_bench
 
 QSM2016 = SHARED_DATA / "qsm2016"
 pytestmark = pytest.mark.skipif(not (QSM2016 / "chi_cosmos.nii.gz").exists(),
                                 reason="../shared/data/qsm2016 (2016 challenge data) absent")
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "interop.py"
-    spec = importlib.util.spec_from_file_location("bench_interop", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def qsm_forward_bids(tmp_path_factory):
     pytest.importorskip("qsm_forward")
-    bench = _bench()
+    bench = load_bench("interop")
     base = tmp_path_factory.mktemp("qsmforward")
     model = bench.write_head_model(base / "model", factor=2, data_dir=QSM2016)
     return bench, bench.generate_dataset(base / "bids", model)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from .conftest import load_bench
 
 
 def test_bench_recon_quick(capsys):
-    path = Path(__file__).resolve().parents[1] / "bench" / "recon.py"
-    spec = importlib.util.spec_from_file_location("bench_recon", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("recon")
     assert mod.main(["--quick", "--skip-timing", "--skip-heads"]) == 0
     out = capsys.readouterr().out
     assert "## recon" in out
