@@ -835,26 +835,35 @@ def _nrmse(a, b, m):
 CORTICAL_GROUPS = ("frontal", "temporal", "occipital", "parietal", "cingulum", "insula")
 
 
+def _cortical_groups(values, labels, voxel_size_mm, mask, erode_mm, table) -> dict:
+    """Means (ppm) of the cortical AAL groups (CORTICAL_GROUPS, L and R) as the pipeline's ROI
+    tables make them (``roi_statistics`` of ``labels`` eroded by ``erode_mm`` inside ``mask``)."""
+    from qsmdask.roi import roi_statistics
+
+    t = roi_statistics(values, labels.astype(np.int32), table, voxel_size_mm=voxel_size_mm, erode_mm=erode_mm,
+                       min_voxels=5, mask=mask)
+    t = t[(t.level == "group") & t.hemisphere.isin(["L", "R"]) & t.roi.isin(CORTICAL_GROUPS)]
+    return dict(zip(t.roi + "_" + t.hemisphere, t.mean_ppm))
+
+
+def _cortical_group_errors(est, tru, chi, mask, truth, brain) -> np.ndarray:
+    """Errors (ppm) of the groups ``est`` of ``chi`` (each minus chi's mean over the true brain in
+    ``mask``) against ``tru`` of ``truth`` (each minus the truth's mean over the true brain)."""
+    return np.array([(est[k] - chi[mask & brain].mean()) - (tru[k] - truth[brain].mean()) for k in tru])
+
+
 def _cortical_group_mae(h, r) -> float:
     """Mean absolute error (ppb) of the cortical AAL group ROIs (CORTICAL_GROUPS, L and R) as the
     pipeline's ROI tables make them in native space (``roi_statistics``, labels eroded by 1 mm, in the
     final mask), each minus the true-brain mean in the final mask, against the truth's over the whole
     true label and true brain."""
     from qsmdask.atlas import load_atlas
-    from qsmdask.roi import roi_statistics
 
     table = load_atlas("aal").table
-
-    def groups(values, mask, erode_mm):
-        t = roi_statistics(values, h["dseg"].astype(np.int32), table, voxel_size_mm=h["vs"], erode_mm=erode_mm,
-                           min_voxels=5, mask=mask)
-        t = t[(t.level == "group") & t.hemisphere.isin(["L", "R"]) & t.roi.isin(CORTICAL_GROUPS)]
-        return dict(zip(t.roi + "_" + t.hemisphere, t.mean_ppm))
-
     tb, m = h["brain"], r.mask
-    est, tru = groups(r.chi_ppm, m, 1.0), groups(h["chi"], tb, 0.0)
-    e = [(est[k] - r.chi_ppm[m & tb].mean()) - (tru[k] - h["chi"][tb].mean()) for k in tru]
-    return 1e3 * float(np.mean(np.abs(e)))
+    est = _cortical_groups(r.chi_ppm, h["dseg"], h["vs"], m, 1.0, table)
+    tru = _cortical_groups(h["chi"], h["dseg"], h["vs"], tb, 0.0, table)
+    return 1e3 * float(np.mean(np.abs(_cortical_group_errors(est, tru, r.chi_ppm, m, h["chi"], tb))))
 
 
 def _coverage_scores(h, r, ref_mask):
@@ -994,7 +1003,6 @@ def main_coverage_rois(args):
 
     from qsmdask.atlas import load_atlas, load_template
     from qsmdask.registration import standardise
-    from qsmdask.roi import roi_statistics
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     machine = machine_description()
@@ -1002,18 +1010,12 @@ def main_coverage_rois(args):
     atlas = load_atlas("aal")
     tpl, tpl_aff = load_template(resolution_mm=2)
 
-    def groups(values, labels, vs, mask, erode_mm):
-        t = roi_statistics(values, labels.astype(np.int32), atlas.table, voxel_size_mm=vs, erode_mm=erode_mm,
-                           min_voxels=5, mask=mask)
-        t = t[(t.level == "group") & t.hemisphere.isin(["L", "R"]) & t.roi.isin(CORTICAL_GROUPS)]
-        return dict(zip(t.roi + "_" + t.hemisphere, t.mean_ppm))
-
     rows = []
     for seed in args.seeds:
         for cav in (True, False):
             sim = _session(seed, "transceive", air_cavities=cav)
             vs, tb = sim.voxel_size_mm, sim.brain
-            tru = groups(sim.chi_ppm, sim.dseg, vs, tb, 0.0)
+            tru = _cortical_groups(sim.chi_ppm, sim.dseg, vs, tb, 0.0, atlas.table)
             for name in (COVERAGE_REFERENCE, "dilate all, rim kept"):
                 cfg = DEFAULT.replace(**COVERAGE_VARIANTS[name])
                 r = reconstruct(sim.magnitude, sim.phase_rad, sim.echo_times_s, vs, b0_dir=sim.b0_dir,
@@ -1021,9 +1023,8 @@ def main_coverage_rois(args):
                 sn = standardise(sim.magnitude[..., 0], sim.affine, template=tpl, template_affine=tpl_aff,
                                  method="affine", magnitude_mask=r.mask, seed=1)
                 labels = sn.labels_to_native(atlas.labels, atlas.affine, r.chi_ppm.shape, sim.affine)
-                est = groups(r.chi_ppm, labels, vs, r.mask, 1.0)
-                e = np.array([(est[k] - r.chi_ppm[r.mask & tb].mean()) - (tru[k] - sim.chi_ppm[tb].mean())
-                              for k in tru])
+                est = _cortical_groups(r.chi_ppm, labels, vs, r.mask, 1.0, atlas.table)
+                e = _cortical_group_errors(est, tru, r.chi_ppm, r.mask, sim.chi_ppm, tb)
                 rows.append({"seed": seed, "head": "sinuses, mastoids" if cav else "no air cavities",
                              "chain": name + (" (default)" if _resolved(cfg) == _resolved(DEFAULT) else ""),
                              "registered cortical group ROI MAE ppb": 1e3 * float(np.abs(e).mean()),
