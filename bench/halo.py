@@ -196,7 +196,7 @@ def fix_table(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]:
         for e, s in sims.items():
             t0 = time.process_time()
             r = reconstruct(s.magnitude, s.phase_rad, s.echo_times_s, vs, b0_dir=s.b0_dir,
-                            b0_tesla=s.b0_tesla, config=ChainConfig(**opts))
+                            b0_tesla=s.b0_tesla, config=ChainConfig.from_dict(opts))
             secs.append(time.process_time() - t0)
             if final is None:
                 final = r.mask  # one ROI mask for every chain of this head and noise level

@@ -479,18 +479,14 @@ def _invert_cfg(cfg_dict, f, m, vs, b0_dir=(0.0, 0.0, 1.0), correction=False):
                                   max_iter=c.tgv_max_iter, mask_data=c.tgv_mask_data,
                                   bregman_iterations=c.tgv_bregman_iterations,
                                   bregman_max_iter=c.tgv_bregman_max_iter)
-    corr, outside = None, 0.0
-    if correction:
-        from qsmdask.chain import boundary_correction
+    if correction:  # the chain's own inversion stage (the given field: its mask as LBV's and as the eroded one)
+        from qsmdask.chain import invert_tv
 
-        outside = c.tv_outside_weight
-        if c.boundary_correction_stage == "bregman":  # (the given field: its mask as LBV's)
-            corr = boundary_correction(m, m, vs, b0_dir, c, {}, exterior=outside > 0)
+        return invert_tv(f, m, m, vs, b0_dir, c)[0]
     return inversion.tv_admm(f, m, vs, b0_dir=b0_dir, lam=c.tv_lambda, max_iter=c.tv_max_iter,
                              bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter,
                              bregman_fraction=c.tv_bregman_fraction, mask_data=c.tv_mask_data,
-                             debias=c.tv_debias, refit_mu=c.tv_refit_mu, data_correction=corr,
-                             outside_weight=outside, pad_voxels=c.pad_voxels)
+                             debias=c.tv_debias, refit_mu=c.tv_refit_mu, pad_voxels=c.pad_voxels)
 
 
 def bench_study_2016(only=None, configs=None, correction=False):

@@ -20,7 +20,7 @@ from qsmdask import bgremove, inversion, mask as maskmod, unwrap
 from qsmdask.config import require_number
 from qsmdask.kernels import PaddedFFT, check_b0_dir, check_voxel_size, dipole_kernel, distance_to_edge_mm
 
-__all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "boundary_correction", "MASK_METHODS",
+__all__ = ["ChainConfig", "PRESETS", "ReconResult", "reconstruct", "boundary_correction", "invert_tv", "MASK_METHODS",
            "UNWRAP_METHODS", "BGREMOVE_METHODS", "INVERSION_METHODS"]
 
 MASK_METHODS = ("threshold", "bet")
@@ -333,14 +333,17 @@ class ChainConfig:
             raise ValueError(f"tv_refit_mu must be > 0, got {self.tv_refit_mu!r}")
         if not (np.isfinite(self.tv_outside_weight) and 0 <= self.tv_outside_weight <= 1):
             raise ValueError(f"tv_outside_weight must be in [0, 1], got {self.tv_outside_weight!r}")
-        if self.tv_outside_weight > 0 and self.lbv_boundary_estimate_iter > 0:
-            raise ValueError("lbv_boundary_estimate_iter > 0 puts the boundary-field correction into the local "
-                             "field inside the mask and cannot be combined with tv_outside_weight > 0 (which "
-                             "needs the correction outside the mask); set one of them to 0")
-        if self.tv_outside_weight > 0 and not (self.inversion_method == "tv" and self.tv_mask_data):
-            raise ValueError("tv_outside_weight needs inversion_method 'tv' with tv_mask_data true (false already "
-                             f"takes the field as 0 outside the mask), got inversion_method "
-                             f"{self.inversion_method!r}, tv_mask_data {self.tv_mask_data!r}")
+        if self.tv_outside_weight > 0 and self.inversion_method != "tv":
+            raise ValueError(f"tv_outside_weight needs inversion_method 'tv', got {self.inversion_method!r}")
+        if self.tv_outside_weight > 0 and not self.tv_mask_data and not (
+                self.tv_outside_weight == 1 and self.boundary_correction_stage == "start"):
+            raise ValueError("with tv_mask_data false the data term already takes the field as 0 outside the mask "
+                             "with weight 1; tv_outside_weight then can only be 1 with the boundary-field correction "
+                             "in the data from the start (lbv_boundary_estimate_iter > 0, lbv_boundary_depth_mm > 0, "
+                             "bgremove_method 'lbv'), meaning the field outside the mask is the deep estimate's own "
+                             f"field instead of 0; got tv_outside_weight {self.tv_outside_weight!r}, "
+                             f"lbv_boundary_estimate_iter {self.lbv_boundary_estimate_iter!r}, lbv_boundary_depth_mm "
+                             f"{self.lbv_boundary_depth_mm!r}, bgremove_method {self.bgremove_method!r}")
         if not (np.isfinite(self.tv_bregman_fraction) and 0 <= self.tv_bregman_fraction <= 1):
             raise ValueError(f"tv_bregman_fraction must be in [0, 1], got {self.tv_bregman_fraction!r}")
         if not (0 <= self.tv_edge_fraction < 1):
@@ -537,6 +540,97 @@ def boundary_correction(eroded, brain, voxel_size_mm, b0_dir, config: ChainConfi
     return correction
 
 
+def invert_tv(local_field_ppm, eroded, brain, voxel_size_mm, b0_dir, config: ChainConfig, *, magnitude=None):
+    """The "tv" / "tgv" inversion stage of :func:`reconstruct` on LBV's (or another background
+    removal's) output, with the boundary-field correction where configured
+    (:attr:`ChainConfig.boundary_correction_stage`), ``tv_outside_weight`` and LBV's rim kept
+    (:attr:`ChainConfig.boundary_layer_kept`). bench/recon.py calls it to score a given local
+    field as the chain inverts its own.
+
+    Parameters
+    ----------
+    local_field_ppm : (x, y, z) local field, 0 outside ``eroded``.
+    eroded : bool, the background removal's output mask (LBV's eroded mask).
+    brain : bool, the mask the background removal ran on (the quality mask).
+    voxel_size_mm, b0_dir : geometry.
+    config : :class:`ChainConfig` with ``inversion_method`` "tv" or "tgv".
+    magnitude : (x, y, z) first-echo magnitude (edge weights), or None.
+
+    Returns
+    -------
+    (chi_ppm, local_field_ppm, final_mask, boundary_rms_ppm): the local field with the correction
+    in it (counted once), the final mask (``brain`` with the rim kept, else ``eroded``) and the RMS
+    of the correction on ``eroded`` (0 without it).
+    """
+    cfg = config
+    if cfg.inversion_method not in ("tv", "tgv"):
+        raise ValueError(f"invert_tv needs inversion_method 'tv' or 'tgv', got {cfg.inversion_method!r}")
+    vs, b = check_voxel_size(voxel_size_mm), check_b0_dir(b0_dir)
+    local = np.asarray(local_field_ppm, dtype=np.float32)
+    tgv = cfg.inversion_method == "tgv"
+    mask_data = bool(cfg.tgv_mask_data if tgv else cfg.tv_mask_data)
+    boundary = {}
+    correction = None
+    outside = 0.0 if tgv else cfg.tv_outside_weight
+    # the field outside the mask is the deep estimate's own field (not 0): tv_outside_weight > 0
+    # (with tv_mask_data false the data term is already on the whole grid, with weight 1)
+    exterior = outside > 0
+    outside_field = None
+    stage = cfg.boundary_correction_stage
+    final = eroded
+    boundary_rms = 0.0
+    if stage is not None:
+        correction = boundary_correction(eroded, brain, vs, b, cfg, boundary, exterior=exterior)
+        if correction is not None and stage == "start":
+            # sources from an early-stopped TV solve; the corrected field is the data of the
+            # whole inversion, from its first iteration (lbv_boundary_estimate_iter)
+            x0 = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda,
+                                   max_iter=int(cfg.lbv_boundary_estimate_iter),
+                                   edge_fraction=0.0, mask_data=True, pad_voxels=cfg.pad_voxels,
+                                   fft_workers=cfg.fft_workers)
+            h = correction(x0)
+            local = np.where(eroded, local + h, 0).astype(np.float32)
+            if exterior:  # the data outside the mask: the estimate's field there
+                outside_field = np.where(eroded, 0, h).astype(np.float32)
+            del x0, h
+            correction = None
+    support, lam, weight = eroded, cfg.tv_lambda, None
+    scale = 1.0  # of the regularisation weights (and of the refit's closeness weight)
+    if cfg.boundary_layer_kept and mask_data:
+        # the data term stays on the eroded mask (weight 0 on the rim, whose field LBV set to
+        # 0); tv_admm normalises the weights to mean 1 over its mask, i.e. 1/p on the eroded
+        # part (p its share of the mask): lam / p^2 (and the refit's mu / p^2, the weight
+        # beside the same data term) is the same problem as before
+        p = float(eroded.sum()) / float(brain.sum())
+        support, lam, weight = brain, cfg.tv_lambda / (p * p), eroded.astype(np.float32)
+        scale = 1.0 / (p * p)  # (and outside_weight by 1/p, the data weight inside)
+        final = brain
+    mag = magnitude if (cfg.tgv_edge_fraction if tgv else cfg.tv_edge_fraction) > 0 else None
+    if tgv:
+        chi = inversion.tgv_admm(local, support, vs, b0_dir=b, alpha1=cfg.tgv_alpha1 * scale,
+                                 alpha0=cfg.tgv_alpha0 * scale, max_iter=cfg.tgv_max_iter,
+                                 magnitude=mag, data_weight=weight, edge_fraction=cfg.tgv_edge_fraction,
+                                 mask_data=mask_data, bregman_iterations=cfg.tgv_bregman_iterations,
+                                 bregman_max_iter=cfg.tgv_bregman_max_iter, data_correction=correction,
+                                 pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+    else:
+        chi = inversion.tv_admm(local, support, vs, b0_dir=b, lam=lam, max_iter=cfg.tv_max_iter,
+                                magnitude=mag, data_weight=weight,
+                                edge_fraction=cfg.tv_edge_fraction, mask_data=mask_data,
+                                bregman_iterations=cfg.tv_bregman_iterations,
+                                bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
+                                bregman_fraction=cfg.tv_bregman_fraction,
+                                debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu * scale,
+                                outside_weight=outside * np.sqrt(scale) if mask_data else 0.0,
+                                outside_field_ppm=outside_field, pad_voxels=cfg.pad_voxels,
+                                fft_workers=cfg.fft_workers)
+    if "h" in boundary:
+        if stage == "bregman":  # ("start": it is in `local` already)
+            local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
+        boundary_rms = float(np.sqrt(np.mean(boundary["h"][eroded] ** 2)))
+    return chi, local, final, boundary_rms
+
+
 def _as4d(x, name):
     a = np.asarray(x)
     if a.ndim == 3:
@@ -699,58 +793,8 @@ def reconstruct(magnitude, phase_rad, echo_times_s, voxel_size_mm, *, b0_dir, b0
         local = fft.inverse(fft.forward(chi) * dipole_kernel(fft.padded_shape, vs, b, real=True))
         local = np.where(eroded, local, 0).astype(np.float32)
     elif cfg.inversion_method in ("tv", "tgv"):
-        tgv = cfg.inversion_method == "tgv"
-        mask_data = bool(cfg.tgv_mask_data if tgv else cfg.tv_mask_data)
-        boundary = {}
-        correction = None
-        outside = 0.0 if tgv else cfg.tv_outside_weight
-        stage = cfg.boundary_correction_stage
-        if stage is not None:
-            correction = boundary_correction(eroded, brain, vs, b, cfg, boundary, exterior=outside > 0)
-            if correction is not None and stage == "start":
-                # sources from an early-stopped TV solve; the corrected field is the data of the
-                # whole inversion, from its first iteration (lbv_boundary_estimate_iter)
-                x0 = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda,
-                                       max_iter=int(cfg.lbv_boundary_estimate_iter),
-                                       edge_fraction=0.0, mask_data=True, pad_voxels=cfg.pad_voxels,
-                                       fft_workers=cfg.fft_workers)
-                local = np.where(eroded, local + correction(x0), 0).astype(np.float32)
-                del x0
-                correction = None
-        support, lam, weight = eroded, cfg.tv_lambda, None
-        scale = 1.0  # of the regularisation weights (and of the refit's closeness weight)
-        if cfg.boundary_layer_kept and mask_data:
-            # the data term stays on the eroded mask (weight 0 on the rim, whose field LBV set to
-            # 0); tv_admm normalises the weights to mean 1 over its mask, i.e. 1/p on the eroded
-            # part (p its share of the mask): lam / p^2 (and the refit's mu / p^2, the weight
-            # beside the same data term) is the same problem as before
-            p = float(eroded.sum()) / float(brain.sum())
-            support, lam, weight = brain, cfg.tv_lambda / (p * p), eroded.astype(np.float32)
-            scale = 1.0 / (p * p)  # (and outside_weight by 1/p, the data weight inside)
-            final = brain
-        if tgv:
-            chi = inversion.tgv_admm(local, support, vs, b0_dir=b, alpha1=cfg.tgv_alpha1 * scale,
-                                     alpha0=cfg.tgv_alpha0 * scale, max_iter=cfg.tgv_max_iter,
-                                     magnitude=mag[..., 0] if cfg.tgv_edge_fraction > 0 else None,
-                                     data_weight=weight, edge_fraction=cfg.tgv_edge_fraction,
-                                     mask_data=mask_data, bregman_iterations=cfg.tgv_bregman_iterations,
-                                     bregman_max_iter=cfg.tgv_bregman_max_iter, data_correction=correction,
-                                     pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
-        else:
-            chi = inversion.tv_admm(local, support, vs, b0_dir=b, lam=lam, max_iter=cfg.tv_max_iter,
-                                    magnitude=mag[..., 0] if cfg.tv_edge_fraction > 0 else None,
-                                    data_weight=weight,
-                                    edge_fraction=cfg.tv_edge_fraction, mask_data=bool(cfg.tv_mask_data),
-                                    bregman_iterations=cfg.tv_bregman_iterations,
-                                    bregman_max_iter=cfg.tv_bregman_max_iter, data_correction=correction,
-                                    bregman_fraction=cfg.tv_bregman_fraction,
-                                    debias=cfg.tv_debias, refit_mu=cfg.tv_refit_mu * scale,
-                                    outside_weight=outside * np.sqrt(scale), pad_voxels=cfg.pad_voxels,
-                                    fft_workers=cfg.fft_workers)
-        if "h" in boundary:
-            if stage == "bregman":  # ("start": it is in `local` already)
-                local = np.where(eroded, local + boundary["h"], 0).astype(np.float32)
-            boundary_rms = float(np.sqrt(np.mean(boundary["h"][eroded] ** 2)))
+        chi, local, final, boundary_rms = invert_tv(local, eroded, brain, vs, b, cfg,
+                                                    magnitude=mag[..., 0])
     elif cfg.inversion_method == "iterative_tkd":
         n_sd = cfg.iterative_tkd_structure_n_sd
         chi = inversion.iterative_tkd(local, eroded, vs, b0_dir=b, threshold=cfg.iterative_tkd_threshold,

@@ -137,8 +137,9 @@ def test_chain_early_estimate_option_is_validated():
             ChainConfig(lbv_boundary_estimate_iter=bad)
     cfg = ChainConfig.from_dict({"lbv_boundary_estimate_iter": 5, "lbv_boundary_depth_mm": 15.0})
     assert ChainConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="tv_outside_weight"):
-        ChainConfig(lbv_boundary_estimate_iter=5, tv_outside_weight=0.3)
+    # (it was an error; since session 8 the early estimate's field outside the mask is the data there)
+    cfg = ChainConfig(lbv_boundary_estimate_iter=5, tv_outside_weight=0.3)
+    assert cfg.boundary_correction_stage == "start"
 
 
 def test_chain_early_estimate_puts_the_correction_in_the_data_from_the_start():

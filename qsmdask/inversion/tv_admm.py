@@ -16,7 +16,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, bregman_iterations: int = 0,
             bregman_max_iter: int | None = None, bregman_fraction: float = 1.0, laplacian_data: bool = False,
             data_correction=None, debias: str = "none", refit_mu: float = 0.1, outside_weight: float = 0.0,
-            pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
+            outside_field_ppm=None, pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
     """Weighted total-variation dipole inversion (ADMM, every update closed form).
 
     Solves  min_chi  1/2 || W (IFFT(D FFT(chi)) - f) ||^2 + lam || E grad(chi) ||_{2,1}
@@ -74,6 +74,12 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         1: the data term of ``mask_data=False`` (field 0 outside), except that a correction for
         the boundary field of the deep sources also gives their field outside the mask instead of
         leaving it forced to 0 there (the chain: ``ChainConfig.tv_outside_weight``).
+    outside_field_ppm : None (default: the field outside the mask is 0), or a full-size field (ppm)
+        whose values outside the mask are the data there, on the solver's grid (the mask's bounding
+        box; 0 in the padding beyond it): with ``outside_weight`` > 0, or with ``mask_data=False``
+        (whose data term covers the whole grid with weight 1). The chain passes the field outside
+        the mask of the deep sources' estimate when the boundary-field correction is in the data
+        from the start (``ChainConfig.lbv_boundary_estimate_iter`` with ``tv_outside_weight``).
     debias : "none" (default) or "refit": two least-squares corrections of the TV solution
         against the data term, after the last solve (one FFT pair each):
 
@@ -137,6 +143,12 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     if outside_weight > 0 and (not mask_data or laplacian_data):
         raise ValueError("outside_weight needs mask_data=True and no laplacian_data (mask_data=False already "
                          "takes the field as 0 outside the mask with weight 1)")
+    if outside_field_ppm is not None:
+        if laplacian_data or (mask_data and not outside_weight > 0):
+            raise ValueError("outside_field_ppm needs outside_weight > 0 (with mask_data=True) or mask_data=False, "
+                             "and no laplacian_data: otherwise no data term reaches outside the mask")
+        if np.shape(outside_field_ppm) != f.shape:
+            raise ValueError(f"outside_field_ppm shape {np.shape(outside_field_ppm)} differs from the field's {f.shape}")
     rho1 = float(rho) if rho is not None else 100.0 * lam
     if rho1 <= 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
@@ -164,6 +176,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     idx = np.nonzero(m)
     bb = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
     f, m = f[bb], m[bb]
+    if outside_field_ppm is not None:  # the data outside the mask (inside the box)
+        f = np.where(m, f, np.asarray(outside_field_ppm, dtype=np.float32)[bb]).astype(np.float32)
     if data_weight is not None:
         data_weight = np.asarray(data_weight)[bb]
     if magnitude is not None:

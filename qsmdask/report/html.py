@@ -1212,7 +1212,7 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                     else "")
                  + (f"; the field was also fitted outside the mask with weight {ch.tv_outside_weight:g}, taken "
                     "as 0 there" + (" plus the field of the deep sources below"
-                                    if ch.boundary_correction_stage == "bregman" else "")
+                                    if ch.boundary_correction_stage else "")
                     if ch.tv_outside_weight else "")
                  + ")"
                  + (f", followed by a least-squares refit of its amplitude and of the well-conditioned "
