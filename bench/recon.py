@@ -659,7 +659,9 @@ def bench_refit_mask_heads(seeds, chains=None):
                                 config=ChainConfig.from_dict(cfg))
                 dt = time.process_time() - c0
                 sc = _head_scores(h, SimpleNamespace(mask=r.mask, chi_ppm=r.chi_ppm, quality_mask=r.quality_mask))
-                row = {"seed": seed, "chain": name, "chi corr": sc["chi corr"], "ROI slope": sc["ROI slope"]}
+                row = {"seed": seed, "chain": name, "chi corr": sc["chi corr"],
+                       "chi corr in true brain": sc["chi corr in true brain"],
+                       "final-mask coverage %": sc["final-mask coverage %"], "ROI slope": sc["ROI slope"]}
                 row.update(_deep_grey_errors(h, r.chi_ppm, r.mask))
                 row["chain CPU s"] = dt
                 rows.append(row)
@@ -668,6 +670,8 @@ def bench_refit_mask_heads(seeds, chains=None):
     for name in chains:
         sub = [r for r in rows if r["chain"] == name]
         out = {"chain": name, "chi corr mean": float(np.mean([r["chi corr"] for r in sub])),
+               "chi corr in true brain mean": float(np.mean([r["chi corr in true brain"] for r in sub])),
+               "final-mask coverage % mean": float(np.mean([r["final-mask coverage %"] for r in sub])),
                "ROI slope mean": float(np.mean([r["ROI slope"] for r in sub]))}
         for reg in DEEP_GREY:
             v = np.array([r[f"{reg} err %"] for r in sub])
