@@ -157,13 +157,18 @@ class ChainConfig:
     kept; 4.2 % before), and null cohorts stay inside their binomial band (docs/benchmarks.md, "Null
     cohorts from distinct heads"); the 2016 numbers above are from before that change (with
     the field fitted inside the mask TV + Bregman scores nrmse 74.6 there, not 67.7).
-    tv_outside_weight : "tv" with ``tv_mask_data`` only: weight in [0, 1] (default 0) of the data
+    tv_outside_weight : "tv" only. With ``tv_mask_data``: weight in [0, 1] (default 0) of the data
         term outside the mask, on the solver's grid (the mask's bounding box plus ``pad_voxels``),
         where the field is taken as 0 until the boundary-field correction (``lbv_boundary_depth_mm``)
         and then as the field of the deep sources' estimate (:func:`qsmdask.inversion.tv_admm`,
         ``outside_weight``). 0: the field is fitted inside the mask only. 1: the data term of
         ``tv_mask_data: false`` (field 0 outside the mask), except that the deep sources' field
-        outside the mask is not forced to 0: docs/benchmarks.md, recon-accuracy.
+        outside the mask is not forced to 0: docs/benchmarks.md, recon-accuracy. With the correction
+        in the data from the start (``lbv_boundary_estimate_iter`` > 0) the early estimate's field
+        outside the mask is the data there from the first iteration. With ``tv_mask_data`` false
+        (whose data term already covers the grid with weight 1 and field 0) only 1 is allowed, and
+        only with ``lbv_boundary_estimate_iter`` > 0: the field outside the mask is then the early
+        estimate's own field instead of 0.
     tv_laplacian_lambda : regularisation weight of "tv_laplacian" (its data term is in
         ppm/mm^2, so the weight is not comparable with ``tv_lambda``).
     tv_mask_data : "tv" fits the field only inside the mask (``tv_admm(mask_data=True)``)
@@ -196,7 +201,8 @@ class ChainConfig:
         Bregman step, warm-started from a solve that already holds the halo, left -3 % in the
         frontal lobe even with the EXACT boundary field on a simulated head (1.4 % when the
         exact field is in the data from the start; docs/benchmarks.md, "How far the correction
-        is from a perfect one"). Costs k more ADMM iterations.
+        is from a perfect one"). Costs k more ADMM iterations. Combines with ``tv_outside_weight``
+        (the early estimate's field outside the mask as the data there) and the refit presets.
     lbv_boundary_threshold_ppm : with ``lbv_boundary_depth_mm`` > 0, only deep voxels whose
         estimate differs from the deep region's median by more than this count as sources
         (the halo of the first estimate is broad and faint; counted, it cancels most of a deep
