@@ -203,6 +203,18 @@ class ChainConfig:
         exact field is in the data from the start; docs/benchmarks.md, "How far the correction
         is from a perfect one"). Costs k more ADMM iterations. Combines with ``tv_outside_weight``
         (the early estimate's field outside the mask as the data there) and the refit presets.
+    lbv_boundary_shell_mm : with ``lbv_boundary_estimate_iter`` > 0: 0 (default) takes every source
+        from the early-stopped estimate (deeper than ``lbv_boundary_depth_mm``). s > 0 (below
+        ``lbv_boundary_depth_mm``): two estimates. The sources deeper than
+        ``lbv_boundary_depth_mm`` come from a full TV solve (``tv_max_iter`` iterations, threshold
+        ``lbv_boundary_threshold_ppm``), which holds the broad negative white matter that an
+        early-stopped solve has not built yet; those of the shell between s and
+        ``lbv_boundary_depth_mm`` mm come from the early-stopped one (threshold
+        ``lbv_boundary_shell_threshold_ppm``), which has little of the halo there. The boundary
+        field of both is in the data from the first iteration. Costs ``tv_max_iter`` more ADMM
+        iterations (docs/benchmarks.md, "How far the correction is from a perfect one").
+    lbv_boundary_shell_threshold_ppm : with ``lbv_boundary_shell_mm`` > 0, the shell's voxels whose
+        early-stopped estimate differs from the shell's median by more than this count as sources.
     lbv_boundary_threshold_ppm : with ``lbv_boundary_depth_mm`` > 0, only deep voxels whose
         estimate differs from the deep region's median by more than this count as sources
         (the halo of the first estimate is broad and faint; counted, it cancels most of a deep
@@ -267,6 +279,8 @@ class ChainConfig:
     lbv_boundary_depth_mm: float = 20.0
     lbv_boundary_threshold_ppm: float = 0.01
     lbv_boundary_estimate_iter: int = 0
+    lbv_boundary_shell_mm: float = 0.0
+    lbv_boundary_shell_threshold_ppm: float = 0.02
     tgv_alpha1: float = 1e-3
     tgv_alpha0: float = 4e-3
     tgv_max_iter: int = 30
@@ -335,6 +349,18 @@ class ChainConfig:
         if not (isinstance(self.lbv_boundary_estimate_iter, (int, np.integer))
                 and self.lbv_boundary_estimate_iter >= 0):
             raise ValueError(f"lbv_boundary_estimate_iter must be an int >= 0, got {self.lbv_boundary_estimate_iter!r}")
+        if not (np.isfinite(self.lbv_boundary_shell_mm) and self.lbv_boundary_shell_mm >= 0):
+            raise ValueError(f"lbv_boundary_shell_mm must be >= 0, got {self.lbv_boundary_shell_mm!r}")
+        if not (np.isfinite(self.lbv_boundary_shell_threshold_ppm) and self.lbv_boundary_shell_threshold_ppm >= 0):
+            raise ValueError("lbv_boundary_shell_threshold_ppm must be >= 0, got "
+                             f"{self.lbv_boundary_shell_threshold_ppm!r}")
+        if self.lbv_boundary_shell_mm > 0 and not (self.lbv_boundary_estimate_iter > 0
+                                                   and self.lbv_boundary_shell_mm < self.lbv_boundary_depth_mm):
+            raise ValueError("lbv_boundary_shell_mm > 0 takes the sources between it and lbv_boundary_depth_mm from "
+                             "the early-stopped estimate: it needs lbv_boundary_estimate_iter > 0 and "
+                             f"lbv_boundary_shell_mm < lbv_boundary_depth_mm, got lbv_boundary_shell_mm "
+                             f"{self.lbv_boundary_shell_mm!r}, lbv_boundary_estimate_iter "
+                             f"{self.lbv_boundary_estimate_iter!r}, lbv_boundary_depth_mm {self.lbv_boundary_depth_mm!r}")
         if not (np.isfinite(self.tv_refit_mu) and self.tv_refit_mu > 0):
             raise ValueError(f"tv_refit_mu must be > 0, got {self.tv_refit_mu!r}")
         if not (np.isfinite(self.tv_outside_weight) and 0 <= self.tv_outside_weight <= 1):
@@ -537,13 +563,65 @@ def boundary_correction(eroded, brain, voxel_size_mm, b0_dir, config: ChainConfi
         return None
 
     def correction(x):  # LBV's missing boundary part of the deep estimate's field
-        d = np.where(deep, x - np.median(x[deep]), 0)
-        src = np.where(np.abs(d) > cfg.lbv_boundary_threshold_ppm, d, 0).astype(np.float32)
+        src = _boundary_sources(x, deep, cfg.lbv_boundary_threshold_ppm)
         store["h"] = bgremove.lbv_boundary_field(src, deep, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
                                                  fft_workers=cfg.fft_workers, exterior=exterior)[0]
         return store["h"]
 
     return correction
+
+
+def _boundary_sources(x, region, threshold_ppm):
+    """The voxels of ``region`` whose estimate ``x`` differs from its median over ``region`` by
+    more than ``threshold_ppm``, as that difference (0 elsewhere): the sources of the correction."""
+    d = np.where(region, x - np.median(x[region]), 0)
+    return np.where(np.abs(d) > threshold_ppm, d, 0).astype(np.float32)
+
+
+def start_correction(local, eroded, brain, voxel_size_mm, b0_dir, config: ChainConfig, store: dict, *,
+                     exterior: bool = False):
+    """The boundary-field correction of the "start" stage (``lbv_boundary_estimate_iter`` > 0):
+    the part of the field of sources estimated by separate TV solves of LBV's output ``local``
+    (field fitted inside ``eroded``, the chain's lambda, no Bregman step) that LBV on ``brain``
+    removed, to be added to ``local`` before the inversion's first iteration; also kept in
+    ``store["h"]`` (with ``exterior`` also their field outside ``eroded``, as
+    :func:`boundary_correction`). None when no voxel of ``eroded`` lies deep enough.
+
+    ``lbv_boundary_shell_mm`` 0: the sources are the voxels deeper than ``lbv_boundary_depth_mm``
+    of a ``lbv_boundary_estimate_iter``-iteration solve (threshold ``lbv_boundary_threshold_ppm``).
+    ``lbv_boundary_shell_mm`` s > 0: those deeper than ``lbv_boundary_depth_mm`` come from a
+    solve of ``tv_max_iter`` iterations (threshold ``lbv_boundary_threshold_ppm``), those of the
+    shell between s and ``lbv_boundary_depth_mm`` from the early-stopped one (threshold
+    ``lbv_boundary_shell_threshold_ppm``, median of the shell)."""
+    cfg = config
+    vs = check_voxel_size(voxel_size_mm)
+    b = check_b0_dir(b0_dir)
+    dist = distance_to_edge_mm(eroded, vs)
+    deep = eroded & (dist > cfg.lbv_boundary_depth_mm)
+    shell_mm = float(cfg.lbv_boundary_shell_mm)
+    region = eroded & (dist > shell_mm) if shell_mm > 0 else deep
+    if not region.any():
+        return None
+
+    def solve(n):
+        return inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=int(n), edge_fraction=0.0,
+                                 mask_data=True, pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
+
+    early = solve(cfg.lbv_boundary_estimate_iter)
+    if shell_mm > 0:
+        shell = region & ~deep
+        src = np.zeros(region.shape, dtype=np.float32)
+        if shell.any():
+            src += _boundary_sources(early, shell, cfg.lbv_boundary_shell_threshold_ppm)
+        del early
+        if deep.any():
+            src += _boundary_sources(solve(cfg.tv_max_iter), deep, cfg.lbv_boundary_threshold_ppm)
+    else:
+        src = _boundary_sources(early, deep, cfg.lbv_boundary_threshold_ppm)
+        del early
+    store["h"] = bgremove.lbv_boundary_field(src, region, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
+                                             fft_workers=cfg.fft_workers, exterior=exterior)[0]
+    return store["h"]
 
 
 def invert_tv(local_field_ppm, eroded, brain, voxel_size_mm, b0_dir, config: ChainConfig, *, magnitude=None):
@@ -585,21 +663,18 @@ def invert_tv(local_field_ppm, eroded, brain, voxel_size_mm, b0_dir, config: Cha
     stage = cfg.boundary_correction_stage
     final = eroded
     boundary_rms = 0.0
-    if stage is not None:
+    if stage == "bregman":
         correction = boundary_correction(eroded, brain, vs, b, cfg, boundary, exterior=exterior)
-        if correction is not None and stage == "start":
-            # sources from an early-stopped TV solve; the corrected field is the data of the
-            # whole inversion, from its first iteration (lbv_boundary_estimate_iter)
-            x0 = inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda,
-                                   max_iter=int(cfg.lbv_boundary_estimate_iter),
-                                   edge_fraction=0.0, mask_data=True, pad_voxels=cfg.pad_voxels,
-                                   fft_workers=cfg.fft_workers)
-            h = correction(x0)
+    elif stage == "start":
+        # sources from separate TV solves (an early-stopped one; with lbv_boundary_shell_mm a full
+        # one for the deep part); the corrected field is the data of the whole inversion, from its
+        # first iteration (lbv_boundary_estimate_iter)
+        h = start_correction(local, eroded, brain, vs, b, cfg, boundary, exterior=exterior)
+        if h is not None:
             local = np.where(eroded, local + h, 0).astype(np.float32)
             if exterior:  # the data outside the mask: the estimate's field there
                 outside_field = np.where(eroded, 0, h).astype(np.float32)
-            del x0, h
-            correction = None
+        del h
     support, lam, weight = eroded, cfg.tv_lambda, None
     scale = 1.0  # of the regularisation weights (and of the refit's closeness weight)
     if cfg.boundary_layer_kept and mask_data:

@@ -200,3 +200,83 @@ def test_boundary_correction_stage_is_where_the_chain_applies_the_correction():
     assert ChainConfig(inversion_method="tkd").boundary_correction_stage is None
     assert ChainConfig(inversion_method="tgv").boundary_correction_stage is None  # tgv: no Bregman step by default
     assert ChainConfig(inversion_method="tgv", tgv_bregman_iterations=1).boundary_correction_stage == "bregman"
+
+
+def test_chain_shell_option_is_validated():
+    from qsmdask.chain import ChainConfig
+
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="lbv_boundary_shell_mm must be >= 0"):
+            ChainConfig(lbv_boundary_estimate_iter=5, lbv_boundary_shell_mm=bad)
+    with pytest.raises(ValueError, match="lbv_boundary_shell_threshold_ppm"):
+        ChainConfig(lbv_boundary_shell_threshold_ppm=-0.01)
+    with pytest.raises(ValueError, match="needs lbv_boundary_estimate_iter > 0"):
+        ChainConfig(lbv_boundary_shell_mm=12.0)  # no early estimate
+    with pytest.raises(ValueError, match="lbv_boundary_shell_mm < lbv_boundary_depth_mm"):
+        ChainConfig(lbv_boundary_estimate_iter=5, lbv_boundary_shell_mm=20.0, lbv_boundary_depth_mm=20.0)
+    cfg = ChainConfig.from_dict({"lbv_boundary_estimate_iter": 5, "lbv_boundary_shell_mm": 15.0,
+                                 "lbv_boundary_depth_mm": 25.0, "lbv_boundary_shell_threshold_ppm": 0.02})
+    assert ChainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.boundary_correction_stage == "start"
+
+
+def test_chain_shell_takes_deep_sources_from_a_full_solve_and_the_shell_from_an_early_one():
+    """``lbv_boundary_shell_mm`` > 0: the correction is the boundary field of the deep part of a
+    full TV solve plus the shell of an early-stopped one (each its own median and threshold),
+    computed here by hand from the chain's LBV output; it is in the returned local field, and TV
+    of that field without a correction gives the chain's chi bit for bit."""
+    from qsmdask import bgremove
+    from qsmdask.chain import ChainConfig, reconstruct
+    from qsmdask.kernels import distance_to_edge_mm
+    from qsmdask.sim.geometric import make_phantom
+
+    p = make_phantom(shape=(48, 48, 48), voxel_size_mm=(1.3, 1.3, 1.3), snr=80, seed=4,
+                     echo_times_s=(0.005, 0.01, 0.015))
+    args = (p["magnitude"], p["phase_rad"], p["echo_times_s"], p["voxel_size_mm"])
+    vs, b = p["voxel_size_mm"], p["b0_dir"]
+    cfg = ChainConfig(lbv_boundary_estimate_iter=3, lbv_boundary_depth_mm=10.0, lbv_boundary_shell_mm=5.0,
+                      lbv_boundary_threshold_ppm=0.01, lbv_boundary_shell_threshold_ppm=0.02,
+                      keep_boundary_layer=False)
+    r = reconstruct(*args, b0_dir=b, b0_tesla=3.0, config=cfg)
+    plain = reconstruct(*args, b0_dir=b, b0_tesla=3.0,
+                        config=ChainConfig(lbv_boundary_depth_mm=0.0, keep_boundary_layer=False))
+    eroded, local = plain.mask, plain.local_field_ppm
+    dist = distance_to_edge_mm(eroded, vs)
+    deep, region = eroded & (dist > 10.0), eroded & (dist > 5.0)
+    shell = region & ~deep
+    assert deep.any() and shell.any()
+
+    def solve(n):
+        return inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=n, edge_fraction=0.0,
+                                 mask_data=True, pad_voxels=cfg.pad_voxels)
+
+    def sources(x, m, thr):
+        d = np.where(m, x - np.median(x[m]), 0)
+        return np.where(np.abs(d) > thr, d, 0).astype(np.float32)
+
+    src = sources(solve(cfg.tv_max_iter), deep, 0.01) + sources(solve(3), shell, 0.02)
+    h = bgremove.lbv_boundary_field(src, region, plain.quality_mask, vs, b0_dir=b, pad_voxels=cfg.pad_voxels)[0]
+    np.testing.assert_allclose(r.local_field_ppm - local, np.where(eroded, h, 0), atol=1e-6)
+    assert r.qc["lbv_boundary_field_rms_ppm"] > 0
+    # the two estimates differ from the early estimate alone
+    early_only = reconstruct(*args, b0_dir=b, b0_tesla=3.0,
+                             config=cfg.replace(lbv_boundary_shell_mm=0.0, lbv_boundary_depth_mm=5.0,
+                                                lbv_boundary_threshold_ppm=0.02))
+    assert not np.allclose(early_only.local_field_ppm, r.local_field_ppm, atol=1e-6)
+    again = inversion.tv_admm(r.local_field_ppm, r.mask, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter,
+                              edge_fraction=0.0, mask_data=True, bregman_iterations=cfg.tv_bregman_iterations,
+                              bregman_max_iter=cfg.tv_bregman_max_iter, pad_voxels=cfg.pad_voxels)
+    assert np.array_equal(again, r.chi_ppm)
+
+
+def test_methods_text_names_the_two_estimates_of_the_shell_option():
+    from qsmdask.report.html import methods_paragraph
+    from qsmdask.report.references import chain_method
+
+    opts = {"lbv_boundary_estimate_iter": 5, "lbv_boundary_depth_mm": 25.0, "lbv_boundary_shell_mm": 15.0,
+            "lbv_boundary_shell_threshold_ppm": 0.02}
+    text, _ = methods_paragraph({"chain": opts})
+    assert "deeper than 25 mm" in text and "TV estimate (15 iterations)" in text
+    assert "15 to 25 mm deep" in text and "early-stopped TV estimate (5 iterations)" in text
+    method = chain_method(opts)["Method"]
+    assert "15-iteration TV estimate" in method and "15 to 25 mm deep of a 5-iteration one" in method

@@ -1080,7 +1080,16 @@ def _section_other(inp: _Inputs) -> str:
 
 def _early_correction_text(ch) -> str:
     """Methods sentence of the boundary-field correction with sources from an early-stopped TV
-    estimate (``lbv_boundary_estimate_iter``)."""
+    estimate (``lbv_boundary_estimate_iter``; with ``lbv_boundary_shell_mm`` the deep ones from a
+    full TV solve)."""
+    if ch.lbv_boundary_shell_mm > 0:  # two estimates: deep part from a full solve, shell from an early one
+        return (f"Before the inversion, the part of the field of the sources deeper than "
+                f"{ch.lbv_boundary_depth_mm:g} mm (deviating by more than {ch.lbv_boundary_threshold_ppm:g} ppm "
+                f"from their median) of a TV estimate ({ch.tv_max_iter} iterations) and of the sources "
+                f"{ch.lbv_boundary_shell_mm:g} to {ch.lbv_boundary_depth_mm:g} mm deep (deviating by more than "
+                f"{ch.lbv_boundary_shell_threshold_ppm:g} ppm from their median) of an early-stopped TV "
+                f"estimate ({ch.lbv_boundary_estimate_iter} iterations) that LBV's boundary condition had "
+                "removed was added back to the data, from the inversion's first iteration.")
     return (f"Before the inversion, the part of the field of the sources deeper than "
             f"{ch.lbv_boundary_depth_mm:g} mm (deviating by more than {ch.lbv_boundary_threshold_ppm:g} ppm "
             f"from their median) of an early-stopped TV estimate ({ch.lbv_boundary_estimate_iter} "

@@ -185,6 +185,12 @@ def chain_method(chain: dict | None) -> dict:
 
 def _early_step(ch) -> str:
     """The boundary-field correction with sources from an early-stopped TV estimate
-    (``lbv_boundary_estimate_iter``), as a step of the sidecar's Method."""
+    (``lbv_boundary_estimate_iter``; with ``lbv_boundary_shell_mm`` the deep ones from a full TV
+    solve), as a step of the sidecar's Method."""
+    if ch.lbv_boundary_shell_mm > 0:
+        return (f", boundary-field correction in the data from the start (sources deeper than "
+                f"{ch.lbv_boundary_depth_mm:g} mm of a {ch.tv_max_iter}-iteration TV estimate and "
+                f"{ch.lbv_boundary_shell_mm:g} to {ch.lbv_boundary_depth_mm:g} mm deep of a "
+                f"{ch.lbv_boundary_estimate_iter}-iteration one)")
     return (f", boundary-field correction in the data from the start (sources deeper than "
             f"{ch.lbv_boundary_depth_mm:g} mm of a {ch.lbv_boundary_estimate_iter}-iteration TV estimate)")
