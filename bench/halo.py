@@ -37,12 +37,14 @@ it, per head (``--seeds``), noise-free and SNR 50, with the chain's time per rec
 
 Command: ``nice python bench/halo.py [--seed 101] [--write-doc]`` (~20 min on the loaded 2-core
 machine); ``nice python bench/halo.py --fix --seeds 101 102 [--write-doc]``;
-``nice python bench/halo.py --floor --seeds 101 [--write-doc]`` (how close the correction is to a perfect one).
+``nice python bench/halo.py --floor --seeds 101 [--write-doc]`` (how close the correction is to a perfect one);
+``nice python bench/halo.py --fix --seeds 101 102 --chains '{"name": {options}}'`` (other chains, printed only).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -181,8 +183,9 @@ FIX_CHAINS = {
 }
 
 
-def fix_table(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]:
-    """Whole chains with and without the boundary-field correction on one head."""
+def fix_table(seed: int, noise: str, snr: float, atlas, adjacent, chains=None) -> list[dict]:
+    """Whole chains with and without the boundary-field correction on one head (``chains``: name ->
+    ChainConfig options, default :data:`FIX_CHAINS`)."""
     from qsmdask.chain import ChainConfig, reconstruct
     from qsmdask.kernels import voxel_size_from_affine
 
@@ -191,7 +194,7 @@ def fix_table(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]:
     vs = voxel_size_from_affine(s0.affine)
     labels = s0.dseg.astype(np.int32)
     rows, final = [], None
-    for name, opts in FIX_CHAINS.items():
+    for name, opts in (FIX_CHAINS if chains is None else chains).items():
         chi, secs = {}, []
         for e, s in sims.items():
             t0 = time.process_time()
@@ -298,8 +301,13 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[101, 102])
     ap.add_argument("--floor", action="store_true",
                     help="the default chain beside a perfect boundary-field correction (printed only)")
+    ap.add_argument("--chains", metavar="JSON", default=None,
+                    help="--fix: compare these chains (JSON object: name -> ChainConfig options) instead of "
+                         "FIX_CHAINS; printed only (no --write-doc)")
     ap.add_argument("--write-doc", action="store_true")
     a = ap.parse_args(argv)
+    if a.chains is not None and (a.write_doc or not a.fix):
+        ap.error("--chains goes with --fix and without --write-doc (the committed table is FIX_CHAINS')")
     machine = machine_description()
     t_start = time.perf_counter()
     atlas = load_atlas("aal")
@@ -353,7 +361,8 @@ def fix_main(a, atlas, adjacent, machine, t_start):
     rows = []
     for seed in a.seeds:
         for noise, snr in (("noise-free", 1e6), ("SNR 50", 50.0)):
-            rows += fix_table(seed, noise, snr, atlas, adjacent)
+            rows += fix_table(seed, noise, snr, atlas, adjacent,
+                              None if a.chains is None else json.loads(a.chains))
     table = pd.DataFrame(rows)
     num = table.select_dtypes("number").columns.drop("seed")
     mean = table.groupby(["noise", "chain"], sort=False)[list(num)].mean().reset_index()
