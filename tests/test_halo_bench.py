@@ -21,3 +21,14 @@ def test_chi_corr_counts_only_the_brain_label():
     got = load_bench("halo").brain_corr(chi, truth, final, brain)
     assert got > 0.9
     assert np.corrcoef(chi[final], truth[final])[0, 1] < 0.5  # what the column gave with the rim
+
+
+def test_chains_option_goes_with_fix_and_never_writes_the_doc():
+    """``--chains`` replaces FIX_CHAINS for a printed comparison only: without ``--fix`` or with
+    ``--write-doc`` it is an argument error before anything is simulated."""
+    import pytest
+
+    halo = load_bench("halo")
+    for argv in (["--chains", "{}"], ["--fix", "--chains", "{}", "--write-doc"]):
+        with pytest.raises(SystemExit):
+            halo.main(argv)
