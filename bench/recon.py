@@ -38,6 +38,12 @@ Section "recon-accuracy" (``--accuracy``): issue 15's bar with the field fitted 
 default beside the data term outside the mask (``tv_outside_weight``), (n) simulator heads, whole
 chains, (o) chain timing at 256x256x80.
 
+Section "recon-refit-start" (``--refit-start``): the least-squares refits with the boundary-field
+correction in the data from the start (``lbv_boundary_estimate_iter``) and the early estimate's field
+outside the mask (``tv_outside_weight``): (p) 2016 challenge through ``chain.invert_tv``, (q) simulator
+heads, whole chains, (r) chain timing at 256x256x80. The halo of the same chains: ``bench/halo.py
+--fix --chains``.
+
 Section "single-echo" (``--single-echo``): one, two and three echoes of the same simulator heads
 with the physical (transceive) and the earlier (plane-wave) receiver phase offset, with and
 without the single-echo offset fit (issue 15, defect 3).
@@ -49,6 +55,7 @@ Usage: python bench/recon.py [--quick] [--no-write] [--skip-2016] [--skip-timing
        python bench/recon.py --coverage [--seeds 5 7] [--variants NAME ...] [--no-write]
        python bench/recon.py --tgv [--seeds 5 7] [--no-write] [--reading FILE]
        python bench/recon.py --accuracy [--seeds 5 7 9] [--no-write] [--skip-heads] [--skip-timing]
+       python bench/recon.py --refit-start [--seeds 5 7 9] [--no-write] [--skip-2016] [--skip-heads] [--skip-timing]
        python bench/recon.py --pairs [--seeds 5 7]   (only (e), printed, with air-zone scores)
        python bench/recon.py --f-rows SUBSTR          (only those (f) rows, printed)
 """
@@ -768,6 +775,78 @@ def main_accuracy(args):
     return 0
 
 
+# ------------------------------------------------------------------ section recon-refit-start
+#: the boundary-field correction in the data from the start (early 5-iteration estimate, 15 mm, 0.02 ppm)
+EARLY5 = {"lbv_boundary_estimate_iter": 5, "lbv_boundary_depth_mm": 15.0, "lbv_boundary_threshold_ppm": 0.02}
+#: 2016 rows of --refit-start: the refits with the correction from the start (chain.invert_tv)
+REFIT_START_2016 = {
+    "default": {},
+    "tv_refit (field 0 outside the mask, no correction on these data)": {"preset": "tv_refit",
+                                                                          "lbv_boundary_depth_mm": 0.0},
+    "tv_refit_mask + tv_outside_weight 1 (correction at the second solve)": {"preset": "tv_refit_mask",
+                                                                              "tv_outside_weight": 1.0},
+    "tv_refit_mask + early correction": {"preset": "tv_refit_mask", **EARLY5},
+    "tv_refit_mask + early correction + tv_outside_weight 1": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0,
+                                                               **EARLY5},
+    "the same, tv_lambda 2.5e-3": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0, "tv_lambda": 2.5e-3,
+                                   **EARLY5},
+    "the same, tv_lambda 3e-3": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0, "tv_lambda": 3e-3, **EARLY5},
+    "the same (lambda 2e-3), tv_refit_mu 0.3": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0,
+                                                "tv_refit_mu": 0.3, **EARLY5},
+    "the same (lambda 2e-3), tv_refit_mu 0.05": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0,
+                                                 "tv_refit_mu": 0.05, **EARLY5},
+    "tv_refit + early correction (field 0 outside the mask)": {"preset": "tv_refit", **EARLY5},
+    "tv_refit + early correction + tv_outside_weight 1 (its field outside)": {"preset": "tv_refit",
+                                                                               "tv_outside_weight": 1.0, **EARLY5},
+}
+REFIT_START_CHAINS = {
+    "default": {},
+    "tv_refit_mask + early correction + tv_outside_weight 1, lambda 2.5e-3": REFIT_START_2016[
+        "the same, tv_lambda 2.5e-3"],
+    "tv_refit_mask + early correction + tv_outside_weight 1, lambda 2e-3": REFIT_START_2016[
+        "tv_refit_mask + early correction + tv_outside_weight 1"],
+}
+
+
+def main_refit_start(args):
+    """Section recon-refit-start: the least-squares refits (the only chains that reached issue 15's
+    2016 bar) with the boundary-field correction in the data from the start, so that the refit's
+    residual no longer holds LBV's lost boundary field of deep sources (issue 14's halo)."""
+    machine = machine_description()
+    print(machine, flush=True)
+    parts = [f"## recon-refit-start\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
+             f"inflated)\n\nCommand: `python bench/recon.py --refit-start --seeds {' '.join(map(str, args.seeds))}`"
+             "\n\nEarly correction: the boundary-field correction with its sources from a 5-iteration TV solve "
+             "(`lbv_boundary_estimate_iter: 5`, `lbv_boundary_depth_mm: 15`, `lbv_boundary_threshold_ppm: 0.02`), "
+             "in the data from the first iteration; with `tv_outside_weight` the early estimate's own field "
+             "outside the mask is the data there (`tv_admm(outside_field_ppm=)`; with `tv_mask_data: false`, "
+             "`tv_outside_weight: 1` means that field instead of 0 there).\n"]
+    if (DATA / "local_field_ppm.nii.gz").exists() and not args.skip_2016:
+        rows = bench_study_2016(configs=REFIT_START_2016, correction=True)
+        parts.append("### (p) 2016 challenge, the chain's inversion stage\n\nAs recon-accuracy (m): the given "
+                     "local field and mask through `qsmdask.chain.invert_tv` (the 2016 mask as LBV's mask and "
+                     "as its eroded mask); qsm-ci `score_arrays` vs COSMOS; ROI slope over the 11 evaluation "
+                     "labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 at once.\n\n"
+                     + markdown_table(rows, floatfmt=".3g"))
+    if not args.skip_heads:
+        summary, rows = bench_refit_mask_heads(args.seeds, REFIT_START_CHAINS)
+        parts.append("### (q) simulator heads, whole chains\n\nAs recon-refit-mask (k): simulator heads "
+                     "(simulate_cohort, 2 mm, TE 4/12/20 ms, SNR 50), each chain end to end. Chi corr in the "
+                     "final mask and in the final mask within the true brain; ROI slope over the simulator's "
+                     "tissue regions.\n\n"
+                     + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
+                     + markdown_table(rows, floatfmt=".3g"))
+    if not args.skip_timing:
+        trows = _timing_rows(REFIT_START_CHAINS, list(REFIT_START_CHAINS)[:2])
+        parts.append("### (r) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
+                     "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
+    body = "\n".join(parts)
+    print(body)
+    if not args.no_write:
+        update_section("recon-refit-start", body)
+    return 0
+
+
 # ------------------------------------------------------------------ section recon-coverage
 # AAL labels of the cerebral cortex: 1-90 without the hippocampus, parahippocampal gyrus, amygdala
 # (37-42) and the deep nuclei (71-78); the cerebellum (91-116) is left out too
@@ -1256,6 +1335,8 @@ def main(argv=None):
     ap.add_argument("--refit-mask", action="store_true", help="run only section recon-refit-mask")
     ap.add_argument("--tgv", action="store_true", help="run only section recon-tgv")
     ap.add_argument("--accuracy", action="store_true", help="run only section recon-accuracy")
+    ap.add_argument("--refit-start", action="store_true",
+                    help="run only section recon-refit-start (the refits with the boundary-field correction from the start)")
     ap.add_argument("--reading", metavar="FILE", help="--tgv: text of the section's reading (kept with the tables)")
     ap.add_argument("--pairs", action="store_true",
                     help="run only (e), quality_pairs all vs inside with air-zone scores; prints, writes nothing")
@@ -1286,6 +1367,8 @@ def main(argv=None):
         return main_tgv(args)
     if args.accuracy:
         return main_accuracy(args)
+    if args.refit_start:
+        return main_refit_start(args)
     machine = machine_description()
     print(machine, flush=True)
     parts = [f"Machine: {machine}\n\nCommand: `python bench/recon.py{' --quick' if args.quick else ''}`\n"]

@@ -20,3 +20,16 @@ def test_bench_recon_quick(capsys):
     # the default chain keeps deep-grey contrast that the study's V-SHARP + TKD loses
     assert float(by[("inf", "default")][5]) < 20 < float(by[("inf", "study")][5])
     assert float(by[("inf", "default")][3]) < float(by[("inf", "study")][3])
+
+
+def test_refit_start_rows_are_valid_chain_configurations():
+    """Every row of --refit-start is a ChainConfig the chain accepts (the correction from the start
+    with tv_outside_weight was an error before session 8) and puts the correction where it says."""
+    from qsmdask.chain import ChainConfig
+
+    mod = load_bench("recon")
+    for name, opts in {**mod.REFIT_START_2016, **mod.REFIT_START_CHAINS}.items():
+        cfg = ChainConfig.from_dict(opts)
+        early = opts.get("lbv_boundary_estimate_iter", 0) > 0
+        assert cfg.boundary_correction_stage == ("start" if early else
+                                                 None if cfg.lbv_boundary_depth_mm == 0 else "bregman"), name
