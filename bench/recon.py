@@ -788,6 +788,7 @@ REFIT_START_2016 = {
     "tv_refit_mask + early correction": {"preset": "tv_refit_mask", **EARLY5},
     "tv_refit_mask + early correction + tv_outside_weight 1": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0,
                                                                **EARLY5},
+    "the same, tv_lambda 2.2e-3 (preset tv_refit_early)": {"preset": "tv_refit_early"},
     "the same, tv_lambda 2.5e-3": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0, "tv_lambda": 2.5e-3,
                                    **EARLY5},
     "the same, tv_lambda 3e-3": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0, "tv_lambda": 3e-3, **EARLY5},
@@ -801,10 +802,9 @@ REFIT_START_2016 = {
 }
 REFIT_START_CHAINS = {
     "default": {},
-    "tv_refit_mask + early correction + tv_outside_weight 1, lambda 2.5e-3": REFIT_START_2016[
-        "the same, tv_lambda 2.5e-3"],
-    "tv_refit_mask + early correction + tv_outside_weight 1, lambda 2e-3": REFIT_START_2016[
-        "tv_refit_mask + early correction + tv_outside_weight 1"],
+    "tv_refit_early (lambda 2.2e-3)": {"preset": "tv_refit_early"},
+    "the same, lambda 2.5e-3": REFIT_START_2016["the same, tv_lambda 2.5e-3"],
+    "the same, lambda 2e-3": REFIT_START_2016["tv_refit_mask + early correction + tv_outside_weight 1"],
 }
 
 

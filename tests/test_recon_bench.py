@@ -30,6 +30,8 @@ def test_refit_start_rows_are_valid_chain_configurations():
     mod = load_bench("recon")
     for name, opts in {**mod.REFIT_START_2016, **mod.REFIT_START_CHAINS}.items():
         cfg = ChainConfig.from_dict(opts)
-        early = opts.get("lbv_boundary_estimate_iter", 0) > 0
+        early = cfg.lbv_boundary_estimate_iter > 0
         assert cfg.boundary_correction_stage == ("start" if early else
                                                  None if cfg.lbv_boundary_depth_mm == 0 else "bregman"), name
+    early = ChainConfig.preset("tv_refit_early")
+    assert (early.boundary_correction_stage, early.tv_outside_weight, early.tv_debias) == ("start", 1.0, "refit")
