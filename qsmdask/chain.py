@@ -517,8 +517,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 5-iteration TV estimate, 15 mm, 0.02 ppm) and that estimate's field outside the mask as the data
     # there (tv_outside_weight 1), lambda 2.2e-3: meets issue 15's 2016 bar (nrmse 57.5, ROI slope
     # 0.956) with the field fitted as issue 14 needs it and no larger worst non-adjacent halo than the
-    # default, but lower chi correlation in the brain and a caudate bias on the simulated heads
-    # (docs/benchmarks.md, recon-refit-start)
+    # default on heads 101 and 102, but lower chi correlation in the brain, a caudate bias on the
+    # simulated heads and a larger shift on 8 null heads (docs/benchmarks.md, recon-refit-start)
     "tv_refit_early": {"inversion_method": "tv", "tv_lambda": 2.2e-3, "tv_max_iter": 15, "tv_bregman_iterations": 1,
                        "tv_bregman_max_iter": 15, "tv_bregman_fraction": 0.0, "tv_debias": "refit",
                        "tv_refit_mu": 0.1, "tv_mask_data": True, "tv_outside_weight": 1.0,
