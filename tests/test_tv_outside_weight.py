@@ -235,3 +235,7 @@ def test_methods_text_names_the_outside_field_of_the_early_correction():
     assert "early-stopped TV estimate (3 iterations)" in text
     meth = chain_method(opts)["Method"]
     assert "(weight 1; 0 there plus the deep sources' field)" in meth and "from the start" in meth
+    # the rim sentence: no data on the rim, although the data term reaches outside the mask
+    assert "the data term leaves it out, although it covers the solver's grid outside the mask" in text
+    plain, _ = methods_paragraph({"chain": {}})
+    assert "the data term leaves it out)" in plain and "inside the eroded mask only" not in plain

@@ -1264,8 +1264,10 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
         layer = ("one-voxel boundary layer that LBV's boundary condition sets to zero local field"
                  if ch.bgremove_method == "lbv" else "boundary layer that the background removal erodes")
         s.append(f"The final mask kept the {layer}: the susceptibility reported there is the "
-                 "inversion's estimate without data on that layer (the field was fitted inside the "
-                 "eroded mask only), set by the field its sources make inside and by the regularisation.")
+                 "inversion's estimate without data on that layer (the data term leaves it out"
+                 + (", although it covers the solver's grid outside the mask" if ch.inversion_method == "tv"
+                    and ch.tv_outside_weight else "")
+                 + "), set by the field its sources make inside and by the regularisation.")
     reg = {"affine": "affine", "rigid": "rigid", "syn": "symmetric diffeomorphic (SyN)"}[pc.registration]
     s.append(f"Images were registered to the MNI152 2009 template {cite('fonov2011')} "
              f"({pc.template_resolution_mm} mm) with ANTs {reg} registration {cite('avants2008')} "
