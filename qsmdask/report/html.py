@@ -1224,8 +1224,10 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                                     if ch.boundary_correction_stage else "")
                     if ch.tv_outside_weight else "")
                  + ")"
-                 + (f", followed by a least-squares refit of its amplitude and of the well-conditioned "
-                    f"part of the field residual (Tikhonov weight {ch.tv_refit_mu:g}) "
+                 + ((", followed by a least-squares refit of its amplitude and of the well-conditioned "
+                     if ch.tv_refit_amplitude else ", followed by a least-squares refit (no amplitude step) of "
+                     "the well-conditioned ")
+                    + f"part of the field residual (Tikhonov weight {ch.tv_refit_mu:g}) "
                     f"{cite('deledalle2015')}" if ch.tv_debias == "refit" else "")
                  + ".")
         if ch.boundary_correction_stage == "start":

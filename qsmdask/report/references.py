@@ -160,7 +160,8 @@ def chain_method(chain: dict | None) -> dict:
              + (f", field also fitted outside the mask (weight {ch.tv_outside_weight:g}; 0 there"
                 + (" plus the deep sources' field" if corrected or early else "") + ")" if ch.tv_outside_weight else "")
              + (_early_step(ch) if early else "")
-             + (f", least-squares amplitude and data refit (mu {ch.tv_refit_mu:g})" if refit else ""),
+             + ((", least-squares amplitude and data refit" if ch.tv_refit_amplitude else ", least-squares data refit "
+                 "(no amplitude step)") + f" (mu {ch.tv_refit_mu:g})" if refit else ""),
              *refs, *(("deledalle2015",) if refit else ()))
     elif ch.inversion_method == "tgv":
         early, corrected = ch.boundary_correction_stage == "start", ch.boundary_correction_stage == "bregman"
