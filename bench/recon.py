@@ -44,6 +44,11 @@ outside the mask (``tv_outside_weight``): (p) 2016 challenge through ``chain.inv
 heads, whole chains, (r) chain timing at 256x256x80. The halo of the same chains: ``bench/halo.py
 --fix --chains``.
 
+Section "recon-refit-shape" (``--refit-shape``): the least-squares refit without its global amplitude
+step (``tv_refit_amplitude: false``), the step that moves a planted deep increase into the other ROIs:
+(s) 2016 challenge through ``chain.invert_tv``, (t) simulator heads, (u) chain timing at 256x256x80.
+The halo of the same chains: ``bench/halo.py --fix --chains``.
+
 Section "single-echo" (``--single-echo``): one, two and three echoes of the same simulator heads
 with the physical (transceive) and the earlier (plane-wave) receiver phase offset, with and
 without the single-echo offset fit (issue 15, defect 3).
@@ -56,6 +61,7 @@ Usage: python bench/recon.py [--quick] [--no-write] [--skip-2016] [--skip-timing
        python bench/recon.py --tgv [--seeds 5 7] [--no-write] [--reading FILE]
        python bench/recon.py --accuracy [--seeds 5 7 9] [--no-write] [--skip-heads] [--skip-timing]
        python bench/recon.py --refit-start [--seeds 5 7 9] [--no-write] [--skip-2016] [--skip-heads] [--skip-timing]
+       python bench/recon.py --refit-shape [--seeds 5 7 9] [--no-write] [--skip-2016] [--skip-heads] [--skip-timing]
        python bench/recon.py --pairs [--seeds 5 7]   (only (e), printed, with air-zone scores)
        python bench/recon.py --f-rows SUBSTR          (only those (f) rows, printed)
 """
@@ -847,6 +853,64 @@ def main_refit_start(args):
     return 0
 
 
+# ------------------------------------------------------------------ section recon-refit-shape
+#: the refit without its global amplitude step (tv_refit_amplitude false) on top of the default's
+#: Bregman step with a larger lambda and the data term outside the mask
+NOAMP = {"tv_debias": "refit", "tv_refit_amplitude": False}
+#: 2016 rows of --refit-shape (chain.invert_tv, as recon-accuracy (m))
+REFIT_SHAPE_2016 = {
+    "default": {},
+    "tv_refit_mask + tv_outside_weight 1 (amplitude and data refit)": {"preset": "tv_refit_mask",
+                                                                       "tv_outside_weight": 1.0},
+    "the same, no amplitude step": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0, "tv_refit_amplitude": False},
+    "the same, no amplitude step, tv_bregman_fraction 0.5": {"preset": "tv_refit_mask", "tv_outside_weight": 1.0,
+                                                            "tv_bregman_fraction": 0.5, "tv_refit_amplitude": False},
+    "default + tv_outside_weight 1 + refit without amplitude, lambda 5e-3": {"tv_outside_weight": 1.0,
+                                                                          "tv_lambda": 5e-3, **NOAMP},
+    "the same, lambda 5.5e-3": {"tv_outside_weight": 1.0, "tv_lambda": 5.5e-3, **NOAMP},
+    "the same, lambda 6e-3": {"tv_outside_weight": 1.0, "tv_lambda": 6e-3, **NOAMP},
+    "default + tv_outside_weight 1 + refit with amplitude, lambda 6e-3": {"tv_outside_weight": 1.0, "tv_lambda": 6e-3,
+                                                                       "tv_debias": "refit"},
+}
+REFIT_SHAPE_CHAINS = {
+    "default": {},
+    "default + tv_outside_weight 1 + refit without amplitude, lambda 5.5e-3": REFIT_SHAPE_2016["the same, lambda 5.5e-3"],
+    "tv_refit_mask + tv_outside_weight 1, no amplitude step": REFIT_SHAPE_2016["the same, no amplitude step"],
+}
+
+
+def main_refit_shape(args):
+    """Section recon-refit-shape: where the least-squares refit's halo comes from (its global
+    amplitude step) and the refit without it (``tv_refit_amplitude: false``)."""
+    machine = machine_description()
+    print(machine, flush=True)
+    parts = [f"## recon-refit-shape\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
+             f"inflated)\n\nCommand: `python bench/recon.py --refit-shape --seeds {' '.join(map(str, args.seeds))}`"
+             "\n\nThe least-squares refit (`tv_debias: refit`) is two steps: one amplitude k for the whole map, "
+             "then a Tikhonov data refit. `tv_refit_amplitude: false` skips the first. Rows with \"default +\" are "
+             "the default chain (TV, one Bregman step with the boundary-field correction) with the options named.\n"]
+    if (DATA / "local_field_ppm.nii.gz").exists() and not args.skip_2016:
+        rows = bench_study_2016(configs=REFIT_SHAPE_2016, correction=True)
+        parts.append("### (s) 2016 challenge, the chain's inversion stage\n\nAs recon-accuracy (m): the given "
+                     "local field and mask through `qsmdask.chain.invert_tv`; qsm-ci `score_arrays` vs COSMOS; "
+                     "ROI slope over the 11 evaluation labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 "
+                     "at once.\n\n" + markdown_table(rows, floatfmt=".3g"))
+    if not args.skip_heads:
+        summary, rows = bench_refit_mask_heads(args.seeds, REFIT_SHAPE_CHAINS)
+        parts.append("### (t) simulator heads, whole chains\n\nAs recon-refit-start (q).\n\n"
+                     + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
+                     + markdown_table(rows, floatfmt=".3g"))
+    if not args.skip_timing:
+        trows = _timing_rows(REFIT_SHAPE_CHAINS, list(REFIT_SHAPE_CHAINS)[:2])
+        parts.append("### (u) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
+                     "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
+    body = "\n".join(parts)
+    print(body)
+    if not args.no_write:
+        update_section("recon-refit-shape", body)
+    return 0
+
+
 # ------------------------------------------------------------------ section recon-coverage
 # AAL labels of the cerebral cortex: 1-90 without the hippocampus, parahippocampal gyrus, amygdala
 # (37-42) and the deep nuclei (71-78); the cerebellum (91-116) is left out too
@@ -1337,6 +1401,8 @@ def main(argv=None):
     ap.add_argument("--accuracy", action="store_true", help="run only section recon-accuracy")
     ap.add_argument("--refit-start", action="store_true",
                     help="run only section recon-refit-start (the refits with the boundary-field correction from the start)")
+    ap.add_argument("--refit-shape", action="store_true",
+                    help="run only section recon-refit-shape (the refit without its global amplitude step)")
     ap.add_argument("--reading", metavar="FILE", help="--tgv: text of the section's reading (kept with the tables)")
     ap.add_argument("--pairs", action="store_true",
                     help="run only (e), quality_pairs all vs inside with air-zone scores; prints, writes nothing")
@@ -1369,6 +1435,8 @@ def main(argv=None):
         return main_accuracy(args)
     if args.refit_start:
         return main_refit_start(args)
+    if args.refit_shape:
+        return main_refit_shape(args)
     machine = machine_description()
     print(machine, flush=True)
     parts = [f"Machine: {machine}\n\nCommand: `python bench/recon.py{' --quick' if args.quick else ''}`\n"]

@@ -35,3 +35,18 @@ def test_refit_start_rows_are_valid_chain_configurations():
                                                  None if cfg.lbv_boundary_depth_mm == 0 else "bregman"), name
     early = ChainConfig.preset("tv_refit_early")
     assert (early.boundary_correction_stage, early.tv_outside_weight, early.tv_debias) == ("start", 1.0, "refit")
+
+
+def test_refit_shape_rows_are_valid_chain_configurations():
+    """Every row of --refit-shape is a ChainConfig the chain accepts; the rows named "no amplitude" or
+    "without amplitude" (and the "the same" rows after them) switch the amplitude step off."""
+    from qsmdask.chain import ChainConfig
+
+    mod = load_bench("recon")
+    previous = None
+    for name, opts in {**mod.REFIT_SHAPE_2016, **mod.REFIT_SHAPE_CHAINS}.items():
+        cfg = ChainConfig.from_dict(opts)
+        off = ("no amplitude" in name or "without amplitude" in name
+               or (name.startswith("the same, lambda") and previous is False))
+        assert cfg.tv_refit_amplitude is not off or cfg.tv_debias == "none", name
+        previous = cfg.tv_refit_amplitude if cfg.tv_debias == "refit" else None
