@@ -217,7 +217,10 @@ class ChainConfig:
         ``lbv_boundary_depth_mm`` mm come from the early-stopped one (threshold
         ``lbv_boundary_shell_threshold_ppm``), which has little of the halo there. The boundary
         field of both is in the data from the first iteration. Costs ``tv_max_iter`` more ADMM
-        iterations (docs/benchmarks.md, "How far the correction is from a perfect one").
+        iterations. Not the default: on two simulated heads it halves the halo without a
+        reference (2.9 -> 1.4-1.6 % of a deep increase), but both estimates lack the shell's
+        broad negative white matter, and chi correlation falls by 0.008-0.012 on the recon heads
+        (docs/benchmarks.md, "How far the correction is from a perfect one", session 8).
     lbv_boundary_shell_threshold_ppm : with ``lbv_boundary_shell_mm`` > 0, the shell's voxels whose
         early-stopped estimate differs from the shell's median by more than this count as sources.
     lbv_boundary_threshold_ppm : with ``lbv_boundary_depth_mm`` > 0, only deep voxels whose
