@@ -59,7 +59,8 @@ Usage: python bench/recon.py [--quick] [--no-write] [--skip-2016] [--skip-timing
        python bench/recon.py --debias [--seeds 5 7 9] [--no-write]
        python bench/recon.py --coverage [--seeds 5 7] [--variants NAME ...] [--no-write]
        python bench/recon.py --tgv [--seeds 5 7] [--no-write] [--reading FILE]
-       python bench/recon.py --accuracy [--seeds 5 7 9] [--no-write] [--skip-heads] [--skip-timing]
+       python bench/recon.py --refit-mask [--seeds 5 7 9] [--no-write] [--skip-2016] [--skip-heads] [--skip-timing]
+       python bench/recon.py --accuracy [--seeds 5 7 9] [--no-write] [--skip-2016] [--skip-heads] [--skip-timing]
        python bench/recon.py --refit-start [--seeds 5 7 9] [--no-write] [--skip-2016] [--skip-heads] [--skip-timing]
        python bench/recon.py --refit-shape [--seeds 5 7 9] [--no-write] [--skip-2016] [--skip-heads] [--skip-timing]
        python bench/recon.py --pairs [--seeds 5 7]   (only (e), printed, with air-zone scores)
@@ -693,36 +694,52 @@ def bench_refit_mask_heads(seeds, chains=None):
     return summary, rows
 
 
-def main_refit_mask(args):
+def _chains_section(args, name, flag, intro, *, table_2016, text_2016, chains, text_heads, timing, letters,
+                    correction=True):
+    """One section of whole-chain comparisons: (letters[0]) the 2016 challenge through the chain's
+    inversion stage (``table_2016``: row name -> ChainConfig dict; skipped by ``--skip-2016`` or
+    without the data), (letters[1]) the simulator heads end to end (``chains``; ``--skip-heads``),
+    (letters[2]) the 256x256x80 timing of the chains named in ``timing`` (``--skip-timing``); the
+    section ``name`` of docs/benchmarks.md is rewritten unless ``--no-write``."""
     machine = machine_description()
     print(machine, flush=True)
-    parts = [f"## recon-refit-mask\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
-             f"inflated)\n\nCommand: `python bench/recon.py --refit-mask --seeds {' '.join(map(str, args.seeds))}`"
-             "\n\nThe least-squares refit with the field fitted inside the mask (`tv_debias: refit` with "
-             "`tv_mask_data: true`, conjugate gradients) and the preset `tv_refit_mask`: first TV solve, a "
-             "second solve on the data plus the boundary-field correction with no residual added back "
-             "(`tv_bregman_fraction: 0`), then the refit.\n"]
-    if (DATA / "local_field_ppm.nii.gz").exists():
-        rows = bench_study_2016(configs=REFIT_MASK_2016)
-        parts.append("### (j) 2016 challenge\n\nThe given local field and mask (so no boundary-field "
-                     "correction); qsm-ci `score_arrays` vs COSMOS; ROI slope over the 11 evaluation labels. "
-                     "Target (issue 15): nrmse <= 58 and slope >= 0.9 at once.\n\n"
-                     + markdown_table(rows, floatfmt=".3g"))
-    summary, rows = bench_refit_mask_heads(args.seeds)
-    parts.append("### (k) simulator heads, whole chains\n\nSimulator heads (simulate_cohort, 2 mm, TE 4/12/20 ms, "
-                 "SNR 50), each chain end to end (its own local field and final mask). Chi corr in the final "
-                 "mask; ROI slope over the simulator's tissue regions; ROI error as in (d).\n\n"
-                 + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
-                 + markdown_table(rows, floatfmt=".3g"))
+    seeds = " ".join(map(str, args.seeds))
+    parts = [f"## {name}\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
+             f"inflated)\n\nCommand: `python bench/recon.py {flag} --seeds {seeds}`\n\n{intro}\n"]
+    if (DATA / "local_field_ppm.nii.gz").exists() and not args.skip_2016:
+        rows = bench_study_2016(configs=table_2016, correction=correction)
+        parts.append(f"### ({letters[0]}) {text_2016}\n\n" + markdown_table(rows, floatfmt=".3g"))
+    if not args.skip_heads:
+        summary, rows = bench_refit_mask_heads(args.seeds, chains)
+        parts.append(f"### ({letters[1]}) {text_heads}\n\n" + markdown_table(summary, floatfmt=".3g")
+                     + "\n\nPer head:\n\n" + markdown_table(rows, floatfmt=".3g"))
     if not args.skip_timing:
-        trows = _timing_rows(REFIT_MASK_CHAINS, ("default", "tv_refit_mask"))
-        parts.append("### (l) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
+        trows = _timing_rows(chains, timing)
+        parts.append(f"### ({letters[2]}) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
                      "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
     body = "\n".join(parts)
     print(body)
     if not args.no_write:
-        update_section("recon-refit-mask", body)
+        update_section(name, body)
     return 0
+
+
+def main_refit_mask(args):
+    return _chains_section(
+        args, "recon-refit-mask", "--refit-mask",
+        "The least-squares refit with the field fitted inside the mask (`tv_debias: refit` with "
+        "`tv_mask_data: true`, conjugate gradients) and the preset `tv_refit_mask`: first TV solve, a "
+        "second solve on the data plus the boundary-field correction with no residual added back "
+        "(`tv_bregman_fraction: 0`), then the refit.",
+        table_2016=REFIT_MASK_2016, correction=False,
+        text_2016="2016 challenge\n\nThe given local field and mask (so no boundary-field correction); qsm-ci "
+                  "`score_arrays` vs COSMOS; ROI slope over the 11 evaluation labels. Target (issue 15): nrmse "
+                  "<= 58 and slope >= 0.9 at once.",
+        chains=REFIT_MASK_CHAINS,
+        text_heads="simulator heads, whole chains\n\nSimulator heads (simulate_cohort, 2 mm, TE 4/12/20 ms, "
+                   "SNR 50), each chain end to end (its own local field and final mask). Chi corr in the final "
+                   "mask; ROI slope over the simulator's tissue regions; ROI error as in (d).",
+        timing=("default", "tv_refit_mask"), letters="jkl")
 
 
 # ------------------------------------------------------------------ section recon-accuracy
@@ -745,40 +762,25 @@ ACCURACY_CHAINS = {"default": {}, "tv_outside_weight 1": {"tv_outside_weight": 1
 def main_accuracy(args):
     """Section recon-accuracy: issue 15's bar (2016 nrmse <= 58 and ROI slope >= 0.9) with the field
     fitted as issue 14 needs it, and the data term outside the mask (``tv_outside_weight``)."""
-    machine = machine_description()
-    print(machine, flush=True)
-    parts = [f"## recon-accuracy\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
-             f"inflated)\n\nCommand: `python bench/recon.py --accuracy --seeds {' '.join(map(str, args.seeds))}`"
-             "\n\n`tv_outside_weight` w: the TV data term also covers the solver's grid outside the mask with "
-             "weight w, where the field is 0 until the boundary-field correction and then the deep estimate's own "
-             "field (`lbv_boundary_field(exterior=True)`): w = 0 is the default (field fitted inside the mask), "
-             "w = 1 the data term of `tv_mask_data: false` (field 0 outside) except that the deep sources' "
-             "field outside the mask is not forced to 0.\n"]
-    if (DATA / "local_field_ppm.nii.gz").exists():
-        rows = bench_study_2016(configs=ACCURACY_2016, correction=True)
-        parts.append("### (m) 2016 challenge, the chain's inversion stage\n\nThe given local field and mask, "
-                     "inverted as the chain inverts its own LBV output: the boundary-field correction "
-                     "(`qsmdask.chain.boundary_correction`) with the 2016 mask as LBV's mask and as its eroded "
-                     "mask (the given field was made with LBV: "
-                     "docs/benchmarks.md, reading of recon-accuracy); qsm-ci `score_arrays` vs COSMOS; ROI "
-                     "slope over the 11 evaluation labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 at "
-                     "once.\n\n" + markdown_table(rows, floatfmt=".3g"))
-    if not args.skip_heads:
-        summary, rows = bench_refit_mask_heads(args.seeds, ACCURACY_CHAINS)
-        parts.append("### (n) simulator heads, whole chains\n\nAs recon-refit-mask (k): simulator heads "
-                     "(simulate_cohort, 2 mm, TE 4/12/20 ms, SNR 50), each chain end to end. Chi corr in the "
-                     "final mask; ROI slope over the simulator's tissue regions.\n\n"
-                     + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
-                     + markdown_table(rows, floatfmt=".3g"))
-    if not args.skip_timing:
-        trows = _timing_rows(ACCURACY_CHAINS, ("default", "tv_outside_weight 1"))
-        parts.append("### (o) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
-                     "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
-    body = "\n".join(parts)
-    print(body)
-    if not args.no_write:
-        update_section("recon-accuracy", body)
-    return 0
+    return _chains_section(
+        args, "recon-accuracy", "--accuracy",
+        "`tv_outside_weight` w: the TV data term also covers the solver's grid outside the mask with "
+        "weight w, where the field is 0 until the boundary-field correction and then the deep estimate's own "
+        "field (`lbv_boundary_field(exterior=True)`): w = 0 is the default (field fitted inside the mask), "
+        "w = 1 the data term of `tv_mask_data: false` (field 0 outside) except that the deep sources' "
+        "field outside the mask is not forced to 0.",
+        table_2016=ACCURACY_2016,
+        text_2016="2016 challenge, the chain's inversion stage\n\nThe given local field and mask, inverted as "
+                  "the chain inverts its own LBV output: the boundary-field correction "
+                  "(`qsmdask.chain.boundary_correction`) with the 2016 mask as LBV's mask and as its eroded "
+                  "mask (the given field was made with LBV: docs/benchmarks.md, reading of recon-accuracy); "
+                  "qsm-ci `score_arrays` vs COSMOS; ROI slope over the 11 evaluation labels. Target (issue 15): "
+                  "nrmse <= 58 and slope >= 0.9 at once.",
+        chains=ACCURACY_CHAINS,
+        text_heads="simulator heads, whole chains\n\nAs recon-refit-mask (k): simulator heads "
+                   "(simulate_cohort, 2 mm, TE 4/12/20 ms, SNR 50), each chain end to end. Chi corr in the "
+                   "final mask; ROI slope over the simulator's tissue regions.",
+        timing=("default", "tv_outside_weight 1"), letters="mno")
 
 
 # ------------------------------------------------------------------ section recon-refit-start
@@ -818,39 +820,24 @@ def main_refit_start(args):
     """Section recon-refit-start: the least-squares refits (the only chains that reached issue 15's
     2016 bar) with the boundary-field correction in the data from the start, so that the refit's
     residual no longer holds LBV's lost boundary field of deep sources (issue 14's halo)."""
-    machine = machine_description()
-    print(machine, flush=True)
-    parts = [f"## recon-refit-start\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
-             f"inflated)\n\nCommand: `python bench/recon.py --refit-start --seeds {' '.join(map(str, args.seeds))}`"
-             "\n\nEarly correction: the boundary-field correction with its sources from a 5-iteration TV solve "
-             "(`lbv_boundary_estimate_iter: 5`, `lbv_boundary_depth_mm: 15`, `lbv_boundary_threshold_ppm: 0.02`), "
-             "in the data from the first iteration; with `tv_outside_weight` the early estimate's own field "
-             "outside the mask is the data there (`tv_admm(outside_field_ppm=)`; with `tv_mask_data: false`, "
-             "`tv_outside_weight: 1` means that field instead of 0 there).\n"]
-    if (DATA / "local_field_ppm.nii.gz").exists() and not args.skip_2016:
-        rows = bench_study_2016(configs=REFIT_START_2016, correction=True)
-        parts.append("### (p) 2016 challenge, the chain's inversion stage\n\nAs recon-accuracy (m): the given "
-                     "local field and mask through `qsmdask.chain.invert_tv` (the 2016 mask as LBV's mask and "
-                     "as its eroded mask); qsm-ci `score_arrays` vs COSMOS; ROI slope over the 11 evaluation "
-                     "labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 at once.\n\n"
-                     + markdown_table(rows, floatfmt=".3g"))
-    if not args.skip_heads:
-        summary, rows = bench_refit_mask_heads(args.seeds, REFIT_START_CHAINS)
-        parts.append("### (q) simulator heads, whole chains\n\nAs recon-refit-mask (k): simulator heads "
-                     "(simulate_cohort, 2 mm, TE 4/12/20 ms, SNR 50), each chain end to end. Chi corr in the "
-                     "final mask and in the final mask within the true brain; ROI slope over the simulator's "
-                     "tissue regions.\n\n"
-                     + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
-                     + markdown_table(rows, floatfmt=".3g"))
-    if not args.skip_timing:
-        trows = _timing_rows(REFIT_START_CHAINS, list(REFIT_START_CHAINS)[:2])
-        parts.append("### (r) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
-                     "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
-    body = "\n".join(parts)
-    print(body)
-    if not args.no_write:
-        update_section("recon-refit-start", body)
-    return 0
+    return _chains_section(
+        args, "recon-refit-start", "--refit-start",
+        "Early correction: the boundary-field correction with its sources from a 5-iteration TV solve "
+        "(`lbv_boundary_estimate_iter: 5`, `lbv_boundary_depth_mm: 15`, `lbv_boundary_threshold_ppm: 0.02`), "
+        "in the data from the first iteration; with `tv_outside_weight` the early estimate's own field "
+        "outside the mask is the data there (`tv_admm(outside_field_ppm=)`; with `tv_mask_data: false`, "
+        "`tv_outside_weight: 1` means that field instead of 0 there).",
+        table_2016=REFIT_START_2016,
+        text_2016="2016 challenge, the chain's inversion stage\n\nAs recon-accuracy (m): the given local field "
+                  "and mask through `qsmdask.chain.invert_tv` (the 2016 mask as LBV's mask and as its eroded "
+                  "mask); qsm-ci `score_arrays` vs COSMOS; ROI slope over the 11 evaluation labels. Target "
+                  "(issue 15): nrmse <= 58 and slope >= 0.9 at once.",
+        chains=REFIT_START_CHAINS,
+        text_heads="simulator heads, whole chains\n\nAs recon-refit-mask (k): simulator heads "
+                   "(simulate_cohort, 2 mm, TE 4/12/20 ms, SNR 50), each chain end to end. Chi corr in the "
+                   "final mask and in the final mask within the true brain; ROI slope over the simulator's "
+                   "tissue regions.",
+        timing=list(REFIT_START_CHAINS)[:2], letters="pqr")
 
 
 # ------------------------------------------------------------------ section recon-refit-shape
@@ -882,33 +869,17 @@ REFIT_SHAPE_CHAINS = {
 def main_refit_shape(args):
     """Section recon-refit-shape: where the least-squares refit's halo comes from (its global
     amplitude step) and the refit without it (``tv_refit_amplitude: false``)."""
-    machine = machine_description()
-    print(machine, flush=True)
-    parts = [f"## recon-refit-shape\n\nMachine: {machine} (shared machine, loaded by other jobs: times are "
-             f"inflated)\n\nCommand: `python bench/recon.py --refit-shape --seeds {' '.join(map(str, args.seeds))}`"
-             "\n\nThe least-squares refit (`tv_debias: refit`) is two steps: one amplitude k for the whole map, "
-             "then a Tikhonov data refit. `tv_refit_amplitude: false` skips the first. Rows with \"default +\" are "
-             "the default chain (TV, one Bregman step with the boundary-field correction) with the options named.\n"]
-    if (DATA / "local_field_ppm.nii.gz").exists() and not args.skip_2016:
-        rows = bench_study_2016(configs=REFIT_SHAPE_2016, correction=True)
-        parts.append("### (s) 2016 challenge, the chain's inversion stage\n\nAs recon-accuracy (m): the given "
-                     "local field and mask through `qsmdask.chain.invert_tv`; qsm-ci `score_arrays` vs COSMOS; "
-                     "ROI slope over the 11 evaluation labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 "
-                     "at once.\n\n" + markdown_table(rows, floatfmt=".3g"))
-    if not args.skip_heads:
-        summary, rows = bench_refit_mask_heads(args.seeds, REFIT_SHAPE_CHAINS)
-        parts.append("### (t) simulator heads, whole chains\n\nAs recon-refit-start (q).\n\n"
-                     + markdown_table(summary, floatfmt=".3g") + "\n\nPer head:\n\n"
-                     + markdown_table(rows, floatfmt=".3g"))
-    if not args.skip_timing:
-        trows = _timing_rows(REFIT_SHAPE_CHAINS, list(REFIT_SHAPE_CHAINS)[:2])
-        parts.append("### (u) whole chain timing at 256x256x80, as (c)\n\nOne run each, one thread, "
-                     "single echo; target <= 30 CPU s and <= 2 GB.\n\n" + markdown_table(trows, floatfmt=".3g"))
-    body = "\n".join(parts)
-    print(body)
-    if not args.no_write:
-        update_section("recon-refit-shape", body)
-    return 0
+    return _chains_section(
+        args, "recon-refit-shape", "--refit-shape",
+        "The least-squares refit (`tv_debias: refit`) is two steps: one amplitude k for the whole map, "
+        "then a Tikhonov data refit. `tv_refit_amplitude: false` skips the first. Rows with \"default +\" are "
+        "the default chain (TV, one Bregman step with the boundary-field correction) with the options named.",
+        table_2016=REFIT_SHAPE_2016,
+        text_2016="2016 challenge, the chain's inversion stage\n\nAs recon-accuracy (m): the given local field "
+                  "and mask through `qsmdask.chain.invert_tv`; qsm-ci `score_arrays` vs COSMOS; ROI slope over "
+                  "the 11 evaluation labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 at once.",
+        chains=REFIT_SHAPE_CHAINS, text_heads="simulator heads, whole chains\n\nAs recon-refit-start (q).",
+        timing=list(REFIT_SHAPE_CHAINS)[:2], letters="stu")
 
 
 # ------------------------------------------------------------------ section recon-coverage

@@ -81,3 +81,17 @@ def load_bench(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def rfft_ops(shape):
+    """The (forward, inverse) real-FFT pair on an unpadded grid of ``shape``, as the inversions'
+    private solvers (e.g. ``tv_admm._refit``) take them."""
+    import scipy.fft as sfft
+
+    def fwd(x):
+        return sfft.rfftn(x)
+
+    def inv(x):
+        return sfft.irfftn(x, s=shape).astype(np.float32)
+
+    return fwd, inv

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.fft as sfft
 
 from qsmdask import inversion
 from qsmdask.chain import ChainConfig
 from qsmdask.inversion.tv_admm import _refit, _refit_masked
 from qsmdask.kernels import dipole_kernel
+
+from .conftest import rfft_ops as _ops
 from qsmdask.sim.geometric import make_phantom
 
 SHAPE = (32, 32, 32)
-
-
-def _ops(shape):
-    def fwd(x):
-        return sfft.rfftn(x)
-
-    def inv(x):
-        return sfft.irfftn(x, s=shape).astype(np.float32)
-
-    return fwd, inv
 
 
 def _blocks():

@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.fft as sfft
 
 from qsmdask import inversion
 from qsmdask.chain import ChainConfig
 from qsmdask.inversion.tv_admm import _refit_masked
 from qsmdask.kernels import dipole_kernel
 
+from .conftest import rfft_ops as _ops
+
 SHAPE = (40, 40, 40)
 VS = (1.0, 1.0, 1.0)
 B0 = (0.0, 0.0, 1.0)
-
-
-def _ops(shape):
-    def fwd(x):
-        return sfft.rfftn(x)
-
-    def inv(x):
-        return sfft.irfftn(x, s=shape).astype(np.float32)
-
-    return fwd, inv
 
 
 def _head():
