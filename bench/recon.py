@@ -500,7 +500,8 @@ def _invert_cfg(cfg_dict, f, m, vs, b0_dir=(0.0, 0.0, 1.0), correction=False):
     return inversion.tv_admm(f, m, vs, b0_dir=b0_dir, lam=c.tv_lambda, max_iter=c.tv_max_iter,
                              bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter,
                              bregman_fraction=c.tv_bregman_fraction, mask_data=c.tv_mask_data,
-                             debias=c.tv_debias, refit_mu=c.tv_refit_mu, pad_voxels=c.pad_voxels)
+                             debias=c.tv_debias, refit_mu=c.tv_refit_mu, refit_amplitude=bool(c.tv_refit_amplitude),
+                             pad_voxels=c.pad_voxels)
 
 
 def bench_study_2016(only=None, configs=None, correction=False):

@@ -618,29 +618,26 @@ def start_correction(local, eroded, brain, voxel_size_mm, b0_dir, config: ChainC
     cfg = config
     vs = check_voxel_size(voxel_size_mm)
     b = check_b0_dir(b0_dir)
-    dist = distance_to_edge_mm(eroded, vs)
-    deep = eroded & (dist > cfg.lbv_boundary_depth_mm)
-    shell_mm = float(cfg.lbv_boundary_shell_mm)
-    region = eroded & (dist > shell_mm) if shell_mm > 0 else deep
-    if not region.any():
-        return None
 
     def solve(n):
         return inversion.tv_admm(local, eroded, vs, b0_dir=b, lam=cfg.tv_lambda, max_iter=int(n), edge_fraction=0.0,
                                  mask_data=True, pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
 
-    early = solve(cfg.lbv_boundary_estimate_iter)
-    if shell_mm > 0:
-        shell = region & ~deep
-        src = np.zeros(region.shape, dtype=np.float32)
-        if shell.any():
-            src += _boundary_sources(early, shell, cfg.lbv_boundary_shell_threshold_ppm)
-        del early
-        if deep.any():
-            src += _boundary_sources(solve(cfg.tv_max_iter), deep, cfg.lbv_boundary_threshold_ppm)
-    else:
-        src = _boundary_sources(early, deep, cfg.lbv_boundary_threshold_ppm)
-        del early
+    shell_mm = float(cfg.lbv_boundary_shell_mm)
+    if shell_mm == 0:  # the Bregman stage's correction, of the early-stopped estimate
+        correction = boundary_correction(eroded, brain, vs, b, cfg, store, exterior=exterior)
+        return None if correction is None else correction(solve(cfg.lbv_boundary_estimate_iter))
+    dist = distance_to_edge_mm(eroded, vs)
+    deep = eroded & (dist > cfg.lbv_boundary_depth_mm)
+    region = eroded & (dist > shell_mm)
+    if not region.any():
+        return None
+    shell = region & ~deep
+    src = np.zeros(region.shape, dtype=np.float32)
+    if shell.any():
+        src += _boundary_sources(solve(cfg.lbv_boundary_estimate_iter), shell, cfg.lbv_boundary_shell_threshold_ppm)
+    if deep.any():
+        src += _boundary_sources(solve(cfg.tv_max_iter), deep, cfg.lbv_boundary_threshold_ppm)
     store["h"] = bgremove.lbv_boundary_field(src, region, brain, vs, b0_dir=b, pad_voxels=cfg.pad_voxels,
                                              fft_workers=cfg.fft_workers, exterior=exterior)[0]
     return store["h"]

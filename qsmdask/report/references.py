@@ -158,7 +158,7 @@ def chain_method(chain: dict | None) -> dict:
                 if corrected else "")
              + (", field fitted inside the mask" if ch.tv_mask_data and not ch.tv_outside_weight else "")
              + (f", field also fitted outside the mask (weight {ch.tv_outside_weight:g}; 0 there"
-                + (" plus the deep sources' field" if corrected or early else "") + ")" if ch.tv_outside_weight else "")
+                + (" plus the deep sources' field" if ch.boundary_correction_stage else "") + ")" if ch.tv_outside_weight else "")
              + (_early_step(ch) if early else "")
              + ((", least-squares amplitude and data refit" if ch.tv_refit_amplitude else ", least-squares data refit "
                  "(no amplitude step)") + f" (mu {ch.tv_refit_mu:g})" if refit else ""),
