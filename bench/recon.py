@@ -501,6 +501,7 @@ def _invert_cfg(cfg_dict, f, m, vs, b0_dir=(0.0, 0.0, 1.0), correction=False):
                              bregman_iterations=c.tv_bregman_iterations, bregman_max_iter=c.tv_bregman_max_iter,
                              bregman_fraction=c.tv_bregman_fraction, mask_data=c.tv_mask_data,
                              debias=c.tv_debias, refit_mu=c.tv_refit_mu, refit_amplitude=bool(c.tv_refit_amplitude),
+                             outside_reg_weight=c.tv_outside_reg_weight, rho_data=c.tv_rho_data,
                              pad_voxels=c.pad_voxels)
 
 
@@ -881,6 +882,35 @@ def main_refit_shape(args):
                   "the 11 evaluation labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 at once.",
         chains=REFIT_SHAPE_CHAINS, text_heads="simulator heads, whole chains\n\nAs recon-refit-start (q).",
         timing=list(REFIT_SHAPE_CHAINS)[:2], letters="stu")
+
+
+# ------------------------------------------------------------------ section recon-exterior
+EXTERIOR_2016 = {
+    "default": {},
+    "tv_exterior": {"preset": "tv_exterior"},
+    "tv_exterior, tv_rho_data 1": {"preset": "tv_exterior", "tv_rho_data": 1.0},
+    "tv_exterior, tv_lambda 3e-3": {"preset": "tv_exterior", "tv_lambda": 3e-3},
+    "default, tv_rho_data 0.1, 30 + 15 iterations, no boundary-field correction": {
+        "tv_rho_data": 0.1, "tv_max_iter": 30, "lbv_boundary_depth_mm": 0.0},
+}
+EXTERIOR_CHAINS = {"default": {}, "tv_exterior": {"preset": "tv_exterior"}}
+
+
+def main_exterior(args):
+    """Section recon-exterior: free exterior sources (``tv_outside_reg_weight: 0``, preset
+    ``tv_exterior``) beside the default."""
+    return _chains_section(
+        args, "recon-exterior", "--exterior",
+        "The preset `tv_exterior`: TV on LBV's output with no penalty on chi outside the mask "
+        "(`tv_outside_reg_weight: 0`), so that a field harmonic inside the mask (what LBV's boundary condition "
+        "removes from the field of deep sources) is explained by sources outside it; no boundary-field "
+        "correction; `tv_rho_data: 0.1` and 30 + 15 iterations.",
+        table_2016=EXTERIOR_2016,
+        text_2016="2016 challenge, the chain's inversion stage\n\nAs recon-accuracy (m): the given local field "
+                  "and mask through `qsmdask.chain.invert_tv`; qsm-ci `score_arrays` vs COSMOS; ROI slope over "
+                  "the 11 evaluation labels. Target (issue 15): nrmse <= 58 and slope >= 0.9 at once.",
+        chains=EXTERIOR_CHAINS, text_heads="simulator heads, whole chains\n\nAs recon-refit-start (q).",
+        timing=list(EXTERIOR_CHAINS), letters="vwx")
 
 
 # ------------------------------------------------------------------ section recon-coverage
@@ -1375,6 +1405,7 @@ def main(argv=None):
                     help="run only section recon-refit-start (the refits with the boundary-field correction from the start)")
     ap.add_argument("--refit-shape", action="store_true",
                     help="run only section recon-refit-shape (the refit without its global amplitude step)")
+    ap.add_argument("--exterior", action="store_true", help="run only section recon-exterior")
     ap.add_argument("--reading", metavar="FILE", help="--tgv: text of the section's reading (kept with the tables)")
     ap.add_argument("--pairs", action="store_true",
                     help="run only (e), quality_pairs all vs inside with air-zone scores; prints, writes nothing")
@@ -1409,6 +1440,8 @@ def main(argv=None):
         return main_refit_start(args)
     if args.refit_shape:
         return main_refit_shape(args)
+    if args.exterior:
+        return main_exterior(args)
     machine = machine_description()
     print(machine, flush=True)
     parts = [f"Machine: {machine}\n\nCommand: `python bench/recon.py{' --quick' if args.quick else ''}`\n"]

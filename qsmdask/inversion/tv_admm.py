@@ -16,8 +16,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             max_iter: int = 30, tol: float = 1e-3, mask_data: bool = False, bregman_iterations: int = 0,
             bregman_max_iter: int | None = None, bregman_fraction: float = 1.0, laplacian_data: bool = False,
             data_correction=None, debias: str = "none", refit_mu: float = 0.1, refit_amplitude: bool = True,
-            outside_weight: float = 0.0, outside_field_ppm=None, pad_voxels=(16, 16, 16),
-            fft_workers: int = 1) -> np.ndarray:
+            outside_weight: float = 0.0, outside_field_ppm=None, outside_reg_weight: float = 1.0,
+            rho_data: float = 1.0, pad_voxels=(16, 16, 16), fft_workers: int = 1) -> np.ndarray:
     """Weighted total-variation dipole inversion (ADMM, every update closed form).
 
     Solves  min_chi  1/2 || W (IFFT(D FFT(chi)) - f) ||^2 + lam || E grad(chi) ||_{2,1}
@@ -81,6 +81,19 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         (whose data term covers the whole grid with weight 1). The chain passes the field outside
         the mask of the deep sources' estimate when the boundary-field correction is in the data
         from the start (``ChainConfig.lbv_boundary_estimate_iter`` with ``tv_outside_weight``).
+    outside_reg_weight : weight in [0, 1] (default 1) of the regularisation on the voxels of the
+        solver's grid outside the mask (the mask's bounding box plus ``pad_voxels``), where chi is
+        an auxiliary unknown (the result is 0 there). 1: the same TV everywhere. With
+        ``mask_data=True`` (the field fitted inside the mask only) and a smaller weight, sources
+        outside the mask become cheap, so a field that is harmonic inside the mask (what a
+        background removal with a boundary condition, e.g. LBV's local field = 0 on the mask's edge,
+        takes away from the field of deep sources; any residual background) is explained by them
+        instead of by a broad change of chi inside the mask: the exterior sources of a total field
+        inversion (Liu et al. 2017), here on a background-removed field. 0: no penalty outside.
+        Needs ``mask_data=True``, no ``laplacian_data`` and ``outside_weight`` 0.
+    rho_data : ADMM penalty of the data split (``mask_data=True``; default 1). The free exterior
+        sources converge slowly; 0.1 converged them in about half the iterations on simulated
+        heads (docs/benchmarks.md, recon-exterior).
     debias : "none" (default) or "refit": two least-squares corrections of the TV solution
         against the data term, after the last solve (one FFT pair each):
 
@@ -128,6 +141,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     generalized variation. NeuroImage 2015;111:622-630 (Laplacian-of-phase data term).
     Bilgic B et al. Fast quantitative susceptibility mapping with L1-regularization and
     automatic parameter selection. Magn Reson Med 2014;72:1444-1459.
+    Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field inversion (TFI)
+    method for quantitative susceptibility mapping. Magn Reson Med 2017;78:303-315.
     Milovic C et al. Fast nonlinear susceptibility inversion with variational
     regularization (FANSI). Magn Reson Med 2018;80:814-821.
     Liu T et al. Morphology enabled dipole inversion (MEDI). Magn Reson Med 2012;67:137-147.
@@ -159,6 +174,13 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
                              "and no laplacian_data: otherwise no data term reaches outside the mask")
         if np.shape(outside_field_ppm) != f.shape:
             raise ValueError(f"outside_field_ppm shape {np.shape(outside_field_ppm)} differs from the field's {f.shape}")
+    if not (np.isfinite(outside_reg_weight) and 0 <= outside_reg_weight <= 1):
+        raise ValueError(f"outside_reg_weight must be in [0, 1], got {outside_reg_weight!r}")
+    if outside_reg_weight < 1 and (not mask_data or laplacian_data or outside_weight > 0):
+        raise ValueError("outside_reg_weight < 1 frees the sources outside the mask to explain the field inside it: "
+                         "it needs mask_data=True, no laplacian_data and outside_weight 0 (no data outside the mask)")
+    if not (np.isfinite(rho_data) and rho_data > 0):
+        raise ValueError(f"rho_data must be > 0, got {rho_data!r}")
     rho1 = float(rho) if rho is not None else 100.0 * lam
     if rho1 <= 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
@@ -192,7 +214,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         data_weight = np.asarray(data_weight)[bb]
     if magnitude is not None:
         magnitude = np.asarray(magnitude)[bb]
-    rho2 = 1.0
+    rho2 = float(rho_data)
     fft = PaddedFFT(f.shape, pad_voxels, workers=fft_workers)
     d = dipole_kernel(fft.padded_shape, vs, b, real=True)
     g2 = -laplacian_kernel(fft.padded_shape, vs, real=True)
@@ -236,6 +258,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     y = fp.copy()
     v = np.zeros(shape, dtype=np.float32)
     thr = np.float32(lam / rho1)
+    if outside_reg_weight < 1:  # the shrinkage threshold outside the mask: the exterior sources' penalty
+        thr = np.where(fft.pad(m.astype(np.float32)) > 0, thr, np.float32(thr * outside_reg_weight))
     w2f = (w2 * fp).astype(np.float32)
     wden = (1.0 / (w2 + rho2)).astype(np.float32)
     d_r2 = (rho2 * d).astype(np.float32)
