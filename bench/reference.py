@@ -214,7 +214,7 @@ def null_head_rows(seed: int, ctx: Context, chain: dict, snr: float = 50.0,
         vs = voxel_size_from_affine(s.affine)
         t0 = time.perf_counter()
         r = reconstruct(s.magnitude, s.phase_rad, s.echo_times_s, vs, b0_dir=s.b0_dir,
-                        b0_tesla=s.b0_tesla, config=ChainConfig(**chain))
+                        b0_tesla=s.b0_tesla, config=ChainConfig.from_dict(chain))
         if final is None:
             final = r.mask
             sn = standardise(s.magnitude[..., 0], s.affine, method="affine", quick=True,
