@@ -180,6 +180,8 @@ FIX_CHAINS = {
     "LBV + TV mask data + early-estimate correction (5 it, 15 mm, 0.02 ppm)": {
         "tv_mask_data": True, "lbv_boundary_depth_mm": 15.0, "lbv_boundary_threshold_ppm": 0.02,
         "lbv_boundary_estimate_iter": 5},
+    # the preset tv_exterior: no TV penalty outside the mask, no correction (docs/benchmarks.md, recon-exterior)
+    "LBV + TV mask data, free exterior sources (preset tv_exterior)": {"preset": "tv_exterior"},
 }
 
 
