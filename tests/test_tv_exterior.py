@@ -131,3 +131,18 @@ def test_tv_exterior_preset_removes_most_of_the_halo_on_a_simulated_head():
     assert shift["default"] > 2.0
     assert shift["tv_exterior"] < 1.0
     assert corr["tv_exterior"] > corr["default"] - 0.005
+
+
+def test_methods_text_and_chain_method_name_the_free_exterior_sources():
+    from qsmdask.report.html import methods_paragraph
+    from qsmdask.report.references import chain_method
+
+    text, refs = methods_paragraph({"chain": {"preset": "tv_exterior"}})
+    assert "outside the mask was an auxiliary unknown" in text and "weighted by 0 (inside: 1)" in text
+    assert "total field inversion" in text and "liu2017" in refs
+    assert "Before the Bregman step" not in text  # no boundary-field correction in the preset
+    method = chain_method({"preset": "tv_exterior"})["Method"]
+    assert "exterior sources penalised with weight 0" in method
+    default, _ = methods_paragraph({"chain": {}})
+    assert "auxiliary unknown" not in default
+    assert "exterior sources" not in chain_method({})["Method"]

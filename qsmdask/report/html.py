@@ -1230,6 +1230,12 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                     + f"part of the field residual (Tikhonov weight {ch.tv_refit_mu:g}) "
                     f"{cite('deledalle2015')}" if ch.tv_debias == "refit" else "")
                  + ".")
+        if ch.tv_outside_reg_weight < 1:
+            s.append("Susceptibility outside the mask was an auxiliary unknown of the inversion whose total "
+                     f"variation was weighted by {ch.tv_outside_reg_weight:g} (inside: 1), so that sources outside "
+                     "the mask explained the part of the field that is harmonic inside it (the part of the deep "
+                     "sources' field that the background removal's boundary condition removes) instead of a "
+                     f"broad change of susceptibility inside it, as in total field inversion {cite('liu2017')}.")
         if ch.boundary_correction_stage == "start":
             s.append(_early_correction_text(ch))
         elif ch.boundary_correction_stage == "bregman":

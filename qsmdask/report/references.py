@@ -80,6 +80,9 @@ REFERENCES: dict[str, str] = {
     "deledalle2015": "Deledalle C-A, Papadakis N, Salmon J (2015). On debiasing restoration "
                      "algorithms: applications to total-variation and nonlocal-means. Scale Space "
                      "and Variational Methods in Computer Vision, LNCS 9087:129-141.",
+    "liu2017": "Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P (2017). Preconditioned total field inversion "
+               "(TFI) method for quantitative susceptibility mapping. Magnetic Resonance in Medicine "
+               "78(1):303-315.",
 }
 
 
@@ -160,9 +163,11 @@ def chain_method(chain: dict | None) -> dict:
              + (f", field also fitted outside the mask (weight {ch.tv_outside_weight:g}; 0 there"
                 + (" plus the deep sources' field" if ch.boundary_correction_stage else "") + ")" if ch.tv_outside_weight else "")
              + (_early_step(ch) if early else "")
+             + (f", exterior sources penalised with weight {ch.tv_outside_reg_weight:g}"
+                if ch.tv_outside_reg_weight < 1 else "")
              + ((", least-squares amplitude and data refit" if ch.tv_refit_amplitude else ", least-squares data refit "
                  "(no amplitude step)") + f" (mu {ch.tv_refit_mu:g})" if refit else ""),
-             *refs, *(("deledalle2015",) if refit else ()))
+             *refs, *(("deledalle2015",) if refit else ()), *(("liu2017",) if ch.tv_outside_reg_weight < 1 else ()))
     elif ch.inversion_method == "tgv":
         early, corrected = ch.boundary_correction_stage == "start", ch.boundary_correction_stage == "bregman"
         step(f"dipole inversion: second-order total generalised variation (ADMM), alpha1 {ch.tgv_alpha1:g}, "
