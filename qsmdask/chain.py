@@ -181,7 +181,7 @@ class ChainConfig:
         sources, and any residual background) is explained by them instead of by a broad halo of chi
         inside the mask: the exterior sources of a total field inversion, on LBV's output. Needs
         ``tv_outside_weight`` 0; docs/benchmarks.md, recon-exterior.
-    tv_rho_data : ADMM penalty of "tv"'s data split (``tv_mask_data``; default 1; > 0). With free
+    tv_rho_data : ADMM penalty of "tv"'s data split (with ``tv_mask_data`` only; default 1; > 0). With free
         exterior sources 0.1 converges them in about half the iterations.
     tv_laplacian_lambda : regularisation weight of "tv_laplacian" (its data term is in
         ppm/mm^2, so the weight is not comparable with ``tv_lambda``).
@@ -408,6 +408,10 @@ class ChainConfig:
                              f"{self.tv_mask_data!r}, tv_outside_weight {self.tv_outside_weight!r}")
         if not (np.isfinite(self.tv_rho_data) and self.tv_rho_data > 0):
             raise ValueError(f"tv_rho_data must be > 0, got {self.tv_rho_data!r}")
+        if self.tv_rho_data != 1 and not (self.inversion_method == "tv" and self.tv_mask_data):
+            raise ValueError("tv_rho_data is the ADMM penalty of the data split of 'tv' with tv_mask_data true (no other "
+                             f"inversion has it), got inversion_method {self.inversion_method!r}, tv_mask_data "
+                             f"{self.tv_mask_data!r}")
         if not (np.isfinite(self.tv_bregman_fraction) and 0 <= self.tv_bregman_fraction <= 1):
             raise ValueError(f"tv_bregman_fraction must be in [0, 1], got {self.tv_bregman_fraction!r}")
         if not (0 <= self.tv_edge_fraction < 1):

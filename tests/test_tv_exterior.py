@@ -86,7 +86,9 @@ def test_exterior_options_are_validated():
                     (dict(tv_outside_reg_weight=0.0, inversion_method="tgv"), "needs inversion_method 'tv'"),
                     (dict(tv_outside_reg_weight=0.0, tv_outside_weight=1.0), "tv_outside_weight 0"),
                     (dict(tv_rho_data=-1.0), "tv_rho_data must be > 0"),
-                    (dict(tv_rho_data="0.1"), "tv_rho_data")):
+                    (dict(tv_rho_data="0.1"), "tv_rho_data"),
+                    (dict(tv_rho_data=0.1, tv_mask_data=False), "data split of 'tv' with tv_mask_data true"),
+                    (dict(tv_rho_data=0.1, inversion_method="tgv"), "data split of 'tv' with tv_mask_data true")):
         with pytest.raises(ValueError, match=msg):
             ChainConfig(**kw)
     c = ChainConfig(tv_outside_reg_weight=0.0, tv_rho_data=0.1)
