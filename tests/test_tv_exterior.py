@@ -24,9 +24,8 @@ from .test_bgremove_boundary import B0, SHAPE, VS, _head
 
 
 def _lbv_local_field():
-    """LBV's local field of two large deep +0.05 ppm nuclei (23 ml in all, as the planted putamen,
-    thalamus and hippocampus of the halo benchmark; no background: every non-zero chi away from
-    them is halo)."""
+    """LBV's local field of two large deep +0.05 ppm nuclei (radius 13 mm, 18 ml in all; no
+    background: every non-zero chi away from them is halo)."""
     brain, _, _ = _head()
     x, y, z = np.meshgrid(*[(np.arange(n) - (n - 1) / 2.0) * d for n, d in zip(SHAPE, VS)], indexing="ij")
     dist_src = np.sqrt((np.abs(x) - 20) ** 2 + (y + 4) ** 2 + z ** 2)
