@@ -230,13 +230,14 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
             raise ValueError("data_weight must be non-negative")
         w = w * dw / max(float(dw[m].mean()), 1e-12)
     w = fft.pad(w)
+    inside = fft.pad(m.astype(np.float32))  # the mask on the padded grid (1 inside, 0 outside)
     if outside_weight > 0:  # the solver's grid outside the mask: field 0 (+ the correction there)
-        w += np.float32(outside_weight) * (1.0 - fft.pad(m.astype(np.float32)))
+        w += np.float32(outside_weight) * (1.0 - inside)
     w2 = w * w
     fp = fft.pad(f)
     if magnitude is not None:
         mag = np.asarray(magnitude, dtype=np.float32)
-        e = edge_weights(fft.pad(mag * m), fft.pad(m.astype(np.float32)) > 0, vs,
+        e = edge_weights(fft.pad(mag * m), inside > 0, vs,
                          edge_fraction=edge_fraction)
     else:
         e = None
@@ -259,7 +260,8 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     v = np.zeros(shape, dtype=np.float32)
     thr = np.float32(lam / rho1)
     if outside_reg_weight < 1:  # the shrinkage threshold outside the mask: the exterior sources' penalty
-        thr = np.where(fft.pad(m.astype(np.float32)) > 0, thr, np.float32(thr * outside_reg_weight))
+        thr = np.where(inside > 0, thr, np.float32(thr * outside_reg_weight))
+    del inside
     w2f = (w2 * fp).astype(np.float32)
     wden = (1.0 / (w2 + rho2)).astype(np.float32)
     d_r2 = (rho2 * d).astype(np.float32)
