@@ -38,7 +38,12 @@ it, per head (``--seeds``), noise-free and SNR 50, with the chain's time per rec
 Command: ``nice python bench/halo.py [--seed 101] [--write-doc]`` (~20 min on the loaded 2-core
 machine); ``nice python bench/halo.py --fix --seeds 101 102 [--write-doc]``;
 ``nice python bench/halo.py --floor --seeds 101 [--write-doc]`` (how close the correction is to a perfect one);
-``nice python bench/halo.py --fix --seeds 101 102 --chains '{"name": {options}}'`` (other chains, printed only).
+``nice python bench/halo.py --fix --seeds 101 102 --chains '{"name": {options}}'`` (other chains, printed only);
+``python bench/halo.py --floor-heads 8 [--write-doc]`` (the same decomposition on the null heads of
+``bench/reference.py --null-heads``, with the white-matter reference; ~5.5 min idle).
+
+Every given local field is inverted as the chain inverts its own (``invert_as_chain``): the data term
+on the background removal's output mask, chi also on LBV's rim, which the chain keeps.
 """
 
 from __future__ import annotations
@@ -84,6 +89,18 @@ def brain_corr(chi, truth, final, brain) -> float:
     return float(np.corrcoef(chi[m], truth[m])[0, 1])
 
 
+def invert_as_chain(local, data_mask, brain, vs, b0_dir, cfg) -> np.ndarray:
+    """TV inversion of a given local field as the chain inverts its own (:func:`qsmdask.chain.invert_tv`):
+    the data term on ``data_mask`` (the background removal's output mask), chi on ``brain`` (the mask the
+    background removal ran on) when the chain keeps LBV's rim, as the default does. Feeding LBV's output
+    with the rim in the data mask would fit a field of 0 there (LBV's boundary condition), which is not
+    what the chain does and adds a halo of its own (docs/benchmarks.md, session 10 reading)."""
+    from qsmdask.chain import invert_tv
+
+    local = np.where(data_mask, local, 0).astype(np.float32)
+    return invert_tv(local, np.asarray(data_mask, bool), np.asarray(brain, bool), vs, b0_dir, cfg)[0]
+
+
 def _accuracy(chi, truth, labels, atlas, vs, final, brain) -> dict:
     t = _roi_means(np.where(final, chi, 0), labels, atlas.table, vs, final)
     tr = _roi_means(np.where(final, truth, 0), labels, atlas.table, vs, final)
@@ -115,23 +132,22 @@ def head_table(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
     brain_q = recon[0.0].quality_mask  # the mask the chain's background removal used
     labels = s0.dseg.astype(np.int32)
 
-    def invert(local):
-        return tv_admm(np.where(final, local, 0).astype(np.float32), final, vs, b0_dir=s0.b0_dir,
-                       lam=cfg.tv_lambda, max_iter=cfg.tv_max_iter, edge_fraction=0.0,
-                       mask_data=True, bregman_iterations=cfg.tv_bregman_iterations,
-                       bregman_max_iter=cfg.tv_bregman_max_iter, pad_voxels=cfg.pad_voxels)
+    def invert(local_and_mask):  # the data term on the background removal's own output mask, as the chain
+        local, data_mask = local_and_mask
+        return invert_as_chain(local, data_mask & brain_q, brain_q, vs, s0.b0_dir, cfg)
 
     def field(e):
         return np.where(brain_q, recon[e].field_ppm, 0).astype(np.float32)
 
     true_local = {e: brain_local_field(s, brain_q, vs) for e, s in sims.items()}
-    stages = {  # each: the local field of run e (0.0 or EFFECT_PPM)
-        "true local field (perfect background removal)": lambda e: true_local[e],
-        "LBV of the true local field": lambda e: bgremove.lbv(true_local[e], brain_q, vs)[0],
-        "LBV of the chain's field (no correction)": lambda e: recon[e].local_field_ppm,
+    lbv_interior = bgremove.lbv(true_local[0.0], brain_q, vs)[1]  # LBV's output mask (the mask's interior)
+    stages = {  # each: the local field of run e (0.0 or EFFECT_PPM) and the mask it is given on
+        "true local field (perfect background removal)": lambda e: (true_local[e], brain_q),
+        "LBV of the true local field": lambda e: bgremove.lbv(true_local[e], brain_q, vs),
+        "LBV of the chain's field (no correction)": lambda e: (recon[e].local_field_ppm, lbv_interior),
         "V-SHARP of the chain's field": lambda e: bgremove.vsharp(
-            field(e), brain_q, vs, max_radius_mm=cfg.sharp_radius_mm)[0],
-        "PDF of the chain's field": lambda e: bgremove.pdf(field(e), brain_q, vs, b0_dir=s0.b0_dir)[0],
+            field(e), brain_q, vs, max_radius_mm=cfg.sharp_radius_mm),
+        "PDF of the chain's field": lambda e: bgremove.pdf(field(e), brain_q, vs, b0_dir=s0.b0_dir),
     }
     true_delta = np.where(final, true_local[EFFECT_PPM] - true_local[0.0], 0)
     far_labels = atlas.table.loc[[f"{r}_{h}" not in adjacent and r not in PLANTED and r in STUDY_ROIS
@@ -146,7 +162,7 @@ def head_table(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
         row = {"noise": noise, "stage": name, **_ref_shift(chi, labels, atlas, vs, final, adjacent),
                **_accuracy(chi[0.0], s0.chi_ppm, labels, atlas, vs, final, s0.brain)}
         if noise == "noise-free":
-            d = np.where(final, loc[EFFECT_PPM] - loc[0.0], 0)
+            d = np.where(final, loc[EFFECT_PPM][0] - loc[0.0][0], 0)
             lost = np.where(final, true_delta - d, 0)
             row.update({"effect field RMS (ppb)": 1e3 * float(np.sqrt(np.mean(d[final] ** 2))),
                         "lost field RMS (ppb)": 1e3 * float(np.sqrt(np.mean(lost[final] ** 2))),
@@ -229,7 +245,6 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
     projection of each correction's planted-minus-unplanted part on the exact one's."""
     from qsmdask import bgremove
     from qsmdask.chain import ChainConfig, reconstruct
-    from qsmdask.inversion import tv_admm
     from qsmdask.kernels import distance_to_edge_mm, voxel_size_from_affine
 
     cfg = ChainConfig()
@@ -242,11 +257,10 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
         return {e: reconstruct(s.magnitude, s.phase_rad, s.echo_times_s, vs, b0_dir=s.b0_dir,
                                b0_tesla=s.b0_tesla, config=ChainConfig(**opts)) for e, s in sims.items()}
 
-    def invert(local, m):
-        return tv_admm(np.where(m, local, 0).astype(np.float32), m, vs, b0_dir=s0.b0_dir, lam=cfg.tv_lambda,
-                       max_iter=cfg.tv_max_iter, edge_fraction=0.0, mask_data=True,
-                       bregman_iterations=cfg.tv_bregman_iterations,
-                       bregman_max_iter=cfg.tv_bregman_max_iter, pad_voxels=cfg.pad_voxels)
+    no_correction = ChainConfig(lbv_boundary_depth_mm=0.0)
+
+    def invert(local, data_mask, brain):  # as the chain: the data term on data_mask, chi on brain
+        return invert_as_chain(local, data_mask, brain, vs, s0.b0_dir, no_correction)
 
     default, plain = rec({}), rec({"lbv_boundary_depth_mm": 0.0})
     final = default[0.0].mask
@@ -268,15 +282,15 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
         h_eff["chain"][e] = np.where(m, default[e].local_field_ppm - plain[e].local_field_ppm, 0)
         for key, d_mm in (("deep", depth), ("deep10", 10.0)):
             # the chain's source selection (kernels.distance_to_edge_mm, median, threshold) on the truth
-            region = m & (distance_to_edge_mm(m, vs) > d_mm)
+            region = interior & (distance_to_edge_mm(interior, vs) > d_mm)  # as chain.boundary_correction
             dev = np.where(region, s.chi_ppm - np.median(s.chi_ppm[region]), 0)
             src = np.where(np.abs(dev) > cfg.lbv_boundary_threshold_ppm, dev, 0).astype(np.float32)
             h_eff[key][e] = bgremove.lbv_boundary_field(src, region, q, vs, b0_dir=s.b0_dir,
                                                         pad_voxels=cfg.pad_voxels)[0]
         chi["default"][e] = default[e].chi_ppm
-        for key in ("exact", "deep", "deep10"):
-            chi[key][e] = invert(plain[e].local_field_ppm + h_eff[key][e], m)
-        chi["true"][e] = invert(f, m)
+        for key in ("exact", "deep", "deep10"):  # LBV's output and the corrections: data on LBV's interior
+            chi[key][e] = invert(plain[e].local_field_ppm + h_eff[key][e], interior, q)
+        chi["true"][e] = invert(f, q, q)  # a perfect local field: data on the whole quality mask
     ex = h_eff["exact"][EFFECT_PPM] - h_eff["exact"][0.0]
     share = {}  # projection of each correction's planted-effect part on the exact one
     for key, h in h_eff.items():
@@ -303,6 +317,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[101, 102])
     ap.add_argument("--floor", action="store_true",
                     help="the default chain beside a perfect boundary-field correction (printed only)")
+    ap.add_argument("--floor-heads", type=int, default=0, metavar="N",
+                    help="the floor's decomposition on the first N null heads of bench/reference.py "
+                         "--null-heads, with the white-matter reference")
     ap.add_argument("--chains", metavar="JSON", default=None,
                     help="--fix: compare these chains (JSON object: name -> ChainConfig options) instead of "
                          "FIX_CHAINS; printed only (no --write-doc)")
@@ -316,6 +333,23 @@ def main(argv=None):
     adjacent = _adjacent_rois(atlas)
     if a.fix:
         return fix_main(a, atlas, adjacent, machine, t_start)
+    if a.floor_heads:
+        table = floor_heads_rows(a.floor_heads)
+        pd.set_option("display.width", 250)
+        print(table.to_string(index=False))
+        wall = time.perf_counter() - t_start
+        print(f"{machine}; wall {wall:.0f} s")
+        if a.write_doc:
+            text = ("## The floor on the null heads (`bench/halo.py --floor-heads`, issue 14)\n\n"
+                    f"Command: `python bench/halo.py --floor-heads {a.floor_heads} --write-doc`. Machine: "
+                    f"{machine}. Wall {wall:.0f} s. The null heads of `bench/reference.py --null-heads` "
+                    f"(seeds 201..{200 + a.floor_heads}, SNR 50, 2 mm), each without and with "
+                    f"+{EFFECT_PPM} ppm in putamen, thalamus and hippocampus; rows as in "
+                    "`bench/halo.py::floor_heads_rows`, every inversion as the chain inverts its own LBV "
+                    "output (`invert_as_chain`). Shift: % of the planted effect, mean over the heads, as "
+                    "the null-heads table.\n\n" + markdown_table(table.to_dict("records"), floatfmt=".2f"))
+            update_section("halo-floor-heads", text)
+        return None
     if a.floor:
         rows = []
         for seed in a.seeds:
@@ -389,6 +423,62 @@ def fix_main(a, atlas, adjacent, machine, t_start):
                 + markdown_table(mean.drop(columns=["seed"]).to_dict("records"), floatfmt=".2f"))
         update_section("halo-fix", text)
     print(f"wall {wall:.0f} s")
+
+
+def floor_heads_rows(n_heads: int) -> "pd.DataFrame":
+    """The floor on the null heads of ``bench/reference.py --null-heads`` (seeds 201..), SNR 50, 2 mm:
+    the same decomposition as :func:`floor_rows`, with the references none and white matter (the
+    prior brought to native space as there). Rows: the default chain; the chain without the
+    boundary-field correction; the chain's LBV output plus the EXACT boundary field of the true
+    local field (data on LBV's interior, as the chain); the default correction applied to LBV of the
+    true local field; the true local field itself (field of the brain's chi and of the quality mask's
+    rim, on the whole quality mask). Shift table as ``--null-heads`` (mean over heads)."""
+    from qsmdask import bgremove
+    from qsmdask.chain import ChainConfig, reconstruct
+    from qsmdask.kernels import voxel_size_from_affine
+    from qsmdask.reference import reference_mask, reference_value
+    from qsmdask.registration import standardise
+    from bench.reference import Context, shift_table
+
+    ctx, cfg, plain_cfg = Context(), ChainConfig(), ChainConfig(lbv_boundary_depth_mm=0.0)
+    rows = []
+    for seed in range(201, 201 + n_heads):
+        final = wm = None
+        for e in (0.0, EFFECT_PPM):
+            t0 = time.perf_counter()
+            s = _simulate(seed, e, 50.0, t1w=False, local_field=False, voxel_size_mm=(2.0,) * 3)
+            vs = voxel_size_from_affine(s.affine)
+            r, p = (reconstruct(s.magnitude, s.phase_rad, s.echo_times_s, vs, b0_dir=s.b0_dir,
+                                b0_tesla=s.b0_tesla, config=c) for c in (cfg, plain_cfg))
+            if final is None:
+                final = r.mask
+                sn = standardise(s.magnitude[..., 0], s.affine, method="affine", quick=True,
+                                 magnitude_mask=r.mask, template=ctx.tpl, template_affine=ctx.tpl_aff)
+                wm = sn.labels_to_native(ctx.wm, ctx.tpl_aff, s.brain.shape, s.affine) > 0
+            q = p.quality_mask
+            support = q | s.brain  # the brain's chi and the rim's (bone, air) inside the quality mask
+            f = bgremove.dipole_field(np.where(support, s.chi_ppm, 0), support, vs, b0_dir=s.b0_dir,
+                                      within=support, pad_voxels=(24, 24, 24))
+            f = np.where(q, f, 0).astype(np.float32)
+            kept, interior = bgremove.lbv(f, q, vs)
+            exact = np.where(interior, f - kept, 0)
+            maps = {"default chain": r.chi_ppm,
+                    "chain without the boundary-field correction": p.chi_ppm,
+                    "chain's LBV output + EXACT boundary field": invert_as_chain(
+                        p.local_field_ppm + exact, interior, q, vs, s.b0_dir, plain_cfg),
+                    "default correction on LBV of the true local field": invert_as_chain(
+                        kept, interior, q, vs, s.b0_dir, cfg),
+                    "true local field (perfect background removal)": invert_as_chain(f, q, q, vs, s.b0_dir,
+                                                                                     plain_cfg)}
+            labels = s.dseg.astype(np.int32)
+            for name, c in maps.items():
+                for ref in ("none", "white_matter"):
+                    region, _ = reference_mask(ref, mask=final, voxel_size_mm=vs, prior=wm)
+                    x = np.where(final, c - reference_value(c, region), 0)
+                    rows.append({"seed": seed, "noise": "SNR 50", "effect": e, "stage": f"{name}, ref {ref}",
+                                 **_roi_means(x, labels, ctx.atlas.table, vs, final)})
+            print(f"head {seed} effect {e}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return shift_table(pd.DataFrame(rows), ctx.adjacent)
 
 
 def _ref_shift(chi: dict, labels, atlas, vs, final, adjacent) -> dict:
