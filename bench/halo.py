@@ -230,6 +230,19 @@ def fix_table(seed: int, noise: str, snr: float, atlas, adjacent, chains=None) -
     return rows
 
 
+def _true_source_field(s, interior, quality_mask, vs, depth_mm, cfg) -> np.ndarray:
+    """The boundary-field correction with the chain's source selection (deeper than ``depth_mm`` in
+    LBV's interior, median removed, threshold; ``chain.boundary_correction``) applied to the TRUE chi."""
+    from qsmdask import bgremove
+    from qsmdask.kernels import distance_to_edge_mm
+
+    region = interior & (distance_to_edge_mm(interior, vs) > depth_mm)
+    dev = np.where(region, s.chi_ppm - np.median(s.chi_ppm[region]), 0)
+    src = np.where(np.abs(dev) > cfg.lbv_boundary_threshold_ppm, dev, 0).astype(np.float32)
+    return bgremove.lbv_boundary_field(src, region, quality_mask, vs, b0_dir=s.b0_dir,
+                                       pad_voxels=cfg.pad_voxels)[0]
+
+
 def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]:
     """How much of the default chain's halo is LBV's boundary condition (``--floor``).
 
@@ -245,7 +258,7 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
     projection of each correction's planted-minus-unplanted part on the exact one's."""
     from qsmdask import bgremove
     from qsmdask.chain import ChainConfig, reconstruct
-    from qsmdask.kernels import distance_to_edge_mm, voxel_size_from_affine
+    from qsmdask.kernels import voxel_size_from_affine
 
     cfg = ChainConfig()
     sims = {e: _simulate(seed, e, snr, t1w=False) for e in (0.0, EFFECT_PPM)}
@@ -281,12 +294,7 @@ def floor_rows(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
         h_eff["exact"][e] = np.where(interior, f - kept, 0)
         h_eff["chain"][e] = np.where(m, default[e].local_field_ppm - plain[e].local_field_ppm, 0)
         for key, d_mm in (("deep", depth), ("deep10", 10.0)):
-            # the chain's source selection (kernels.distance_to_edge_mm, median, threshold) on the truth
-            region = interior & (distance_to_edge_mm(interior, vs) > d_mm)  # as chain.boundary_correction
-            dev = np.where(region, s.chi_ppm - np.median(s.chi_ppm[region]), 0)
-            src = np.where(np.abs(dev) > cfg.lbv_boundary_threshold_ppm, dev, 0).astype(np.float32)
-            h_eff[key][e] = bgremove.lbv_boundary_field(src, region, q, vs, b0_dir=s.b0_dir,
-                                                        pad_voxels=cfg.pad_voxels)[0]
+            h_eff[key][e] = _true_source_field(s, interior, q, vs, d_mm, cfg)
         chi["default"][e] = default[e].chi_ppm
         for key in ("exact", "deep", "deep10"):  # LBV's output and the corrections: data on LBV's interior
             chi[key][e] = invert(plain[e].local_field_ppm + h_eff[key][e], interior, q)
@@ -466,6 +474,9 @@ def floor_heads_rows(n_heads: int) -> "pd.DataFrame":
                     "chain without the boundary-field correction": p.chi_ppm,
                     "chain's LBV output + EXACT boundary field": invert_as_chain(
                         p.local_field_ppm + exact, interior, q, vs, s.b0_dir, plain_cfg),
+                    **{f"chain's LBV output + boundary field of the TRUE chi deeper than {d:g} mm": invert_as_chain(
+                        p.local_field_ppm + _true_source_field(s, interior, q, vs, d, cfg), interior, q, vs,
+                        s.b0_dir, plain_cfg) for d in (cfg.lbv_boundary_depth_mm, 10.0)},
                     "default correction on LBV of the true local field": invert_as_chain(
                         kept, interior, q, vs, s.b0_dir, cfg),
                     "true local field (perfect background removal)": invert_as_chain(f, q, q, vs, s.b0_dir,
