@@ -66,15 +66,17 @@ from bench.reference import EFFECT_PPM, PLANTED, STUDY_ROIS, _adjacent_rois, _ro
 DEEP = ("putamen", "thalamus", "caudate", "pallidum", "hippocampus", "amygdala")
 
 
-def brain_local_field(s, quality_mask, vs) -> np.ndarray:
+def brain_local_field(s, quality_mask, vs, *, rim_sources: bool = False) -> np.ndarray:
     """The field of the brain's own chi on the chain's quality mask (0 outside it).
 
     The simulator's ``local_field_ppm`` is 0 outside its brain label; the chain's quality mask
     holds a rim of other voxels (2-3 %, at the edge, where LBV reads its boundary values), where
-    the brain's field is not 0, so the benchmark recomputes it there."""
+    the brain's field is not 0, so the benchmark recomputes it there. ``rim_sources``: the chi of
+    that rim (bone, air) counts as a source too, as it does in the chain's measured field."""
     from qsmdask import bgremove
 
-    f = bgremove.dipole_field(np.where(s.brain, s.chi_ppm, 0), s.brain, vs, b0_dir=s.b0_dir,
+    support = (s.brain | quality_mask) if rim_sources else s.brain
+    f = bgremove.dipole_field(np.where(support, s.chi_ppm, 0), support, vs, b0_dir=s.b0_dir,
                               within=quality_mask | s.brain, pad_voxels=(24, 24, 24))
     return np.where(quality_mask, f, 0).astype(np.float32)
 
@@ -140,11 +142,11 @@ def head_table(seed: int, noise: str, snr: float, atlas, adjacent) -> list[dict]
         return np.where(brain_q, recon[e].field_ppm, 0).astype(np.float32)
 
     true_local = {e: brain_local_field(s, brain_q, vs) for e, s in sims.items()}
-    lbv_interior = bgremove.lbv(true_local[0.0], brain_q, vs)[1]  # LBV's output mask (the mask's interior)
+    lbv_true = {e: bgremove.lbv(true_local[e], brain_q, vs) for e in sims}  # (local field, LBV's interior)
     stages = {  # each: the local field of run e (0.0 or EFFECT_PPM) and the mask it is given on
         "true local field (perfect background removal)": lambda e: (true_local[e], brain_q),
-        "LBV of the true local field": lambda e: bgremove.lbv(true_local[e], brain_q, vs),
-        "LBV of the chain's field (no correction)": lambda e: (recon[e].local_field_ppm, lbv_interior),
+        "LBV of the true local field": lambda e: lbv_true[e],
+        "LBV of the chain's field (no correction)": lambda e: (recon[e].local_field_ppm, lbv_true[e][1]),
         "V-SHARP of the chain's field": lambda e: bgremove.vsharp(
             field(e), brain_q, vs, max_radius_mm=cfg.sharp_radius_mm),
         "PDF of the chain's field": lambda e: bgremove.pdf(field(e), brain_q, vs, b0_dir=s0.b0_dir),
@@ -444,9 +446,7 @@ def floor_heads_rows(n_heads: int) -> "pd.DataFrame":
     from qsmdask import bgremove
     from qsmdask.chain import ChainConfig, reconstruct
     from qsmdask.kernels import voxel_size_from_affine
-    from qsmdask.reference import reference_mask, reference_value
-    from qsmdask.registration import standardise
-    from bench.reference import Context, shift_table
+    from bench.reference import Context, quick_white_matter_prior, referenced_roi_rows, shift_table
 
     ctx, cfg, plain_cfg = Context(), ChainConfig(), ChainConfig(lbv_boundary_depth_mm=0.0)
     rows = []
@@ -460,14 +460,9 @@ def floor_heads_rows(n_heads: int) -> "pd.DataFrame":
                                 b0_tesla=s.b0_tesla, config=c) for c in (cfg, plain_cfg))
             if final is None:
                 final = r.mask
-                sn = standardise(s.magnitude[..., 0], s.affine, method="affine", quick=True,
-                                 magnitude_mask=r.mask, template=ctx.tpl, template_affine=ctx.tpl_aff)
-                wm = sn.labels_to_native(ctx.wm, ctx.tpl_aff, s.brain.shape, s.affine) > 0
+                wm = quick_white_matter_prior(s, r.mask, ctx)
             q = p.quality_mask
-            support = q | s.brain  # the brain's chi and the rim's (bone, air) inside the quality mask
-            f = bgremove.dipole_field(np.where(support, s.chi_ppm, 0), support, vs, b0_dir=s.b0_dir,
-                                      within=support, pad_voxels=(24, 24, 24))
-            f = np.where(q, f, 0).astype(np.float32)
+            f = brain_local_field(s, q, vs, rim_sources=True)
             kept, interior = bgremove.lbv(f, q, vs)
             exact = np.where(interior, f - kept, 0)
             maps = {"default chain": r.chi_ppm,
@@ -481,13 +476,10 @@ def floor_heads_rows(n_heads: int) -> "pd.DataFrame":
                         kept, interior, q, vs, s.b0_dir, cfg),
                     "true local field (perfect background removal)": invert_as_chain(f, q, q, vs, s.b0_dir,
                                                                                      plain_cfg)}
-            labels = s.dseg.astype(np.int32)
             for name, c in maps.items():
-                for ref in ("none", "white_matter"):
-                    region, _ = reference_mask(ref, mask=final, voxel_size_mm=vs, prior=wm)
-                    x = np.where(final, c - reference_value(c, region), 0)
-                    rows.append({"seed": seed, "noise": "SNR 50", "effect": e, "stage": f"{name}, ref {ref}",
-                                 **_roi_means(x, labels, ctx.atlas.table, vs, final)})
+                rows += referenced_roi_rows(c, name, ("none", "white_matter"), final=final, wm=wm, vs=vs,
+                                            labels=s.dseg.astype(np.int32), ctx=ctx, seed=seed, noise="SNR 50",
+                                            effect=e)
             print(f"head {seed} effect {e}: {time.perf_counter() - t0:.0f} s", flush=True)
     return shift_table(pd.DataFrame(rows), ctx.adjacent)
 

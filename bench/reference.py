@@ -197,6 +197,30 @@ def head_rows(seed: int, ctx: Context) -> list[dict]:
     return rows
 
 
+def quick_white_matter_prior(s, mask, ctx: Context) -> np.ndarray:
+    """The template's white-matter prior in the native space of simulated session ``s``, brought
+    there by the demo's quick direct affine (GRE magnitude -> 2 mm template), ``mask`` the brain."""
+    from qsmdask.registration import standardise
+
+    sn = standardise(s.magnitude[..., 0], s.affine, method="affine", quick=True, magnitude_mask=mask,
+                     template=ctx.tpl, template_affine=ctx.tpl_aff)
+    return sn.labels_to_native(ctx.wm, ctx.tpl_aff, s.brain.shape, s.affine) > 0
+
+
+def referenced_roi_rows(chi, stage: str, refs, *, final, wm, vs, labels, ctx: Context, **keys) -> list[dict]:
+    """ROI means of ``chi`` on ``final`` after subtracting each reference in ``refs`` (none /
+    whole_brain / white_matter, the last from the prior ``wm``): one row per reference, its stage
+    ``"<stage>, ref <reference>"``, with ``keys`` (seed, noise, effect)."""
+    from qsmdask.reference import reference_mask, reference_value
+
+    rows = []
+    for ref in refs:
+        region, _ = reference_mask(ref, mask=final, voxel_size_mm=vs, prior=wm)
+        x = np.where(final, chi - reference_value(chi, region), 0)
+        rows.append({**keys, "stage": f"{stage}, ref {ref}", **_roi_means(x, labels, ctx.atlas.table, vs, final)})
+    return rows
+
+
 def null_head_rows(seed: int, ctx: Context, chain: dict, snr: float = 50.0,
                    voxel_size_mm: float = 2.0) -> list[dict]:
     """Native ROI means of one head without and with the planted effect (one noise level, one
@@ -205,8 +229,6 @@ def null_head_rows(seed: int, ctx: Context, chain: dict, snr: float = 50.0,
     to native space by the demo's quick direct affine (GRE magnitude -> 2 mm template)."""
     from qsmdask.chain import ChainConfig, reconstruct
     from qsmdask.kernels import voxel_size_from_affine
-    from qsmdask.reference import reference_mask, reference_value
-    from qsmdask.registration import standardise
 
     rows, final, wm = [], None, None
     for e in (0.0, EFFECT_PPM):
@@ -217,17 +239,11 @@ def null_head_rows(seed: int, ctx: Context, chain: dict, snr: float = 50.0,
                         b0_tesla=s.b0_tesla, config=ChainConfig.from_dict(chain))
         if final is None:
             final = r.mask
-            sn = standardise(s.magnitude[..., 0], s.affine, method="affine", quick=True,
-                             magnitude_mask=r.mask, template=ctx.tpl, template_affine=ctx.tpl_aff)
-            wm = sn.labels_to_native(ctx.wm, ctx.tpl_aff, s.brain.shape, s.affine) > 0
+            wm = quick_white_matter_prior(s, r.mask, ctx)
         print(f"  head {seed} effect {e}: {time.perf_counter() - t0:.0f} s", flush=True)
-        labels = s.dseg.astype(np.int32)
-        for ref in ("none", "whole_brain", "white_matter"):
-            region, _ = reference_mask(ref, mask=final, voxel_size_mm=vs, prior=wm)
-            chi = np.where(final, r.chi_ppm - reference_value(r.chi_ppm, region), 0)
-            rows.append({"seed": seed, "noise": f"SNR {snr:g}", "effect": e,
-                         "stage": f"heads: chain, ref {ref}",
-                         **_roi_means(chi, labels, ctx.atlas.table, vs, final)})
+        rows += referenced_roi_rows(r.chi_ppm, "heads: chain", ("none", "whole_brain", "white_matter"),
+                                    final=final, wm=wm, vs=vs, labels=s.dseg.astype(np.int32), ctx=ctx,
+                                    seed=seed, noise=f"SNR {snr:g}", effect=e)
     return rows
 
 
