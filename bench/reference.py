@@ -248,7 +248,14 @@ def null_head_rows(seed: int, ctx: Context, chain: dict, snr: float = 50.0,
 
 
 def shift_table(rows: pd.DataFrame, adjacent: set) -> pd.DataFrame:
-    """Shift (% of the planted effect) of every non-planted ROI, mean over heads."""
+    """Shift (% of the planted effect) of every non-planted ROI, mean over heads.
+
+    ``any-reference floor %`` is half the range of the non-adjacent shifts: a reference subtracts
+    one value per head from every ROI, i.e. one constant from these means, so no reference region
+    (any mask, any weighting) can bring the worst non-adjacent shift below it. It is the same for
+    every reference of one chain; with ``max abs`` it says how much of a row's shift a better
+    reference could still remove.
+    """
     rows = rows[~rows.stage.str.startswith("_")].dropna(axis=1, how="all")
     rois = [c for c in rows.columns if "_" in c and c.split("_")[0] not in PLANTED
             and c.split("_")[0] in STUDY_ROIS]
@@ -264,6 +271,7 @@ def shift_table(rows: pd.DataFrame, adjacent: set) -> pd.DataFrame:
                     "non-adjacent max abs shift %": float(mean[far].abs().max()),
                     "non-adjacent mean shift %": float(mean[far].mean()),
                     "worst non-adjacent": mean[far].abs().idxmax(),
+                    "any-reference floor %": float((mean[far].max() - mean[far].min()) / 2.0),
                     "adjacent max abs shift %": float(mean[near].abs().max()),
                     "worst adjacent": mean[near].abs().idxmax(),
                     "frontal L %": float(mean.get("frontal_L", np.nan)),
