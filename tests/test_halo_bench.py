@@ -68,24 +68,27 @@ def test_bench_inverts_lbv_output_as_the_chain_does():
 
 def test_any_reference_floor_is_what_the_best_constant_reference_reaches():
     """``shift_table``'s ``any-reference floor %``: half the range of the non-adjacent shifts, the
-    same with every reference, and what subtracting the best single value per head gives."""
+    same with every reference, and what the best reference (one value per head, at the middle of
+    the non-adjacent shifts) leaves as the worst non-adjacent shift."""
     import pandas as pd
 
     ref = load_bench("reference")
     rois = ["frontal_L", "cingulum_L", "occipital_R", "caudate_L"]
     shifts = {"frontal_L": -2.0, "cingulum_L": -3.0, "occipital_R": -0.4, "caudate_L": 5.0}  # % of the effect
+    # a reference whose own value moves by -1.2 % of the effect with the planted increase: the
+    # mid-range of the non-adjacent means below
+    best_ref_ppm = ref.EFFECT_PPM * -1.2 / 100.0
     rows = []
     for seed, offset in ((1, 0.0), (2, 1.0)):  # head 2: every ROI moved by one more point
         base = {r: 0.01 * (i + 1) for i, r in enumerate(rois)}
         planted = {r: base[r] + ref.EFFECT_PPM * (shifts[r] + offset) / 100.0 for r in rois}
-        for stage, sub in (("ref none", 0.0), ("ref constant", 0.02)):
-            rows.append({"seed": seed, "noise": "n", "effect": 0.0, "stage": stage, **{r: base[r] - sub for r in rois}})
+        for stage, sub in (("ref none", 0.0), ("ref best", best_ref_ppm)):
+            rows.append({"seed": seed, "noise": "n", "effect": 0.0, "stage": stage, **base})
             rows.append({"seed": seed, "noise": "n", "effect": ref.EFFECT_PPM, "stage": stage,
                          **{r: planted[r] - sub for r in rois}})
     table = ref.shift_table(pd.DataFrame(rows), adjacent={"caudate_L"}).set_index("stage")
     # non-adjacent means: -1.5, -2.5, +0.1 -> floor (0.1 - -2.5) / 2 = 1.3, caudate (adjacent) left out
     assert np.allclose(table["any-reference floor %"], 1.3)
     assert np.isclose(table.loc["ref none", "non-adjacent max abs shift %"], 2.5)
-    # the best constant (the mid-range, -1.2 points) leaves exactly the floor
-    best = max(abs(v + 1.2) for v in (-1.5, -2.5, 0.1))
-    assert np.isclose(best, 1.3)
+    # the best reference leaves exactly the floor: -0.3, -1.3, +1.3
+    assert np.isclose(table.loc["ref best", "non-adjacent max abs shift %"], 1.3)
