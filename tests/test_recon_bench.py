@@ -50,3 +50,23 @@ def test_refit_shape_rows_are_valid_chain_configurations():
                or (name.startswith("the same, lambda") and previous is False))
         assert cfg.tv_refit_amplitude is not off or cfg.tv_debias == "none", name
         previous = cfg.tv_refit_amplitude if cfg.tv_debias == "refit" else None
+
+
+def test_pass2_rows_are_the_chains_their_names_say():
+    """Every row of --pass2 is a ChainConfig the chain accepts, and the band threshold in a row's
+    name is the one it runs (the preset's row included)."""
+    import re
+
+    from qsmdask.chain import ChainConfig
+
+    mod = load_bench("recon")
+    for name, opts in mod.PASS2_2016.items():
+        cfg = ChainConfig.from_dict(opts)
+        m = re.search(r"pass 2, (\d+) mm, band threshold ([\d.]+) ppm", name)
+        if m is None:
+            assert name == "default" and cfg.lbv_boundary_pass2_depth_mm == 0
+            continue
+        assert cfg.boundary_correction_stage == "bregman", name
+        assert (cfg.lbv_boundary_pass2_depth_mm, cfg.lbv_boundary_pass2_threshold_ppm) == (
+            float(m.group(1)), float(m.group(2))), name
+    assert mod.PASS2_CHAINS == mod.PASS2_2016
