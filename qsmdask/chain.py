@@ -600,8 +600,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # On 8 null heads the worst non-adjacent shift of a deep increase is 0.58 % with the white-matter
     # reference (default 1.47 %) and every null rate is in its band, also without a reference; but the
     # chi correlation in the true brain of the recon heads is 0.016 lower, the caudate is overestimated
-    # by 11 % (default 2.4 %), the 2016 score is 76.3 / slope 0.92 (default 75.2 / 0.91) and the chain
-    # costs about 1.6x the default's CPU time (over 30 s at 256x256x80): docs/benchmarks.md, recon-pass2
+    # by 11 % (default 2.4 %), the 2016 score is 76.3 / slope 0.92 (default 75.2 / 0.91) and the second
+    # inversion costs 26.5-32.1 CPU s at 256x256x80 in two runs (default 19.8-21.0), at the 30 s budget:
+    # docs/benchmarks.md, recon-pass2
     "tv_pass2": {"inversion_method": "tv", "tv_mask_data": True, "lbv_boundary_depth_mm": 20.0,
                  "lbv_boundary_threshold_ppm": 0.01, "lbv_boundary_pass2_depth_mm": 10.0,
                  "lbv_boundary_pass2_threshold_ppm": 0.05},
