@@ -356,16 +356,9 @@ def test_tv_pass2_preset_more_than_halves_the_far_shift_on_a_simulated_head():
     thalamus and hippocampus: the worst non-adjacent ROI moves by about 2.7 % of the effect with the
     default chain (no reference) and by under half of that with the preset ``tv_pass2``, at a chi
     correlation less than 0.02 lower (docs/benchmarks.md, recon-pass2: 2.75 / 1.19 %, 0.876 / 0.862)."""
-    from qsmdask.atlas import load_atlas
+    from .conftest import halo_head_shifts
 
-    from .conftest import load_bench
-
-    halo = load_bench("halo")
-    atlas = load_atlas("aal")
-    rows = halo.fix_table(101, "noise-free", 1e6, atlas, halo._adjacent_rois(atlas),
-                          chains={"default": {}, "tv_pass2": {"preset": "tv_pass2"}})
-    shift = {r["chain"]: r["non-adjacent max abs %"] for r in rows}
-    corr = {r["chain"]: r["chi corr with truth (brain label)"] for r in rows}
+    shift, corr = halo_head_shifts({"default": {}, "tv_pass2": {"preset": "tv_pass2"}})
     assert shift["default"] > 2.0
     assert shift["tv_pass2"] < 0.5 * shift["default"]
     assert corr["tv_pass2"] > corr["default"] - 0.02

@@ -119,16 +119,9 @@ def test_tv_exterior_preset_removes_most_of_the_halo_on_a_simulated_head():
     thalamus and hippocampus: the default chain moves the worst non-adjacent ROI by about 2.7 % of
     the effect (no reference), the preset ``tv_exterior`` by under 1 % (docs/benchmarks.md,
     recon-exterior)."""
-    from qsmdask.atlas import load_atlas
+    from .conftest import halo_head_shifts
 
-    from .conftest import load_bench
-
-    halo = load_bench("halo")
-    atlas = load_atlas("aal")
-    rows = halo.fix_table(101, "noise-free", 1e6, atlas, halo._adjacent_rois(atlas),
-                          chains={"default": {}, "tv_exterior": {"preset": "tv_exterior"}})
-    shift = {r["chain"]: r["non-adjacent max abs %"] for r in rows}
-    corr = {r["chain"]: r["chi corr with truth (brain label)"] for r in rows}
+    shift, corr = halo_head_shifts({"default": {}, "tv_exterior": {"preset": "tv_exterior"}})
     assert shift["default"] > 2.0
     assert shift["tv_exterior"] < 1.0
     assert corr["tv_exterior"] > corr["default"] - 0.005
