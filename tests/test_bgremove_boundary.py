@@ -351,14 +351,14 @@ def test_methods_text_and_sidecar_name_the_second_pass():
 
 
 @pytest.mark.slow  # one simulated head, four whole-chain reconstructions (two with a second inversion): ~60 s idle
-def test_tv_pass2_preset_more_than_halves_the_far_shift_on_a_simulated_head():
+def test_tv_pass2_preset_cuts_the_far_shift_on_a_simulated_head():
     """Head 101 of the halo benchmark (2 mm, 3 echoes, noise-free), +0.05 ppm planted in putamen,
     thalamus and hippocampus: the worst non-adjacent ROI moves by about 2.7 % of the effect with the
-    default chain (no reference) and by under half of that with the preset ``tv_pass2``, at a chi
-    correlation less than 0.02 lower (docs/benchmarks.md, recon-pass2: 2.75 / 1.19 %, 0.876 / 0.862)."""
+    default chain (no reference) and by under 65 % of that with the preset ``tv_pass2``, at a chi
+    correlation less than 0.01 lower (docs/benchmarks.md, recon-pass2: 2.75 / 1.59 %, 0.876 / 0.868)."""
     from .conftest import halo_head_shifts
 
     shift, corr = halo_head_shifts({"default": {}, "tv_pass2": {"preset": "tv_pass2"}})
     assert shift["default"] > 2.0
-    assert shift["tv_pass2"] < 0.5 * shift["default"]
-    assert corr["tv_pass2"] > corr["default"] - 0.02
+    assert shift["tv_pass2"] < 0.65 * shift["default"]
+    assert corr["tv_pass2"] > corr["default"] - 0.01
