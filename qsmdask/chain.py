@@ -597,12 +597,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "tv_bregman_max_iter": 15, "lbv_boundary_depth_mm": 0.0},
     # the default with the boundary-field correction's second pass (issue 14's halo): the sources of the
     # final estimate down to 10 mm from the edge (the 10-20 mm band above 0.08 ppm), the inversion repeated.
-    # On 8 null heads the worst non-adjacent shift of a deep increase is 0.58 % with the white-matter
-    # reference (default 1.47 %) and every null rate is in its band, also without a reference; but the
-    # chi correlation in the true brain of the recon heads is 0.016 lower, the caudate is overestimated
-    # by 11 % (default 2.4 %), the 2016 score is 76.3 / slope 0.92 (default 75.2 / 0.91) and the second
-    # inversion costs 26.5-32.1 CPU s at 256x256x80 in two runs (default 19.8-21.0), at the 30 s budget:
-    # docs/benchmarks.md, recon-pass2
+    # On 8 null heads the worst non-adjacent shift of a deep increase is 0.62 % with the white-matter
+    # reference (default 1.47 %; 16 heads 0.46 %) and every null rate is in its band, also without a
+    # reference; but the chi correlation in the true brain of the recon heads is 0.012 lower, the caudate
+    # is overestimated by 8 % (default 2.4 %), and the second inversion costs 26.5-32.1 CPU s at
+    # 256x256x80 in three runs (default 19.0-21.0), at the 30 s budget; 2016: 75.5 / slope 0.92 (default
+    # 75.2 / 0.91). docs/benchmarks.md, recon-pass2
     "tv_pass2": {"inversion_method": "tv", "tv_mask_data": True, "lbv_boundary_depth_mm": 20.0,
                  "lbv_boundary_threshold_ppm": 0.01, "lbv_boundary_pass2_depth_mm": 10.0,
                  "lbv_boundary_pass2_threshold_ppm": 0.08},
