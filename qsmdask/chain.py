@@ -29,6 +29,11 @@ BGREMOVE_METHODS = ("lbv", "vsharp", "sharp", "pdf")
 INVERSION_METHODS = ("tkd", "tv", "iterative_tkd", "tv_laplacian", "tgv")
 
 
+#: the second pass's depth where ``lbv_boundary_pass2_depth_mm`` is null (automatic): 10 mm
+#: (docs/benchmarks.md, recon-pass2: 8, 10, 12 and 14 mm measured on 8 null heads)
+PASS2_DEPTH_MM = 10.0
+
+
 @dataclass(frozen=True)
 class ChainConfig:
     """Method choices and parameters of :func:`reconstruct` (immutable, serialisable).
@@ -232,13 +237,21 @@ class ChainConfig:
         (docs/benchmarks.md, "How far the correction is from a perfect one", session 8).
     lbv_boundary_shell_threshold_ppm : with ``lbv_boundary_shell_mm`` > 0, the shell's voxels whose
         early-stopped estimate differs from the shell's median by more than this count as sources.
-    lbv_boundary_pass2_depth_mm : with the "bregman" correction stage of "tv" (the default), 0
-        (default) disables; d2 > 0 (below ``lbv_boundary_depth_mm``) adds a second pass: the
-        sources are taken again from the FINAL estimate, down to d2 mm from the edge (deeper than
-        ``lbv_boundary_depth_mm``: threshold ``lbv_boundary_threshold_ppm``; the band between:
-        ``lbv_boundary_pass2_threshold_ppm``; deviations from one median over both), their
-        boundary field replaces the first correction in LBV's output and the inversion runs again
-        from scratch (first solve and Bregman step, no further correction). Costs a second inversion.
+    lbv_boundary_pass2_depth_mm : the second pass of the boundary-field correction. null (default:
+        automatic) is 10 mm wherever the chain has the "bregman" correction stage of "tv"
+        (``boundary_correction_stage``), ``tv_outside_weight`` 0 and ``lbv_boundary_depth_mm``
+        above 10 mm (the default chain), else 0; 0 disables (preset ``single_pass``: the default
+        chain up to commit 98887c8); d2 > 0 (below ``lbv_boundary_depth_mm``, with that
+        correction stage) adds it: the sources are taken again from the FINAL estimate, down to
+        d2 mm from the edge (deeper than ``lbv_boundary_depth_mm``: threshold
+        ``lbv_boundary_threshold_ppm``; the band between: ``lbv_boundary_pass2_threshold_ppm``;
+        deviations from one median over both), their boundary field replaces the first
+        correction in LBV's output and the inversion runs again from scratch (first solve and
+        Bregman step, no further correction). Costs a second inversion. On 8 simulated null heads
+        it takes the worst non-adjacent shift of a planted deep increase from 1.47 % to 0.62 %
+        (white-matter reference) and puts every null rate in its band, at 0.012 lower chi
+        correlation and a caudate mean 6 points higher on the recon heads (docs/benchmarks.md,
+        recon-pass2).
     lbv_boundary_pass2_threshold_ppm : with ``lbv_boundary_pass2_depth_mm`` > 0, the band's voxels
         whose final estimate differs from the median by more than this count as sources.
     lbv_boundary_threshold_ppm : with ``lbv_boundary_depth_mm`` > 0, only deep voxels whose
@@ -310,7 +323,7 @@ class ChainConfig:
     lbv_boundary_estimate_iter: int = 0
     lbv_boundary_shell_mm: float = 0.0
     lbv_boundary_shell_threshold_ppm: float = 0.02
-    lbv_boundary_pass2_depth_mm: float = 0.0
+    lbv_boundary_pass2_depth_mm: float | None = None
     lbv_boundary_pass2_threshold_ppm: float = 0.08
     tgv_alpha1: float = 1e-3
     tgv_alpha0: float = 4e-3
@@ -392,14 +405,15 @@ class ChainConfig:
                              f"lbv_boundary_shell_mm < lbv_boundary_depth_mm, got lbv_boundary_shell_mm "
                              f"{self.lbv_boundary_shell_mm!r}, lbv_boundary_estimate_iter "
                              f"{self.lbv_boundary_estimate_iter!r}, lbv_boundary_depth_mm {self.lbv_boundary_depth_mm!r}")
-        if not (np.isfinite(self.lbv_boundary_pass2_depth_mm) and self.lbv_boundary_pass2_depth_mm >= 0):
-            raise ValueError(f"lbv_boundary_pass2_depth_mm must be >= 0, got {self.lbv_boundary_pass2_depth_mm!r}")
+        if self.lbv_boundary_pass2_depth_mm is not None and not (
+                np.isfinite(self.lbv_boundary_pass2_depth_mm) and self.lbv_boundary_pass2_depth_mm >= 0):
+            raise ValueError("lbv_boundary_pass2_depth_mm must be >= 0 or null (automatic), got "
+                             f"{self.lbv_boundary_pass2_depth_mm!r}")
         if not (np.isfinite(self.lbv_boundary_pass2_threshold_ppm) and self.lbv_boundary_pass2_threshold_ppm >= 0):
             raise ValueError("lbv_boundary_pass2_threshold_ppm must be >= 0, got "
                              f"{self.lbv_boundary_pass2_threshold_ppm!r}")
-        if self.lbv_boundary_pass2_depth_mm > 0 and not (
-                self.boundary_correction_stage == "bregman" and self.inversion_method == "tv"
-                and self.tv_outside_weight == 0 and self.lbv_boundary_pass2_depth_mm < self.lbv_boundary_depth_mm):
+        if self.lbv_boundary_pass2_depth_mm is not None and self.lbv_boundary_pass2_depth_mm > 0 and not (
+                self._pass2_applies(self.lbv_boundary_pass2_depth_mm)):
             raise ValueError("lbv_boundary_pass2_depth_mm > 0 needs inversion_method 'tv' with the correction "
                              "before the Bregman step (lbv_boundary_depth_mm > 0, lbv_boundary_estimate_iter 0, "
                              "tv_bregman_iterations >= 1, bgremove_method 'lbv'), tv_outside_weight 0 and "
@@ -491,6 +505,21 @@ class ChainConfig:
         breg = self.tgv_bregman_iterations if self.inversion_method == "tgv" else self.tv_bregman_iterations
         return "bregman" if breg > 0 else None
 
+    def _pass2_applies(self, depth_mm: float) -> bool:
+        """Whether a second correction pass down to ``depth_mm`` fits this chain: "tv" with the
+        correction before the Bregman step, no data term outside the mask, and ``depth_mm`` above
+        0 and below the first pass's depth."""
+        return bool(self.boundary_correction_stage == "bregman" and self.inversion_method == "tv"
+                    and self.tv_outside_weight == 0 and 0 < depth_mm < self.lbv_boundary_depth_mm)
+
+    @property
+    def boundary_pass2_depth_mm(self) -> float:
+        """``lbv_boundary_pass2_depth_mm`` resolved: null (the default) is
+        :data:`PASS2_DEPTH_MM` wherever the second pass fits the chain, else 0 (no second pass)."""
+        if self.lbv_boundary_pass2_depth_mm is None:
+            return PASS2_DEPTH_MM if self._pass2_applies(PASS2_DEPTH_MM) else 0.0
+        return float(self.lbv_boundary_pass2_depth_mm)
+
     @property
     def boundary_layer_kept(self) -> bool:
         """``keep_boundary_layer`` resolved: None (the default) keeps LBV's one-voxel layer wherever
@@ -552,8 +581,16 @@ class ChainConfig:
 
 # Named starting configurations (``chain: {preset: study}`` in the pipeline configuration).
 # The phase sign is a property of the data, not of a method: set ``phase_sign`` beside a preset.
+# "The default" in the measurements quoted below before tv_pass2's second pass became the default
+# (the commit after 98887c8) is the chain now named single_pass.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
+    # the default chain up to commit 98887c8: one pass of the boundary-field correction (sources of
+    # the first estimate deeper than 20 mm). Better chi correlation and deep-grey means on the
+    # simulated heads (caudate +2.4 % against +8.2 %), but 1.47 % of a planted deep increase in
+    # the worst non-adjacent ROI on 8 null heads (white-matter reference; the default: 0.62 %) and
+    # about two thirds of the time at 256x256x80 (docs/benchmarks.md, recon-pass2)
+    "single_pass": {"lbv_boundary_pass2_depth_mm": 0.0},
     # the reference study's methods: BET mask (f = 0.2), V-SHARP up to 6 mm, and the iterative
     # threshold-based inversion of Tang et al. 2013 as published (threshold 0.1, geometry
     # constraint from the initial TKD estimate, at most 4 iterations, stop at 1 % change)
@@ -572,7 +609,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # on the simulator heads (docs/benchmarks.md, recon-refit-mask)
     "tv_refit_mask": {"inversion_method": "tv", "tv_lambda": 2e-3, "tv_max_iter": 15, "tv_bregman_iterations": 1,
                       "tv_bregman_max_iter": 15, "tv_bregman_fraction": 0.0, "tv_debias": "refit",
-                      "tv_refit_mu": 0.1, "tv_mask_data": True},
+                      "tv_refit_mu": 0.1, "tv_mask_data": True, "lbv_boundary_pass2_depth_mm": 0.0},
     # tv_refit_mask with the boundary-field correction in the data from the start (sources from a
     # 5-iteration TV estimate, 15 mm, 0.02 ppm) and that estimate's field outside the mask as the data
     # there (tv_outside_weight 1), lambda 2.2e-3: meets issue 15's 2016 bar (nrmse 57.5, ROI slope
@@ -589,20 +626,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # sources outside the mask instead of a halo inside it; no boundary-field correction; the data
     # split's penalty 0.1 and 30 + 15 iterations converge the exterior sources. Removes most of the halo
     # on simulated heads 101 and 102 and raises the chi correlation on the recon heads, but on 8 other
-    # heads the white-matter-referenced shift stays at 1.44 % (1.47 % default), ROIs next to the planted
-    # ones take more of the effect, and the 2016 challenge score drops to 79.7 / slope 0.90 (default
-    # 75.2 / 0.91): docs/benchmarks.md, recon-exterior
+    # heads the white-matter-referenced shift stays at 1.44 % (single_pass 1.47 %, the default 0.62 %), ROIs
+    # next to the planted ones take more of the effect, and the 2016 challenge score drops to 79.7 / slope
+    # 0.90 (single_pass 75.2 / 0.91, the default 75.5 / 0.92): docs/benchmarks.md, recon-exterior
     "tv_exterior": {"inversion_method": "tv", "tv_mask_data": True, "tv_outside_weight": 0.0,
                     "tv_outside_reg_weight": 0.0, "tv_rho_data": 0.1, "tv_max_iter": 30, "tv_bregman_iterations": 1,
                     "tv_bregman_max_iter": 15, "lbv_boundary_depth_mm": 0.0},
-    # the default with the boundary-field correction's second pass (issue 14's halo): the sources of the
-    # final estimate down to 10 mm from the edge (the 10-20 mm band above 0.08 ppm), the inversion repeated.
-    # On 8 null heads the worst non-adjacent shift of a deep increase is 0.62 % with the white-matter
-    # reference (default 1.47 %; 16 heads 0.46 %) and every null rate is in its band, also without a
-    # reference; but the chi correlation in the true brain of the recon heads is 0.012 lower, the caudate
-    # is overestimated by 8 % (default 2.4 %), and the second inversion costs 26.5-32.1 CPU s at
-    # 256x256x80 in three runs (default 19.0-21.0), at the 30 s budget; 2016: 75.5 / slope 0.92 (default
-    # 75.2 / 0.91). docs/benchmarks.md, recon-pass2
+    # the default chain's second pass of the boundary-field correction spelled out (10 mm, the 10-20 mm
+    # band above 0.08 ppm; the preset under which it was measured before it became the default, kept so
+    # that configurations naming it run the same chain)
     "tv_pass2": {"inversion_method": "tv", "tv_mask_data": True, "lbv_boundary_depth_mm": 20.0,
                  "lbv_boundary_threshold_ppm": 0.01, "lbv_boundary_pass2_depth_mm": 10.0,
                  "lbv_boundary_pass2_threshold_ppm": 0.08},
@@ -724,7 +756,7 @@ def pass2_correction(chi, eroded, brain, voxel_size_mm, b0_dir, config: ChainCon
     vs = check_voxel_size(voxel_size_mm)
     b = check_b0_dir(b0_dir)
     dist = distance_to_edge_mm(eroded, vs)
-    region = eroded & (dist > cfg.lbv_boundary_pass2_depth_mm)
+    region = eroded & (dist > cfg.boundary_pass2_depth_mm)
     if not region.any():
         return None
     deep = region & (dist > cfg.lbv_boundary_depth_mm)
@@ -821,7 +853,7 @@ def invert_tv(local_field_ppm, eroded, brain, voxel_size_mm, b0_dir, config: Cha
                                      pad_voxels=cfg.pad_voxels, fft_workers=cfg.fft_workers)
 
         chi = solve(local, correction)
-        if cfg.lbv_boundary_pass2_depth_mm > 0 and "h" in boundary:
+        if cfg.boundary_pass2_depth_mm > 0 and "h" in boundary:
             # second pass: sources from the final estimate down to the pass-2 depth; their boundary
             # field replaces the first correction and the inversion starts again from scratch
             h2 = pass2_correction(chi, eroded, brain, vs, b, cfg)

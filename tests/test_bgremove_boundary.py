@@ -346,19 +346,28 @@ def test_methods_text_and_sidecar_name_the_second_pass():
     text, _ = methods_paragraph({"chain": opts})
     assert "In a second pass" in text and "deeper than 10 mm" in text and "more than 0.05 ppm above" in text
     assert "second pass" in chain_method(opts)["Method"] and "deeper than 10 mm" in chain_method(opts)["Method"]
-    plain_text, _ = methods_paragraph({"chain": {}})
-    assert "second pass" not in plain_text and "second pass" not in chain_method({})["Method"]
+    one = {"preset": "single_pass"}
+    plain_text, _ = methods_paragraph({"chain": one})
+    assert "second pass" not in plain_text and "second pass" not in chain_method(one)["Method"]
+    # the default chain has the second pass (10 mm, 0.08 ppm), and its texts say so
+    text, _ = methods_paragraph({"chain": {}})
+    assert "In a second pass" in text and "deeper than 10 mm" in text and "more than 0.08 ppm above" in text
+    assert "deeper than 10 mm" in chain_method({})["Method"]
 
 
 @pytest.mark.slow  # one simulated head, four whole-chain reconstructions (two with a second inversion): ~60 s idle
-def test_tv_pass2_preset_cuts_the_far_shift_on_a_simulated_head():
+def test_second_pass_default_cuts_the_far_shift_on_a_simulated_head():
     """Head 101 of the halo benchmark (2 mm, 3 echoes, noise-free), +0.05 ppm planted in putamen,
     thalamus and hippocampus: the worst non-adjacent ROI moves by about 2.7 % of the effect with the
-    default chain (no reference) and by under 65 % of that with the preset ``tv_pass2``, at a chi
-    correlation less than 0.01 lower (docs/benchmarks.md, recon-pass2: 2.75 / 1.59 %, 0.876 / 0.868)."""
+    one-pass chain ``single_pass`` (no reference) and by under 65 % of that with the default (the
+    second pass), at a chi correlation less than 0.01 lower (docs/benchmarks.md, recon-pass2:
+    2.75 / 1.59 %, 0.876 / 0.868); the preset ``tv_pass2`` is the default spelled out."""
+    from qsmdask.chain import ChainConfig
+
     from .conftest import halo_head_shifts
 
-    shift, corr = halo_head_shifts({"default": {}, "tv_pass2": {"preset": "tv_pass2"}})
-    assert shift["default"] > 2.0
-    assert shift["tv_pass2"] < 0.65 * shift["default"]
-    assert corr["tv_pass2"] > corr["default"] - 0.01
+    assert ChainConfig.preset("tv_pass2").boundary_pass2_depth_mm == ChainConfig().boundary_pass2_depth_mm == 10.0
+    shift, corr = halo_head_shifts({"single_pass": {"preset": "single_pass"}, "default": {}})
+    assert shift["single_pass"] > 2.0
+    assert shift["default"] < 0.65 * shift["single_pass"]
+    assert corr["default"] > corr["single_pass"] - 0.01

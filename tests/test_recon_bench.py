@@ -64,9 +64,9 @@ def test_pass2_rows_are_the_chains_their_names_say():
         cfg = ChainConfig.from_dict(opts)
         m = re.search(r"pass 2, (\d+) mm, band threshold ([\d.]+) ppm", name)
         if m is None:
-            assert name == "default" and cfg.lbv_boundary_pass2_depth_mm == 0
+            assert name.startswith("single_pass") and cfg.boundary_pass2_depth_mm == 0
             continue
         assert cfg.boundary_correction_stage == "bregman", name
-        assert (cfg.lbv_boundary_pass2_depth_mm, cfg.lbv_boundary_pass2_threshold_ppm) == (
+        assert (cfg.boundary_pass2_depth_mm, cfg.lbv_boundary_pass2_threshold_ppm) == (
             float(m.group(1)), float(m.group(2))), name
     assert mod.PASS2_CHAINS == mod.PASS2_2016

@@ -1243,9 +1243,9 @@ def methods_paragraph(config: dict | None, *, design=None, voxelwise: bool = Fal
                      f"deeper than {ch.lbv_boundary_depth_mm:g} mm (deviating by more than "
                      f"{ch.lbv_boundary_threshold_ppm:g} ppm from their median) that LBV's boundary "
                      "condition had removed was added back to the data.")
-            if ch.lbv_boundary_pass2_depth_mm > 0:
+            if ch.boundary_pass2_depth_mm > 0:
                 s.append(f"In a second pass, the same part of the field of the final estimate's sources deeper "
-                         f"than {ch.lbv_boundary_pass2_depth_mm:g} mm (deviating from their median by more "
+                         f"than {ch.boundary_pass2_depth_mm:g} mm (deviating from their median by more "
                          f"than {ch.lbv_boundary_threshold_ppm:g} ppm deeper than {ch.lbv_boundary_depth_mm:g} mm "
                          f"and by more than {ch.lbv_boundary_pass2_threshold_ppm:g} ppm above) replaced the "
                          "first correction in the data, and the inversion was repeated from the start.")

@@ -160,8 +160,8 @@ def chain_method(chain: dict | None) -> dict:
                  ", boundary-field correction") + f" (sources deeper than {ch.lbv_boundary_depth_mm:g} mm)"
                 if corrected else "")
              + (f", then a second pass (the correction from the final estimate's sources deeper than "
-                f"{ch.lbv_boundary_pass2_depth_mm:g} mm, the inversion repeated)"
-                if corrected and ch.lbv_boundary_pass2_depth_mm > 0 else "")
+                f"{ch.boundary_pass2_depth_mm:g} mm, the inversion repeated)"
+                if corrected and ch.boundary_pass2_depth_mm > 0 else "")
              + (", field fitted inside the mask" if ch.tv_mask_data and not ch.tv_outside_weight else "")
              + (f", field also fitted outside the mask (weight {ch.tv_outside_weight:g}; 0 there"
                 + (" plus the deep sources' field" if ch.boundary_correction_stage else "") + ")" if ch.tv_outside_weight else "")
