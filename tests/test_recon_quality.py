@@ -216,7 +216,9 @@ def test_default_chain_covers_95_percent_of_a_simulated_brain_without_air_caviti
     (cortex included) on a simulated head without air-tissue problems. With LBV's one-voxel rim
     eroded (the default before) it covered 89 %: the rim alone was 6 % of the brain. The default now
     keeps that rim (``keep_boundary_layer`` automatic: TV fitted inside the eroded mask estimates it)
-    and leaves the voxels covered before as they were."""
+    and is no less accurate on the voxels covered before (with the boundary-field correction's second
+    pass, the default since session 13, it is more accurate there: chi correlation 0.871 against
+    0.859 with the rim eroded; one pass: the same within 0.01)."""
     from qsmdask.sim import phantom
 
     rng = np.random.default_rng(5)
@@ -237,4 +239,4 @@ def test_default_chain_covers_95_percent_of_a_simulated_brain_without_air_caviti
     assert (r0.mask & tb).sum() / tb.sum() < 0.92  # what the default covered before
     old = r0.mask & r.mask
     c0, c1 = (np.corrcoef(x.chi_ppm[old], sim.chi_ppm[old])[0, 1] for x in (r0, r))
-    assert abs(c1 - c0) < 0.01, (c0, c1)
+    assert c1 > c0 - 0.01, (c0, c1)
